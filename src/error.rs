@@ -1,0 +1,69 @@
+//! One error type for the library. Messages name the file, tensor or field at fault,
+//! because the person reading them usually cannot see the code.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Safetensors { path: PathBuf, reason: String },
+
+    #[error("{path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+
+    #[error("unknown model_type {found:?}; supported: {}", supported.join(", "))]
+    UnknownArchitecture {
+        found: String,
+        supported: Vec<&'static str>,
+    },
+
+    #[error("tensor {name:?} not found in the checkpoint{hint}")]
+    MissingTensor { name: String, hint: String },
+
+    #[error("tensor {name:?} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    #[error("tensor {name:?} has unsupported dtype {dtype}")]
+    UnsupportedDtype { name: String, dtype: String },
+
+    #[error("{0}")]
+    InvalidInput(String),
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Config {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

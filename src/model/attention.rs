@@ -1,0 +1,125 @@
+//! Causal self-attention with grouped-query heads, RoPE, optional q/k norms and
+//! QKV clipping: one implementation for every architecture.
+//!
+//! Cost per decoded token: the four projections plus reading `len` cached
+//! keys and values per KV head.
+
+use candle_core::Tensor;
+
+use crate::config::{AttentionConfig, QkNorm};
+use crate::error::Result;
+use crate::model::kv_cache::KvCache;
+use crate::ops::{Linear, RmsNorm, RopeTable, softmax_last_dim};
+
+#[derive(Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    /// Present for `QkNorm::PerHead` / `QkNorm::Full`.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    pub config: AttentionConfig,
+}
+
+/// What one sequence's attention reads besides its hidden states.
+pub struct AttentionInput<'a> {
+    pub layer: usize,
+    pub start_position: usize,
+    pub rope: &'a RopeTable,
+    /// `None` attends only within the given rows (training, scoring).
+    pub cache: Option<&'a mut KvCache>,
+}
+
+impl Attention {
+    /// # Shapes
+    /// `x: [n, hidden] -> [n, hidden]`, the `n` rows being consecutive positions
+    /// of one sequence starting at `input.start_position`.
+    pub fn forward(&self, x: &Tensor, input: AttentionInput<'_>) -> Result<Tensor> {
+        let cfg = &self.config;
+        let n = x.dim(0)?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let mut q = self.q_proj.forward(x)?; // [n, nh * hd]
+        let mut k = self.k_proj.forward(x)?; // [n, nkv * hd]
+        let mut v = self.v_proj.forward(x)?;
+        if cfg.qk_norm == QkNorm::Full {
+            q = norm(&self.q_norm, &q)?;
+            k = norm(&self.k_norm, &k)?;
+        }
+        // OLMoE clips after its q/k norms (v has none), before RoPE.
+        if let Some(c) = cfg.clip_qkv {
+            q = q.clamp(-c, c)?;
+            k = k.clamp(-c, c)?;
+            v = v.clamp(-c, c)?;
+        }
+        let mut q = q.reshape((n, nh, hd))?;
+        let mut k = k.reshape((n, nkv, hd))?;
+        if cfg.qk_norm == QkNorm::PerHead {
+            q = norm(&self.q_norm, &q)?;
+            k = norm(&self.k_norm, &k)?;
+        }
+        let q = q.transpose(0, 1)?.contiguous()?; // [nh, n, hd]
+        let k = k.transpose(0, 1)?.contiguous()?; // [nkv, n, hd]
+        let v = v.reshape((n, nkv, hd))?.transpose(0, 1)?.contiguous()?; // [nkv, n, hd]
+        let q = input.rope.apply(&q, input.start_position)?;
+        let k = input.rope.apply(&k, input.start_position)?;
+
+        let (k, v) = match input.cache {
+            Some(cache) => cache.append(input.layer, &k, &v)?,
+            None => (k, v),
+        };
+        let total = k.dim(1)?; // cached + new positions
+
+        // Heads that share a KV head are stacked as extra query rows, so the cache
+        // is read in place instead of being repeated per head.
+        let group = cfg.group_size();
+        let q = q.reshape((nkv, group * n, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // [nkv, group * n, total]
+        let scores = if n > 1 {
+            let mask = causal_mask(n, total, x.device())?; // [n, total]
+            scores
+                .reshape((nkv, group, n, total))?
+                .broadcast_add(&mask.to_dtype(scores.dtype())?)?
+                .reshape((nkv, group * n, total))?
+        } else {
+            scores
+        };
+        let probs = softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // [nkv, group * n, hd]
+        let out = out
+            .reshape((nh, n, hd))?
+            .transpose(0, 1)?
+            .reshape((n, nh * hd))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+fn norm(norm: &Option<RmsNorm>, x: &Tensor) -> candle_core::Result<Tensor> {
+    match norm {
+        Some(n) => n.forward(x),
+        None => Ok(x.clone()),
+    }
+}
+
+/// `[n, total]`: query `i` (at position `total - n + i`) sees keys up to its own position.
+fn causal_mask(
+    n: usize,
+    total: usize,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let offset = total - n;
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (n, total), device)
+}

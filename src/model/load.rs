@@ -1,0 +1,260 @@
+//! Builds a [`Model`] from any [`TensorSource`], checking every tensor's shape
+//! against the configuration.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::Model;
+use super::arch::{Wiring, wiring};
+use super::attention::Attention;
+use super::layer::{DecoderLayer, LayerFfn};
+use super::moe::{MoeBlock, RouterConfig, SharedExpert};
+use crate::config::{ModelConfig, QkNorm};
+use crate::error::{Error, Result};
+use crate::experts::ExpertStore;
+use crate::ops::{Ffn, Linear, RmsNorm, RopeTable};
+use crate::weights::TensorSource;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Element type weights are converted to at load.
+    pub dtype: DType,
+    /// Show a progress bar on stderr (only when it is a terminal).
+    pub progress: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            progress: false,
+        }
+    }
+}
+
+struct Loader<'a> {
+    src: &'a dyn TensorSource,
+    cfg: &'a ModelConfig,
+    dtype: DType,
+    wiring: &'static Wiring,
+}
+
+pub(super) fn build(
+    cfg: &ModelConfig,
+    src: &dyn TensorSource,
+    opts: &LoadOptions,
+) -> Result<Model> {
+    let loader = Loader {
+        src,
+        cfg,
+        dtype: opts.dtype,
+        wiring: wiring(cfg.arch),
+    };
+    let bar = progress_bar(opts.progress, cfg.num_layers);
+    let h = cfg.hidden_size;
+    let embed = loader.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+    let lm_head = if cfg.tie_word_embeddings {
+        Linear::new(embed.clone(), None)
+    } else {
+        loader.linear("lm_head", cfg.vocab_size, h, false)?
+    };
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    let mut experts = Vec::with_capacity(cfg.num_layers);
+    for l in 0..cfg.num_layers {
+        experts.push(if cfg.moe.sparse_layers[l] {
+            loader.experts(l)?
+        } else {
+            Vec::new()
+        });
+    }
+    let experts = Arc::new(ExpertStore::new(experts));
+    for l in 0..cfg.num_layers {
+        layers.push(loader.layer(l, &experts)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let norm = loader.norm("model.norm.weight", h)?;
+    let rope = RopeTable::new(
+        cfg.attention.head_dim,
+        cfg.attention.rope_theta,
+        cfg.max_position_embeddings,
+        embed.device(),
+    )?;
+    Ok(Model {
+        config: cfg.clone(),
+        embed,
+        layers,
+        norm,
+        lm_head,
+        rope,
+        experts,
+    })
+}
+
+fn progress_bar(enabled: bool, len: usize) -> ProgressBar {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("loading {bar:30} {pos}/{len} layers {elapsed}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+impl Loader<'_> {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.src.load(name, shape, self.dtype)
+    }
+
+    fn norm(&self, name: &str, dim: usize) -> Result<RmsNorm> {
+        // Norm weights stay f32: they are tiny and the norm computes in f32.
+        let w = self.src.load(name, &[dim], DType::F32)?;
+        Ok(RmsNorm::new(w, self.cfg.rms_norm_eps))
+    }
+
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
+        let b = if bias {
+            Some(
+                self.src
+                    .load(&format!("{prefix}.bias"), &[out], DType::F32)?,
+            )
+        } else {
+            None
+        };
+        Ok(Linear::new(w, b))
+    }
+
+    /// A SwiGLU from separate gate/up/down matrices, gate and up fused.
+    fn ffn(&self, prefix: &str, names: [&str; 3], ffn: usize) -> Result<Ffn> {
+        let h = self.cfg.hidden_size;
+        let gate = self.tensor(&format!("{prefix}.{}.weight", names[0]), &[ffn, h])?;
+        let up = self.tensor(&format!("{prefix}.{}.weight", names[1]), &[ffn, h])?;
+        let down = self.tensor(&format!("{prefix}.{}.weight", names[2]), &[h, ffn])?;
+        Ok(Ffn::new(
+            Linear::new(Tensor::cat(&[&gate, &up], 0)?, None),
+            Linear::new(down, None),
+        ))
+    }
+
+    fn moe_prefix(&self, l: usize) -> Result<String> {
+        let candidates: Vec<String> = self
+            .wiring
+            .moe_modules
+            .iter()
+            .map(|m| format!("model.layers.{l}.{m}"))
+            .collect();
+        candidates
+            .iter()
+            .find(|p| self.src.contains(&format!("{p}.gate.weight")))
+            .cloned()
+            .ok_or_else(|| Error::MissingTensor {
+                name: format!("{}.gate.weight", candidates[0]),
+                hint: " (the MoE router of this layer)".to_string(),
+            })
+    }
+
+    /// Routed experts, from per-expert matrices (Hub layout) or from the fused
+    /// 3-D `experts.gate_up_proj` `[E, 2 * ffn, hidden]` / `experts.down_proj`
+    /// `[E, hidden, ffn]` that transformers 5 uses.
+    fn experts(&self, l: usize) -> Result<Vec<Ffn>> {
+        let prefix = self.moe_prefix(l)?;
+        let m = &self.cfg.moe;
+        let (h, ffn, n) = (self.cfg.hidden_size, m.expert_ffn, m.num_experts);
+        let fused = format!("{prefix}.experts.gate_up_proj");
+        if self.src.contains(&fused) {
+            let gate_up = self.tensor(&fused, &[n, 2 * ffn, h])?;
+            let down = self.tensor(&format!("{prefix}.experts.down_proj"), &[n, h, ffn])?;
+            return (0..n)
+                .map(|e| {
+                    Ok(Ffn::new(
+                        Linear::new(gate_up.get(e)?, None),
+                        Linear::new(down.get(e)?, None),
+                    ))
+                })
+                .collect();
+        }
+        (0..n)
+            .map(|e| {
+                self.ffn(
+                    &format!("{prefix}.experts.{e}"),
+                    self.wiring.expert_projections,
+                    ffn,
+                )
+            })
+            .collect()
+    }
+
+    fn attention(&self, l: usize) -> Result<Attention> {
+        let a = &self.cfg.attention;
+        let h = self.cfg.hidden_size;
+        let p = format!("model.layers.{l}.self_attn");
+        let (q_norm, k_norm) = match a.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (
+                Some(self.norm(&format!("{p}.q_norm.weight"), a.head_dim)?),
+                Some(self.norm(&format!("{p}.k_norm.weight"), a.head_dim)?),
+            ),
+            QkNorm::Full => (
+                Some(self.norm(&format!("{p}.q_norm.weight"), a.q_dim())?),
+                Some(self.norm(&format!("{p}.k_norm.weight"), a.kv_dim())?),
+            ),
+        };
+        Ok(Attention {
+            q_proj: self.linear(&format!("{p}.q_proj"), a.q_dim(), h, a.qkv_bias)?,
+            k_proj: self.linear(&format!("{p}.k_proj"), a.kv_dim(), h, a.qkv_bias)?,
+            v_proj: self.linear(&format!("{p}.v_proj"), a.kv_dim(), h, a.qkv_bias)?,
+            o_proj: self.linear(&format!("{p}.o_proj"), h, a.q_dim(), false)?,
+            q_norm,
+            k_norm,
+            config: a.clone(),
+        })
+    }
+
+    fn layer(&self, l: usize, experts: &Arc<ExpertStore>) -> Result<DecoderLayer> {
+        let h = self.cfg.hidden_size;
+        let m = &self.cfg.moe;
+        let p = format!("model.layers.{l}");
+        let ffn = if m.sparse_layers[l] {
+            let prefix = self.moe_prefix(l)?;
+            let shared = match m.shared_expert_ffn {
+                Some(width) => Some(SharedExpert {
+                    ffn: self.ffn(
+                        &format!("{prefix}.shared_expert"),
+                        ["gate_proj", "up_proj", "down_proj"],
+                        width,
+                    )?,
+                    gate: self.linear(&format!("{prefix}.shared_expert_gate"), 1, h, false)?,
+                }),
+                None => None,
+            };
+            LayerFfn::Moe(MoeBlock::new(
+                l,
+                self.linear(&format!("{prefix}.gate"), m.num_experts, h, false)?,
+                RouterConfig {
+                    top_k: m.top_k,
+                    norm_topk_prob: m.norm_topk_prob,
+                },
+                experts.clone(),
+                shared,
+            ))
+        } else {
+            LayerFfn::Dense(self.ffn(
+                &format!("{p}.mlp"),
+                ["gate_proj", "up_proj", "down_proj"],
+                m.dense_ffn,
+            )?)
+        };
+        Ok(DecoderLayer {
+            input_norm: self.norm(&format!("{p}.input_layernorm.weight"), h)?,
+            attention: self.attention(l)?,
+            post_attention_norm: self.norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+            ffn,
+        })
+    }
+}

@@ -1,0 +1,246 @@
+//! The MoE transformer: embedding, decoder layers (attention + dense MLP or MoE
+//! block), final norm, output projection. Architectures differ only in wiring.
+
+pub mod arch;
+mod attention;
+mod batch;
+mod kv_cache;
+mod layer;
+mod load;
+pub mod moe;
+mod observer;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+pub use attention::{Attention, AttentionInput};
+pub use batch::{BatchLayout, SequenceRows};
+pub use kv_cache::KvCache;
+pub use layer::{DecoderLayer, LayerFfn};
+pub use load::LoadOptions;
+pub use observer::{NoObserver, RoutingObserver, RoutingSite};
+
+use crate::config::{ModelConfig, load_model_config};
+use crate::error::{Error, Result};
+use crate::experts::ExpertStore;
+use crate::ops::{Linear, RmsNorm, RopeTable};
+use crate::weights::{SafetensorsFiles, TensorSource};
+
+#[derive(Debug)]
+pub struct Model {
+    config: ModelConfig,
+    embed: Tensor, // [vocab, hidden]
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RopeTable,
+    experts: Arc<ExpertStore>,
+}
+
+/// One sequence of a batched forward.
+pub struct SequenceInput<'a> {
+    pub tokens: &'a [u32],
+    /// The sequence's cache: its length is where `tokens` start, and they are
+    /// appended to it. `None` runs the tokens as a whole sequence from position 0.
+    pub cache: Option<&'a mut KvCache>,
+}
+
+/// Which positions get output logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// The last token of each sequence (generation): `[n_sequences, vocab]`.
+    LastOfEachSequence,
+    /// Every token (scoring, training): `[n_tokens, vocab]`.
+    AllTokens,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOptions {
+    pub logits: LogitsFor,
+    /// Keep each MoE layer's router logits (`[n_tokens, n_experts]`) for auxiliary losses.
+    pub keep_router_logits: bool,
+}
+
+pub struct ForwardOutput {
+    pub logits: Tensor,
+    pub router_logits: Vec<Tensor>,
+}
+
+impl Model {
+    /// Loads a Hugging Face model directory (`config.json` + safetensors).
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let config = load_model_config(dir)?;
+        let files = SafetensorsFiles::open_dir(dir)?;
+        Self::from_source(&config, &files, opts)
+    }
+
+    pub fn from_source(
+        config: &ModelConfig,
+        src: &dyn TensorSource,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        load::build(config, src, opts)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    pub fn experts(&self) -> &Arc<ExpertStore> {
+        &self.experts
+    }
+
+    pub fn embedding(&self) -> &Tensor {
+        &self.embed
+    }
+
+    pub fn final_norm(&self) -> &RmsNorm {
+        &self.norm
+    }
+
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// A KV cache sized for this model, allocating `initial_capacity` positions.
+    pub fn new_cache(&self, initial_capacity: usize) -> KvCache {
+        KvCache::new(&self.config, initial_capacity, self.dtype())
+    }
+
+    /// Convenience: one sequence, logits of its last token, `[vocab]`.
+    pub fn forward_last(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        observer: &mut dyn RoutingObserver,
+    ) -> Result<Tensor> {
+        let mut seqs = [SequenceInput {
+            tokens,
+            cache: Some(cache),
+        }];
+        let out = self.forward(
+            &mut seqs,
+            observer,
+            ForwardOptions {
+                logits: LogitsFor::LastOfEachSequence,
+                keep_router_logits: false,
+            },
+        )?;
+        Ok(out.logits.squeeze(0)?)
+    }
+
+    /// Runs a batch of sequences. Every linear layer and MoE block sees all their
+    /// tokens at once; attention runs per sequence against its own cache.
+    ///
+    /// # Shapes
+    /// logits `[n_sequences, vocab]` or `[n_tokens, vocab]` (see [`LogitsFor`]).
+    pub fn forward(
+        &self,
+        seqs: &mut [SequenceInput<'_>],
+        observer: &mut dyn RoutingObserver,
+        opts: ForwardOptions,
+    ) -> Result<ForwardOutput> {
+        let mut layout = BatchLayout::default();
+        let mut ids: Vec<u32> = Vec::new();
+        for seq in seqs.iter() {
+            let start = seq.cache.as_ref().map_or(0, |c| c.len());
+            self.check_input(seq.tokens, start)?;
+            layout.push(seq.tokens.len(), start);
+            ids.extend_from_slice(seq.tokens);
+        }
+        let ids_t = Tensor::new(ids.as_slice(), self.device())?;
+        let mut x = self.embed.index_select(&ids_t, 0)?; // [n_tokens, hidden]
+        let mut router_logits = Vec::new();
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x)?;
+            let mut parts = Vec::with_capacity(seqs.len());
+            for (seq, rows) in seqs.iter_mut().zip(layout.sequences()) {
+                let input = AttentionInput {
+                    layer: l,
+                    start_position: rows.start_position,
+                    rope: &self.rope,
+                    cache: seq.cache.as_deref_mut(),
+                };
+                parts.push(
+                    layer
+                        .attention
+                        .forward(&h.narrow(0, rows.row_start, rows.n_tokens)?, input)?,
+                );
+            }
+            let attn = if parts.len() == 1 {
+                parts.pop().unwrap_or_else(|| h.clone())
+            } else {
+                Tensor::cat(&parts, 0)?
+            };
+            x = (x + attn)?;
+            let h = layer.post_attention_norm.forward(&x)?;
+            let ffn = match &layer.ffn {
+                LayerFfn::Dense(ffn) => ffn.forward(&h)?,
+                LayerFfn::Moe(block) => block.forward(
+                    &h,
+                    &layout,
+                    observer,
+                    opts.keep_router_logits.then_some(&mut router_logits),
+                )?,
+            };
+            x = (x + ffn)?;
+        }
+        for (seq, rows) in seqs.iter_mut().zip(layout.sequences()) {
+            if let Some(cache) = seq.cache.as_deref_mut() {
+                cache.advance(rows.n_tokens);
+            }
+        }
+
+        let x = match opts.logits {
+            LogitsFor::AllTokens => x,
+            LogitsFor::LastOfEachSequence => {
+                let last: Vec<u32> = layout
+                    .sequences()
+                    .iter()
+                    .map(|s| (s.row_start + s.n_tokens - 1) as u32)
+                    .collect();
+                x.index_select(&Tensor::new(last.as_slice(), self.device())?, 0)?
+            }
+        };
+        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        Ok(ForwardOutput {
+            logits,
+            router_logits,
+        })
+    }
+
+    fn check_input(&self, tokens: &[u32], start: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidInput("empty token sequence".into()));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is out of range for a vocabulary of {vocab}"
+            )));
+        }
+        let context = self.config.max_position_embeddings;
+        if start + tokens.len() > context {
+            return Err(Error::InvalidInput(format!(
+                "{} tokens (after {start} cached) exceed the model's context of {context} positions (max_position_embeddings)",
+                tokens.len()
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,149 @@
+use std::sync::Arc;
+
+use candle_core::{D, DType, Tensor};
+
+use super::router::{RouterConfig, Routing, route};
+use crate::error::Result;
+use crate::experts::{ExpertId, ExpertStore};
+use crate::model::batch::BatchLayout;
+use crate::model::observer::{RoutingObserver, RoutingSite};
+use crate::ops::{Ffn, Linear};
+
+/// Qwen2-MoE's always-on expert, mixed in with weight `sigmoid(gate(x))`.
+#[derive(Debug, Clone)]
+pub struct SharedExpert {
+    pub ffn: Ffn,
+    pub gate: Linear, // [1, hidden]
+}
+
+/// Cost per token: the router (`n_experts x hidden`) plus `top_k` experts'
+/// weights (plus the shared expert); unselected experts are never touched.
+#[derive(Debug)]
+pub struct MoeBlock {
+    layer: usize,
+    router: Linear, // [n_experts, hidden]
+    config: RouterConfig,
+    experts: Arc<ExpertStore>,
+    shared: Option<SharedExpert>,
+}
+
+impl MoeBlock {
+    pub fn new(
+        layer: usize,
+        router: Linear,
+        config: RouterConfig,
+        experts: Arc<ExpertStore>,
+        shared: Option<SharedExpert>,
+    ) -> Self {
+        Self {
+            layer,
+            router,
+            config,
+            experts,
+            shared,
+        }
+    }
+
+    pub fn router(&self) -> &Linear {
+        &self.router
+    }
+
+    pub fn shared(&self) -> Option<&SharedExpert> {
+        self.shared.as_ref()
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.router.dims().0
+    }
+
+    /// # Shapes
+    /// `x: [n_tokens, hidden] -> [n_tokens, hidden]`; router logits are pushed to
+    /// `router_logits` when it is given (training's auxiliary losses need them).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layout: &BatchLayout,
+        observer: &mut dyn RoutingObserver,
+        router_logits: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let n_experts = self.num_experts();
+        let logits = self.router.forward(x)?; // [n_tokens, n_experts]
+        let logits_f32 = logits.to_dtype(DType::F32)?;
+        let routing = route(
+            &logits_f32.flatten_all()?.to_vec1::<f32>()?,
+            n_experts,
+            self.config,
+        );
+        report(self.layer, &routing, layout, observer);
+
+        let weights = self.mixing_weights(&logits_f32, &routing)?; // [n_tokens * top_k]
+        let mut out = x.zeros_like()?;
+        for (expert, slots) in routing.slots_by_expert() {
+            let ffn = self.experts.get(ExpertId {
+                layer: self.layer as u32,
+                expert,
+            })?;
+            let tokens: Vec<u32> = slots.iter().map(|s| s / self.config.top_k as u32).collect();
+            let tokens = Tensor::new(tokens.as_slice(), x.device())?;
+            let slots = Tensor::new(slots.as_slice(), x.device())?;
+            let xs = x.index_select(&tokens, 0)?; // [m, hidden]
+            let w = weights.index_select(&slots, 0)?.unsqueeze(1)?; // [m, 1]
+            let ys = ffn.forward(&xs)?.broadcast_mul(&w.to_dtype(x.dtype())?)?;
+            out = out.index_add(&tokens, &ys, 0)?;
+        }
+        if let Some(shared) = &self.shared {
+            let gate = candle_nn::ops::sigmoid(&shared.gate.forward(x)?)?; // [n_tokens, 1]
+            out = (out + shared.ffn.forward(x)?.broadcast_mul(&gate)?)?;
+        }
+        if let Some(all) = router_logits {
+            all.push(logits);
+        }
+        Ok(out)
+    }
+
+    /// The routing weights as a tensor. In inference they are the router's
+    /// values; under autograd they are recomputed from the logits so that the
+    /// router receives gradients through the mixture.
+    fn mixing_weights(&self, logits: &Tensor, routing: &Routing) -> Result<Tensor> {
+        if !logits.track_op() {
+            return Ok(Tensor::new(routing.weights.as_slice(), logits.device())?);
+        }
+        let n_tokens = routing.n_tokens();
+        let ids = Tensor::from_slice(
+            &routing.expert_ids,
+            (n_tokens, routing.top_k),
+            logits.device(),
+        )?;
+        let probs = candle_nn::ops::softmax(logits, D::Minus1)?;
+        let mut top = probs.gather(&ids, 1)?; // [n_tokens, top_k]
+        if self.config.norm_topk_prob {
+            let denom = top.sum_keepdim(1)?.clamp(f32::MIN_POSITIVE, f32::MAX)?;
+            top = top.broadcast_div(&denom)?;
+        }
+        Ok(top.flatten_all()?)
+    }
+}
+
+/// Hands each sequence its own slice of the batch's routing.
+fn report(
+    layer: usize,
+    routing: &Routing,
+    layout: &BatchLayout,
+    observer: &mut dyn RoutingObserver,
+) {
+    let k = routing.top_k;
+    for (sequence, seq) in layout.sequences().iter().enumerate() {
+        let rows = seq.row_start * k..(seq.row_start + seq.n_tokens) * k;
+        let part = Routing {
+            top_k: k,
+            expert_ids: routing.expert_ids[rows.clone()].to_vec(),
+            weights: routing.weights[rows].to_vec(),
+        };
+        let site = RoutingSite {
+            layer,
+            sequence,
+            start_position: seq.start_position,
+        };
+        observer.on_routing(site, &part);
+    }
+}

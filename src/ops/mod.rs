@@ -1,0 +1,25 @@
+//! Kernels and the small numeric building blocks the model is made of. Knows no model.
+//!
+//! Each op picks a fused no-autograd kernel for inference and a composed,
+//! differentiable form when an input is part of an autograd graph (training).
+
+mod ffn;
+mod linear;
+mod norm;
+mod rope;
+
+pub use ffn::Ffn;
+pub use linear::Linear;
+pub use norm::RmsNorm;
+pub use rope::RopeTable;
+
+use candle_core::{D, Result, Tensor};
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if xs.track_op() {
+        candle_nn::ops::softmax(xs, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(xs)
+    }
+}

@@ -1,0 +1,232 @@
+//! Memory-mapped safetensors checkpoints: one file, or many shards listed by
+//! `model.safetensors.index.json` (or simply all `*.safetensors` in the directory).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// Element type as stored on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl StoredDtype {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            StoredDtype::F32 => 4,
+            StoredDtype::F16 | StoredDtype::BF16 => 2,
+        }
+    }
+
+    fn candle(self) -> DType {
+        match self {
+            StoredDtype::F32 => DType::F32,
+            StoredDtype::F16 => DType::F16,
+            StoredDtype::BF16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorMeta {
+    pub dtype: StoredDtype,
+    pub shape: Vec<usize>,
+    file: usize,
+    /// Byte range inside the mapped file (header included in the offset).
+    start: usize,
+    end: usize,
+}
+
+impl TensorMeta {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+pub struct SafetensorsFiles {
+    paths: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    tensors: HashMap<String, TensorMeta>,
+}
+
+impl SafetensorsFiles {
+    /// Opens every weight file of a model directory and validates each header.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let paths = shard_paths(dir)?;
+        Self::open_files(&paths)
+    }
+
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut maps = Vec::with_capacity(paths.len());
+        let mut tensors = HashMap::new();
+        for (file_idx, path) in paths.iter().enumerate() {
+            let file = File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: the map is read-only and lives as long as `self`; a checkpoint
+            // modified on disk while loaded is outside what any loader can defend against.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let (header_len, metadata) =
+                SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            let data_start = 8 + header_len;
+            for (name, info) in metadata.tensors() {
+                let dtype = match info.dtype {
+                    Dtype::F32 => StoredDtype::F32,
+                    Dtype::F16 => StoredDtype::F16,
+                    Dtype::BF16 => StoredDtype::BF16,
+                    other => {
+                        return Err(Error::UnsupportedDtype {
+                            name,
+                            dtype: format!("{other:?} (in {})", path.display()),
+                        });
+                    }
+                };
+                let (start, end) = info.data_offsets;
+                let meta = TensorMeta {
+                    dtype,
+                    shape: info.shape.clone(),
+                    file: file_idx,
+                    start: data_start + start,
+                    end: data_start + end,
+                };
+                if tensors.insert(name.clone(), meta).is_some() {
+                    return Err(Error::Safetensors {
+                        path: path.clone(),
+                        reason: format!("tensor {name:?} also appears in an earlier shard"),
+                    });
+                }
+            }
+            maps.push(map);
+        }
+        Ok(Self {
+            paths: paths.to_vec(),
+            maps,
+            tensors,
+        })
+    }
+
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    pub fn meta(&self, name: &str) -> Option<&TensorMeta> {
+        self.tensors.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The raw little-endian bytes of a tensor, straight from the map.
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let meta = self.require(name)?;
+        Ok(&self.maps[meta.file][meta.start..meta.end])
+    }
+
+    fn require(&self, name: &str) -> Result<&TensorMeta> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            hint: format!(" (searched {})", self.describe_files()),
+        })
+    }
+
+    fn describe_files(&self) -> String {
+        match self.paths.as_slice() {
+            [one] => one.display().to_string(),
+            many => format!("{} shards", many.len()),
+        }
+    }
+
+    /// Loads a tensor, checks its shape and converts it to `dtype`.
+    pub fn load(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let meta = self.require(name)?;
+        if meta.shape != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: meta.shape.clone(),
+            });
+        }
+        let bytes = &self.maps[meta.file][meta.start..meta.end];
+        let tensor =
+            Tensor::from_raw_buffer(bytes, meta.dtype.candle(), &meta.shape, &Device::Cpu)?;
+        Ok(tensor.to_dtype(dtype)?)
+    }
+}
+
+/// Finds the weight files of a model directory: the shards named by the index if
+/// there is one, else every `*.safetensors` file, in name order.
+fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+        ));
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    if index_path.exists() {
+        let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+        let index: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::config(&index_path, format!("invalid JSON: {e}")))?;
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::config(&index_path, "missing object field `weight_map`"))?;
+        let mut files: Vec<String> = Vec::new();
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                Error::config(&index_path, format!("weight_map.{tensor} is not a string"))
+            })?;
+            if !files.iter().any(|f| f == file) {
+                files.push(file.to_string());
+            }
+        }
+        files.sort();
+        let paths: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
+        for path in &paths {
+            if !path.exists() {
+                return Err(Error::io(
+                    path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "shard listed in model.safetensors.index.json is missing",
+                    ),
+                ));
+            }
+        }
+        return Ok(paths);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut paths = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        if path.extension().is_some_and(|ext| ext == "safetensors") {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    if paths.is_empty() {
+        return Err(Error::io(
+            dir.join("model.safetensors"),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no *.safetensors weight files in the model directory",
+            ),
+        ));
+    }
+    Ok(paths)
+}

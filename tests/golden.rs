@@ -1,0 +1,149 @@
+//! Every architecture against transformers: logits, router choices and greedy
+//! continuations from the committed golden fixtures.
+
+mod common;
+
+use common::{ALL_FIXTURES, fixture, golden, golden_logits};
+use switchyard::model::moe::Routing;
+use switchyard::model::{
+    ForwardOptions, LoadOptions, LogitsFor, Model, NoObserver, RoutingObserver, RoutingSite,
+    SequenceInput,
+};
+
+/// Records `[layer] -> per-token expert ids` for one sequence.
+#[derive(Default)]
+struct Recorder {
+    layers: std::collections::BTreeMap<usize, Vec<Vec<u32>>>,
+    weights: std::collections::BTreeMap<usize, Vec<Vec<f32>>>,
+}
+
+impl RoutingObserver for Recorder {
+    fn on_routing(&mut self, site: RoutingSite, routing: &Routing) {
+        let ids = self.layers.entry(site.layer).or_default();
+        let ws = self.weights.entry(site.layer).or_default();
+        for t in 0..routing.n_tokens() {
+            ids.push(routing.experts_of(t).to_vec());
+            ws.push(routing.weights_of(t).to_vec());
+        }
+    }
+}
+
+fn load(name: &str) -> Model {
+    Model::load(&fixture(name), &LoadOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn check_logits_and_routing(name: &str) {
+    let model = load(name);
+    let g = golden(name);
+    assert_eq!(model.config().arch.model_type(), g.model_type);
+    for (i, p) in g.prompts.iter().enumerate() {
+        let mut rec = Recorder::default();
+        let mut seqs = [SequenceInput {
+            tokens: &p.input_ids,
+            cache: None,
+        }];
+        let out = model
+            .forward(
+                &mut seqs,
+                &mut rec,
+                ForwardOptions {
+                    logits: LogitsFor::AllTokens,
+                    keep_router_logits: false,
+                },
+            )
+            .unwrap();
+        let ours = out.logits.to_vec2::<f32>().unwrap();
+        let theirs = golden_logits(name, i);
+        assert_eq!(ours.len(), theirs.len());
+        let max_diff = ours
+            .iter()
+            .flatten()
+            .zip(theirs.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            max_diff < 1e-4,
+            "{name} prompt {i}: max |logit diff| {max_diff}"
+        );
+
+        for (layer, expected) in p.router_topk.iter().enumerate() {
+            match expected {
+                None => assert!(
+                    !rec.layers.contains_key(&layer),
+                    "{name}: dense layer {layer} routed"
+                ),
+                Some(expected) => {
+                    assert_eq!(
+                        rec.layers.get(&layer),
+                        Some(expected),
+                        "{name} prompt {i} layer {layer}"
+                    );
+                    let w_ours = &rec.weights[&layer];
+                    let w_theirs = p.router_weights[layer].as_ref().unwrap();
+                    for (a, b) in w_ours.iter().flatten().zip(w_theirs.iter().flatten()) {
+                        assert!(
+                            (a - b).abs() < 1e-5,
+                            "{name} layer {layer}: weight {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Greedy decoding with the KV cache (prefill, then one token per step).
+fn check_greedy(name: &str) {
+    let model = load(name);
+    let g = golden(name);
+    for p in &g.prompts {
+        let mut cache = model.new_cache(8);
+        let mut logits = model
+            .forward_last(&p.input_ids, &mut cache, &mut NoObserver)
+            .unwrap();
+        let mut out = Vec::new();
+        for _ in 0..p.greedy.len() {
+            let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+            out.push(next);
+            logits = model
+                .forward_last(&[next], &mut cache, &mut NoObserver)
+                .unwrap();
+        }
+        assert_eq!(out, p.greedy, "{name}: greedy continuation differs");
+    }
+}
+
+macro_rules! golden_tests {
+    ($($fixture:ident),*) => {$(
+        mod $fixture {
+            #[test]
+            fn logits_and_router_match_transformers() {
+                super::check_logits_and_routing(stringify!($fixture));
+            }
+            #[test]
+            fn greedy_continuation_matches_transformers() {
+                super::check_greedy(stringify!($fixture));
+            }
+        }
+    )*};
+}
+
+golden_tests!(
+    qwen3_moe,
+    qwen3_moe_fused,
+    qwen3_moe_bf16_sharded,
+    mixtral,
+    qwen2_moe,
+    olmoe
+);
+
+#[test]
+fn parameter_counts_match_torch_numel() {
+    for name in ALL_FIXTURES {
+        let g = golden(name);
+        let cfg = switchyard::config::load_model_config(&fixture(name)).unwrap();
+        let counts = cfg.parameter_counts();
+        assert_eq!(counts.total, g.num_parameters, "{name}: total");
+        assert_eq!(counts.active, g.num_active_parameters, "{name}: active");
+    }
+}
