@@ -2,13 +2,16 @@
 //! machines smaller than the model.
 //!
 //! Dependencies point one way:
-//! `generate -> model -> experts -> config -> weights -> ops`.
+//! `engine -> generate -> model -> experts -> config -> weights -> ops`.
 
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod experts;
+pub mod generate;
 pub mod model;
 pub mod ops;
 pub mod weights;
 
+pub use engine::Engine;
 pub use error::{Error, Result};

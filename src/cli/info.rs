@@ -1,0 +1,108 @@
+use std::path::PathBuf;
+
+use clap::Args;
+use switchyard::config::load_model_config;
+use switchyard::weights::SafetensorsFiles;
+
+use super::model_arg::resolve;
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Model directory. Default: the bundled demo model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: InfoArgs) -> anyhow::Result<()> {
+    let dir = resolve(args.model)?;
+    let cfg = load_model_config(&dir)?;
+    let files = SafetensorsFiles::open_dir(&dir)?;
+    let counts = cfg.parameter_counts();
+    // Bytes per parameter as stored: taken from the checkpoint's own tensors.
+    let (mut stored_bytes, mut stored_params) = (0usize, 0usize);
+    for name in files.names() {
+        if let Some(meta) = files.meta(name) {
+            stored_bytes += meta.numel() * meta.dtype.size_in_bytes();
+            stored_params += meta.numel();
+        }
+    }
+    let bytes_per_param = stored_bytes as f64 / stored_params.max(1) as f64;
+    let expert_bytes = (counts.per_expert as f64 * bytes_per_param) as usize;
+    let all_experts_bytes = (counts.routed_experts as f64 * bytes_per_param) as usize;
+    let non_expert_bytes = (counts.non_expert as f64 * bytes_per_param) as usize;
+    let m = &cfg.moe;
+    let a = &cfg.attention;
+    let json = serde_json::json!({
+        "model_dir": dir.display().to_string(),
+        "architecture": cfg.arch.model_type(),
+        "layers": cfg.num_layers,
+        "moe_layers": m.num_sparse_layers(),
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "attention_heads": a.num_heads,
+        "kv_heads": a.num_kv_heads,
+        "head_dim": a.head_dim,
+        "experts_per_layer": m.num_experts,
+        "top_k": m.top_k,
+        "shared_experts": usize::from(m.shared_expert_ffn.is_some()),
+        "expert_ffn": m.expert_ffn,
+        "norm_topk_prob": m.norm_topk_prob,
+        "context": cfg.max_position_embeddings,
+        "total_parameters": counts.total,
+        "active_parameters_per_token": counts.active,
+        "parameters_per_expert": counts.per_expert,
+        "bytes_per_expert": expert_bytes,
+        "bytes_all_experts": all_experts_bytes,
+        "bytes_non_expert": non_expert_bytes,
+        "stored_parameters": stored_params,
+        "stored_bytes": stored_bytes,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!("model:            {}", dir.display());
+    println!("architecture:     {}", cfg.arch.model_type());
+    println!(
+        "layers:           {} ({} MoE, {} dense)",
+        cfg.num_layers,
+        m.num_sparse_layers(),
+        cfg.num_layers - m.num_sparse_layers()
+    );
+    println!(
+        "attention:        {} query / {} KV heads of {}",
+        a.num_heads, a.num_kv_heads, a.head_dim
+    );
+    println!(
+        "experts:          {} per layer, top-{}, width {}, {} shared",
+        m.num_experts,
+        m.top_k,
+        m.expert_ffn,
+        usize::from(m.shared_expert_ffn.is_some())
+    );
+    println!(
+        "parameters:       {} total, {} active per token",
+        counts.total, counts.active
+    );
+    println!("bytes per expert: {}", human_bytes(expert_bytes));
+    println!("all experts:      {}", human_bytes(all_experts_bytes));
+    println!("non-expert:       {}", human_bytes(non_expert_bytes));
+    Ok(())
+}
+
+fn human_bytes(bytes: usize) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {} ({bytes} bytes)", units[unit])
+    }
+}

@@ -1,0 +1,46 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use switchyard::model::{ForwardOptions, LogitsFor, NoObserver, SequenceInput};
+
+use super::model_arg::{load_engine, parse_ids};
+
+#[derive(Debug, Args)]
+pub struct LogitsArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Comma-separated token ids.
+    #[arg(long)]
+    prompt_ids: String,
+    /// Output .npy file: float32, shape [seq, vocab].
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
+    let engine = load_engine(&args.model)?;
+    let ids = parse_ids(&args.prompt_ids)?;
+    anyhow::ensure!(!ids.is_empty(), "--prompt-ids is empty");
+    let mut seqs = [SequenceInput {
+        tokens: &ids,
+        cache: None,
+    }];
+    let out = engine.model.forward(
+        &mut seqs,
+        &mut NoObserver,
+        ForwardOptions {
+            logits: LogitsFor::AllTokens,
+            keep_router_logits: false,
+        },
+    )?;
+    let logits = out.logits.to_dtype(candle_core::DType::F32)?;
+    // Write next to the target, then rename: a failed run never leaves half a file.
+    let tmp = args.out.with_extension("npy.tmp");
+    logits
+        .write_npy(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("wrote {:?} logits to {}", logits.dims(), args.out.display());
+    Ok(())
+}

@@ -1,0 +1,46 @@
+//! Subcommands, one file each.
+
+mod info;
+mod logits;
+mod model_arg;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Run, inspect and slim Mixture-of-Experts language models"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text from a prompt (the bundled demo model when no --model is given).
+    Run(run::RunArgs),
+    /// Write the float32 logits of every prompt position to a .npy file.
+    Logits(logits::LogitsArgs),
+    /// Describe a model: architecture, experts, parameter counts and bytes.
+    Info(info::InfoArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Logits(args) => logits::run(args),
+        Command::Info(args) => info::run(args),
+    }
+}
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

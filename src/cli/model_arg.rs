@@ -1,0 +1,47 @@
+//! Locating and loading the model a subcommand works on.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use switchyard::Engine;
+use switchyard::model::LoadOptions;
+
+/// The demo model that ships in the repository, used when no `--model` is given.
+pub fn demo_model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/demo")
+}
+
+pub fn resolve(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match model {
+        Some(dir) => Ok(dir),
+        None => {
+            let dir = demo_model_dir();
+            anyhow::ensure!(
+                dir.join("config.json").exists(),
+                "no --model given and the bundled demo model is missing at {}",
+                dir.display()
+            );
+            Ok(dir)
+        }
+    }
+}
+
+pub fn load_engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
+    let opts = LoadOptions {
+        progress: true,
+        ..LoadOptions::default()
+    };
+    Engine::load(dir, &opts).with_context(|| format!("loading model from {}", dir.display()))
+}
+
+/// Parses `1,2,3` into token ids.
+pub fn parse_ids(text: &str) -> anyhow::Result<Vec<u32>> {
+    text.split(',')
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u32>()
+                .with_context(|| format!("--prompt-ids: {s:?} is not a token id"))
+        })
+        .collect()
+}

@@ -1,0 +1,108 @@
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use switchyard::generate::{Flow, GenerateOptions, SamplingParams, generate};
+use switchyard::model::NoObserver;
+
+use super::model_arg::{load_engine, parse_ids, resolve};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Model directory (config.json + *.safetensors + tokenizer.json). Default: the bundled demo model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt text.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids, e.g. 1,2,3.
+    #[arg(long)]
+    prompt_ids: Option<String>,
+    /// Wrap the prompt as a user turn with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print {"token_ids":[...],"text":"..."} instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+const DEFAULT_PROMPT: &str = "The";
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let dir = resolve(args.model)?;
+    let engine = load_engine(&dir)?;
+    let prompt = match (&args.prompt_ids, &args.prompt) {
+        (Some(ids), _) => parse_ids(ids)?,
+        (None, text) => {
+            engine.encode_prompt(text.as_deref().unwrap_or(DEFAULT_PROMPT), args.chat)?
+        }
+    };
+    let opts = GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        stop_ids: engine.stop_ids(),
+    };
+    let mut ids = Vec::new();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut stream = if args.json {
+        None
+    } else {
+        engine.tokenizer.as_ref().map(|t| t.stream())
+    };
+    let stats = generate(&engine.model, &prompt, &opts, &mut NoObserver, &mut |id| {
+        ids.push(id);
+        if let Some(stream) = stream.as_mut()
+            && let Some(text) = stream.push(id)?
+        {
+            // A closed stdout (e.g. piped into `head`) ends generation quietly.
+            if out
+                .write_all(text.as_bytes())
+                .and_then(|_| out.flush())
+                .is_err()
+            {
+                return Ok(Flow::Stop);
+            }
+        }
+        Ok(Flow::Continue)
+    })
+    .context("generation failed")?;
+
+    if args.json {
+        let text = match &engine.tokenizer {
+            Some(t) => t.decode(&ids, true)?,
+            None => String::new(),
+        };
+        let json = serde_json::json!({ "token_ids": ids, "text": text });
+        writeln!(out, "{json}")?;
+    } else if stream.is_none() {
+        writeln!(out, "{}", serde_json::to_string(&ids)?)?;
+    } else {
+        writeln!(out)?;
+    }
+    eprintln!(
+        "prompt tokens: {} | generated tokens: {} | prefill: {:.1} tokens/s | decode: {:.1} tokens/s",
+        stats.prompt_tokens,
+        stats.generated_tokens,
+        stats.prefill_tokens_per_s(),
+        stats.decode_tokens_per_s()
+    );
+    Ok(())
+}
