@@ -76,6 +76,12 @@ struct GenerationConfig {
 
 /// Reads `config.json` (and the EOS ids of `generation_config.json`, if present).
 pub fn load_model_config(dir: &Path) -> Result<ModelConfig> {
+    if !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+        ));
+    }
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let mut cfg = parse_config(&text, &path)?;
@@ -278,4 +284,90 @@ fn map_config(arch: Arch, raw: HfConfig, path: &Path) -> Result<ModelConfig> {
             .unwrap_or_default(),
         stored_dtype,
     })
+}
+
+/// `config.json` for a model Switchyard trained, with the fields transformers 5
+/// writes for `qwen3_moe` / `qwen2_moe` (the only architectures `train` emits).
+/// Every layer is sparse; `intermediate_size` is required by transformers but unused.
+pub fn to_hf_json(cfg: &ModelConfig) -> Result<serde_json::Value> {
+    let a = &cfg.attention;
+    let m = &cfg.moe;
+    if m.sparse_layers.iter().any(|s| !s) {
+        return Err(Error::InvalidInput(
+            "to_hf_json writes all-sparse models only".into(),
+        ));
+    }
+    let dtype = match cfg.stored_dtype {
+        Some(StoredDtype::BF16) => "bfloat16",
+        Some(StoredDtype::F16) => "float16",
+        _ => "float32",
+    };
+    let mut json = serde_json::json!({
+        "model_type": cfg.arch.model_type(),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": a.num_heads,
+        "num_key_value_heads": a.num_kv_heads,
+        "head_dim": a.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_parameters": { "rope_theta": a.rope_theta, "rope_type": "default" },
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": true,
+        "use_sliding_window": false,
+        "sliding_window": null,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "intermediate_size": m.expert_ffn * m.top_k,
+        "moe_intermediate_size": m.expert_ffn,
+        "num_experts_per_tok": m.top_k,
+        "norm_topk_prob": m.norm_topk_prob,
+        "output_router_logits": false,
+        "router_aux_loss_coef": 0.0,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_ids.first(),
+        "pad_token_id": null,
+        "dtype": dtype,
+    });
+    let obj = json
+        .as_object_mut()
+        .ok_or_else(|| Error::InvalidInput("config JSON is not an object".into()))?;
+    match cfg.arch {
+        Arch::Qwen3Moe => {
+            obj.insert(
+                "architectures".into(),
+                serde_json::json!(["Qwen3MoeForCausalLM"]),
+            );
+            obj.insert("attention_bias".into(), a.qkv_bias.into());
+            obj.insert("num_local_experts".into(), m.num_experts.into());
+        }
+        Arch::Qwen2Moe => {
+            obj.insert(
+                "architectures".into(),
+                serde_json::json!(["Qwen2MoeForCausalLM"]),
+            );
+            obj.insert("qkv_bias".into(), a.qkv_bias.into());
+            obj.insert("num_experts".into(), m.num_experts.into());
+            obj.insert(
+                "shared_expert_intermediate_size".into(),
+                m.shared_expert_ffn.unwrap_or(0).into(),
+            );
+            obj.insert(
+                "layer_types".into(),
+                serde_json::json!(vec!["full_attention"; cfg.num_layers]),
+            );
+            obj.insert("max_window_layers".into(), cfg.num_layers.into());
+        }
+        other => {
+            return Err(Error::InvalidInput(format!(
+                "to_hf_json: {} is not an architecture train writes",
+                other.model_type()
+            )));
+        }
+    }
+    Ok(json)
 }

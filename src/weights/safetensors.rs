@@ -1,5 +1,5 @@
 //! Memory-mapped safetensors checkpoints: one file, or many shards listed by
-//! `model.safetensors.index.json` (or simply all `*.safetensors` in the directory).
+//! `model.safetensors.index.json` (or else every `model*.safetensors` in the directory).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -169,7 +169,7 @@ impl SafetensorsFiles {
 }
 
 /// Finds the weight files of a model directory: the shards named by the index if
-/// there is one, else every `*.safetensors` file, in name order.
+/// there is one, else every `model*.safetensors` file, in name order.
 fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
         return Err(Error::io(
@@ -214,7 +214,13 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for entry in entries {
         let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        if path.extension().is_some_and(|ext| ext == "safetensors") {
+        // Only `model*.safetensors`: directories often hold other safetensors
+        // (Mistral's duplicate `consolidated.safetensors`, adapters, test records).
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.starts_with("model") && name.ends_with(".safetensors") {
             paths.push(path);
         }
     }
@@ -224,7 +230,7 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
             dir.join("model.safetensors"),
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                "no *.safetensors weight files in the model directory",
+                "no model*.safetensors weight files in the model directory",
             ),
         ));
     }

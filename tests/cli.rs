@@ -1,0 +1,180 @@
+//! The command line as a user drives it, checked against the golden fixtures.
+
+mod common;
+
+use std::process::Command;
+
+use common::{ALL_FIXTURES, fixture, golden, golden_logits};
+
+fn run_ok(args: &[&str]) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .output()
+        .expect("binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+    (stdout, stderr)
+}
+
+fn ids_arg(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn run_json_reproduces_greedy_continuation_until_eos() {
+    for name in ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"] {
+        let dir = fixture(name);
+        let cfg = switchyard::config::load_model_config(&dir).unwrap();
+        let p = &golden(name).prompts[1];
+        let (stdout, _) = run_ok(&[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &ids_arg(&p.input_ids),
+            "--max-tokens",
+            "32",
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let ids: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap();
+        // Generation stops after the first EOS id, if the continuation has one.
+        let stop = p
+            .greedy
+            .iter()
+            .position(|t| cfg.eos_token_ids.contains(t))
+            .map_or(p.greedy.len(), |i| i + 1);
+        assert_eq!(ids, p.greedy[..stop], "{name}");
+        assert!(v["text"].is_string());
+    }
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_seed_dependent() {
+    let dir = fixture("qwen3_moe");
+    let sample = |seed: &str| {
+        let (stdout, _) = run_ok(&[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            "5,6,7",
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+            "--json",
+        ]);
+        stdout
+    };
+    assert_eq!(sample("1"), sample("1"));
+    assert_ne!(sample("1"), sample("2"));
+}
+
+#[test]
+fn run_streams_text_and_reports_speed_on_stderr() {
+    let (stdout, stderr) = run_ok(&[
+        "run",
+        "--model",
+        fixture("qwen2_moe").to_str().unwrap(),
+        "--prompt",
+        "A mixture of experts",
+        "--max-tokens",
+        "8",
+    ]);
+    assert!(!stdout.trim().is_empty());
+    let summary = stderr.lines().last().unwrap();
+    for field in [
+        "prompt tokens:",
+        "generated tokens:",
+        "prefill:",
+        "decode:",
+        "tokens/s",
+    ] {
+        assert!(summary.contains(field), "{summary}");
+    }
+}
+
+#[test]
+fn logits_npy_matches_golden_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("l.npy");
+    let p = &golden("qwen2_moe").prompts[0];
+    run_ok(&[
+        "logits",
+        "--model",
+        fixture("qwen2_moe").to_str().unwrap(),
+        "--prompt-ids",
+        &ids_arg(&p.input_ids),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = candle_core::Tensor::read_npy(&out).unwrap();
+    assert_eq!(t.dims(), &[p.input_ids.len(), 384]);
+    let ours = t.to_vec2::<f32>().unwrap();
+    let theirs = golden_logits("qwen2_moe", 0);
+    for (a, b) in ours.iter().flatten().zip(theirs.iter().flatten()) {
+        assert!((a - b).abs() < 1e-4);
+    }
+    // A standard .npy: magic, version 1.0, little-endian f32, C order.
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY");
+    let header = String::from_utf8_lossy(&bytes[10..80]);
+    assert!(
+        header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"),
+        "{header}"
+    );
+}
+
+#[test]
+fn info_json_agrees_with_torch_parameter_counts() {
+    for name in ALL_FIXTURES {
+        let (stdout, _) = run_ok(&["info", "--model", fixture(name).to_str().unwrap(), "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let g = golden(name);
+        assert_eq!(v["total_parameters"], g.num_parameters, "{name}");
+        assert_eq!(
+            v["active_parameters_per_token"], g.num_active_parameters,
+            "{name}"
+        );
+        assert_eq!(v["architecture"], g.model_type);
+        // The checkpoint stores every parameter once (tied embeddings once).
+        assert_eq!(v["stored_parameters"], g.num_parameters, "{name}");
+    }
+}
+
+#[test]
+fn chat_prompt_renders_like_transformers() {
+    let dir = fixture("qwen3_moe");
+    let engine = switchyard::Engine::load(&dir, &Default::default()).unwrap();
+    let text = std::fs::read_to_string(dir.join("golden.json")).unwrap();
+    let g: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let messages: Vec<switchyard::generate::ChatMessage> =
+        serde_json::from_value(g["chat_example"]["messages"].clone()).unwrap();
+    let rendered = engine
+        .chat_template
+        .as_ref()
+        .unwrap()
+        .render(&messages, true)
+        .unwrap();
+    assert_eq!(rendered, g["chat_example"]["text"].as_str().unwrap());
+    let ids: Vec<u32> = serde_json::from_value(g["chat_example"]["input_ids"].clone()).unwrap();
+    assert_eq!(engine.encode_chat(&messages).unwrap(), ids);
+    let example: Vec<u32> = serde_json::from_value(g["tokenizer_example"]["ids"].clone()).unwrap();
+    let plain = g["tokenizer_example"]["text"].as_str().unwrap();
+    assert_eq!(engine.encode_prompt(plain, false).unwrap(), example);
+}
+
+#[test]
+fn eos_ids_come_from_config_and_generation_config() {
+    // qwen3_moe's generation_config.json lists eos_token_id as [2, 0].
+    let cfg = switchyard::config::load_model_config(&fixture("qwen3_moe")).unwrap();
+    assert!(cfg.eos_token_ids.contains(&2) && cfg.eos_token_ids.contains(&0));
+}
