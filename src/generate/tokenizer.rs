@@ -77,31 +77,42 @@ impl TextTokenizer {
         TextStream {
             tokenizer: self,
             ids: Vec::new(),
-            emitted: 0,
+            prefix_offset: 0,
+            read_offset: 0,
         }
     }
 }
 
+/// Incremental detokenisation that decodes only a short window per token:
+/// the text of `ids[prefix_offset..]` minus that of `ids[prefix_offset..read_offset]`
+/// (the scheme of text-generation-inference), so cost does not grow with length and
+/// tokenizers that merge across token boundaries (byte fallback, leading spaces) stay right.
 pub struct TextStream<'a> {
     tokenizer: &'a TextTokenizer,
     ids: Vec<u32>,
-    /// Bytes of the decoded text already handed out.
-    emitted: usize,
+    prefix_offset: usize,
+    read_offset: usize,
 }
 
 impl TextStream<'_> {
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids, true)?;
+        let prefix = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let text = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..], true)?;
         // A trailing U+FFFD means an incomplete multi-byte sequence: wait for more.
-        if text.ends_with('\u{FFFD}')
-            || text.len() <= self.emitted
-            || !text.is_char_boundary(self.emitted)
+        if text.len() <= prefix.len()
+            || text.ends_with('\u{FFFD}')
+            || !text.is_char_boundary(prefix.len())
         {
             return Ok(None);
         }
-        let new = text[self.emitted..].to_string();
-        self.emitted = text.len();
+        let new = text[prefix.len()..].to_string();
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
         Ok(Some(new))
     }
 }
@@ -142,6 +153,36 @@ impl TokenizerConfig {
                 .or_else(|| items.first())
                 .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_tokenizer() -> TextTokenizer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3_moe");
+        TextTokenizer::from_dir(&dir).unwrap()
+    }
+
+    #[test]
+    fn streamed_text_equals_whole_decode() {
+        let tok = fixture_tokenizer();
+        for text in [
+            "A mixture of experts sends every token.",
+            "naïve café — 東京 ✓",
+            "  spaced   out  ",
+        ] {
+            let ids = tok.encode(text, false).unwrap();
+            let mut stream = tok.stream();
+            let mut streamed = String::new();
+            for &id in &ids {
+                if let Some(piece) = stream.push(id).unwrap() {
+                    streamed.push_str(&piece);
+                }
+            }
+            assert_eq!(streamed, tok.decode(&ids, true).unwrap(), "{text}");
         }
     }
 }
