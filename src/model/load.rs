@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
 
 use super::Model;
 use super::arch::{Wiring, wiring};
@@ -15,7 +16,7 @@ use super::moe::{MoeBlock, RouterConfig, SharedExpert};
 use crate::config::{ModelConfig, QkNorm};
 use crate::error::{Error, Result};
 use crate::experts::ExpertStore;
-use crate::ops::{Ffn, Linear, RmsNorm, RopeTable};
+use crate::ops::{Ffn, Linear, QuantKind, RmsNorm, RopeTable};
 use crate::weights::TensorSource;
 
 #[derive(Debug, Clone)]
@@ -24,6 +25,9 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Show a progress bar on stderr (only when it is a terminal).
     pub progress: bool,
+    /// Quantize expert, attention and output matrices at load. Embeddings, norms,
+    /// routers and the shared-expert gate keep `dtype`.
+    pub quant: Option<QuantKind>,
 }
 
 impl Default for LoadOptions {
@@ -31,6 +35,7 @@ impl Default for LoadOptions {
         Self {
             dtype: DType::F32,
             progress: false,
+            quant: None,
         }
     }
 }
@@ -39,6 +44,7 @@ struct Loader<'a> {
     src: &'a dyn TensorSource,
     cfg: &'a ModelConfig,
     dtype: DType,
+    quant: Option<QuantKind>,
     wiring: &'static Wiring,
 }
 
@@ -51,21 +57,22 @@ pub(super) fn build(
         src,
         cfg,
         dtype: opts.dtype,
+        quant: opts.quant,
         wiring: wiring(cfg.arch),
     };
     let bar = progress_bar(opts.progress, cfg.num_layers);
     let h = cfg.hidden_size;
     let embed = loader.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
     let lm_head = if cfg.tie_word_embeddings {
-        Linear::new(embed.clone(), None)
+        loader.quantized(Linear::new(embed.clone(), None))?
     } else {
-        loader.linear("lm_head", cfg.vocab_size, h, false)?
+        loader.quantized(loader.linear("lm_head", cfg.vocab_size, h, false)?)?
     };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     let mut experts = Vec::with_capacity(cfg.num_layers);
     for l in 0..cfg.num_layers {
         experts.push(if cfg.moe.sparse_layers[l] {
-            loader.experts(l)?
+            loader.quantized_ffns(loader.experts(l)?)?
         } else {
             Vec::new()
         });
@@ -109,6 +116,22 @@ fn progress_bar(enabled: bool, len: usize) -> ProgressBar {
 impl Loader<'_> {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.src.load(name, shape, self.dtype)
+    }
+
+    /// `linear` converted to `--quant`'s format, if one is set.
+    fn quantized(&self, linear: Linear) -> Result<Linear> {
+        match self.quant {
+            Some(kind) => linear.quantize(kind),
+            None => Ok(linear),
+        }
+    }
+
+    /// A layer's experts quantized in parallel (quantization is compute-bound).
+    fn quantized_ffns(&self, ffns: Vec<Ffn>) -> Result<Vec<Ffn>> {
+        match self.quant {
+            Some(kind) => ffns.par_iter().map(|f| f.quantize(kind)).collect(),
+            None => Ok(ffns),
+        }
     }
 
     fn norm(&self, name: &str, dim: usize) -> Result<RmsNorm> {
@@ -206,10 +229,25 @@ impl Loader<'_> {
             ),
         };
         Ok(Attention {
-            q_proj: self.linear(&format!("{p}.q_proj"), a.q_dim(), h, a.qkv_bias)?,
-            k_proj: self.linear(&format!("{p}.k_proj"), a.kv_dim(), h, a.qkv_bias)?,
-            v_proj: self.linear(&format!("{p}.v_proj"), a.kv_dim(), h, a.qkv_bias)?,
-            o_proj: self.linear(&format!("{p}.o_proj"), h, a.q_dim(), false)?,
+            q_proj: self.quantized(self.linear(
+                &format!("{p}.q_proj"),
+                a.q_dim(),
+                h,
+                a.qkv_bias,
+            )?)?,
+            k_proj: self.quantized(self.linear(
+                &format!("{p}.k_proj"),
+                a.kv_dim(),
+                h,
+                a.qkv_bias,
+            )?)?,
+            v_proj: self.quantized(self.linear(
+                &format!("{p}.v_proj"),
+                a.kv_dim(),
+                h,
+                a.qkv_bias,
+            )?)?,
+            o_proj: self.quantized(self.linear(&format!("{p}.o_proj"), h, a.q_dim(), false)?)?,
             q_norm,
             k_norm,
             config: a.clone(),
@@ -224,11 +262,13 @@ impl Loader<'_> {
             let prefix = self.moe_prefix(l)?;
             let shared = match m.shared_expert_ffn {
                 Some(width) => Some(SharedExpert {
-                    ffn: self.ffn(
-                        &format!("{prefix}.shared_expert"),
-                        ["gate_proj", "up_proj", "down_proj"],
-                        width,
-                    )?,
+                    ffn: self
+                        .ffn(
+                            &format!("{prefix}.shared_expert"),
+                            ["gate_proj", "up_proj", "down_proj"],
+                            width,
+                        )?
+                        .quantize_opt(self.quant)?,
                     gate: self.linear(&format!("{prefix}.shared_expert_gate"), 1, h, false)?,
                 }),
                 None => None,
@@ -244,11 +284,14 @@ impl Loader<'_> {
                 shared,
             ))
         } else {
-            LayerFfn::Dense(self.ffn(
-                &format!("{p}.mlp"),
-                ["gate_proj", "up_proj", "down_proj"],
-                m.dense_ffn,
-            )?)
+            LayerFfn::Dense(
+                self.ffn(
+                    &format!("{p}.mlp"),
+                    ["gate_proj", "up_proj", "down_proj"],
+                    m.dense_ffn,
+                )?
+                .quantize_opt(self.quant)?,
+            )
         };
         Ok(DecoderLayer {
             input_norm: self.norm(&format!("{p}.input_layernorm.weight"), h)?,

@@ -117,8 +117,9 @@ impl Model {
     }
 
     /// A KV cache sized for this model, allocating `initial_capacity` positions.
+    /// It holds f32 like the activations.
     pub fn new_cache(&self, initial_capacity: usize) -> KvCache {
-        KvCache::new(&self.config, initial_capacity, self.dtype())
+        KvCache::new(&self.config, initial_capacity, DType::F32)
     }
 
     /// Convenience: one sequence, logits of its last token, `[vocab]`.
@@ -163,7 +164,9 @@ impl Model {
             ids.extend_from_slice(seq.tokens);
         }
         let ids_t = Tensor::new(ids.as_slice(), self.device())?;
-        let mut x = self.embed.index_select(&ids_t, 0)?; // [n_tokens, hidden]
+        // Activations are f32 whatever the weights' type, as in llama.cpp: the
+        // kernels widen bf16/f16 weights in registers and quantize activations per block.
+        let mut x = self.embed.index_select(&ids_t, 0)?.to_dtype(DType::F32)?; // [n_tokens, hidden]
         let mut router_logits = Vec::new();
 
         for (l, layer) in self.layers.iter().enumerate() {

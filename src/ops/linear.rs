@@ -1,19 +1,143 @@
-use candle_core::{DType, Result, Tensor};
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
+
+use super::kernels::Isa;
+use super::matmul::{DenseMatrix, matmul_dense, matmul_packed};
+use super::quant::{PackedFormat, PackedMatrix, QuantKind, QuantizedActs};
+use crate::error::{Error, Result};
+
+/// How a [`Linear`] stores its `[out, in]` weight.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// f32, bf16 or f16 as loaded; the only kind autograd (training) sees.
+    Dense(Tensor),
+    /// Q8_0 / Q4_0 in our packed layout, read by our kernels.
+    Packed(Arc<PackedMatrix>),
+    /// Any other GGML type (Q4_K, Q6_K, ...) through candle's quantized kernels.
+    Ggml {
+        matmul: QMatMul,
+        dims: (usize, usize),
+        bytes: usize,
+    },
+}
 
 /// `y = x Wᵀ (+ b)`, the weight stored `[out, in]` as in PyTorch.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
+}
+
+thread_local! {
+    /// Quantized activations, reused across calls on this thread.
+    static ACTS: RefCell<QuantizedActs> = RefCell::new(QuantizedActs::default());
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight: LinearWeight::Dense(weight),
+            bias,
+        }
     }
 
-    pub fn weight(&self) -> &Tensor {
+    /// From a GGML tensor (a GGUF file's): Q8_0 and Q4_0 are repacked for our
+    /// kernels, float types become dense, every other type runs on candle's kernels.
+    pub fn from_qtensor(w: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        let (rows, cols) = w.shape().dims2()?;
+        let weight = match w.dtype() {
+            GgmlDType::Q8_0 => LinearWeight::Packed(Arc::new(PackedMatrix::from_ggml(
+                PackedFormat::Q8_0,
+                &w.data()?,
+                rows,
+                cols,
+            )?)),
+            GgmlDType::Q4_0 => LinearWeight::Packed(Arc::new(PackedMatrix::from_ggml(
+                PackedFormat::Q4_0,
+                &w.data()?,
+                rows,
+                cols,
+            )?)),
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                let t = w.dequantize(&Device::Cpu)?;
+                let dtype = match w.dtype() {
+                    GgmlDType::F32 => DType::F32,
+                    GgmlDType::F16 => DType::F16,
+                    _ => DType::BF16,
+                };
+                LinearWeight::Dense(t.to_dtype(dtype)?)
+            }
+            _ => {
+                let bytes = w.storage_size_in_bytes();
+                LinearWeight::Ggml {
+                    matmul: QMatMul::from_qtensor(w)?,
+                    dims: (rows, cols),
+                    bytes,
+                }
+            }
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// The same layer with its weight quantized (the bias stays f32). Q4_K needs
+    /// widths that are a multiple of 256 and falls back to Q4_0 for other widths.
+    pub fn quantize(&self, kind: QuantKind) -> Result<Linear> {
+        let (rows, cols) = self.dims();
+        let w = self.dense_f32()?;
+        let weight = match kind {
+            QuantKind::Q4K if cols % 256 == 0 => {
+                let q = QTensor::quantize(&w, GgmlDType::Q4K)?;
+                let bytes = q.storage_size_in_bytes();
+                LinearWeight::Ggml {
+                    matmul: QMatMul::from_qtensor(q)?,
+                    dims: (rows, cols),
+                    bytes,
+                }
+            }
+            QuantKind::Q8_0 | QuantKind::Q4_0 | QuantKind::Q4K => {
+                let format = if kind == QuantKind::Q8_0 {
+                    PackedFormat::Q8_0
+                } else {
+                    PackedFormat::Q4_0
+                };
+                let data = w.flatten_all()?.to_vec1::<f32>()?;
+                LinearWeight::Packed(Arc::new(PackedMatrix::quantize(format, &data, rows, cols)?))
+            }
+        };
+        Ok(Linear {
+            weight,
+            bias: self.bias.clone(),
+        })
+    }
+
+    /// The weight as an f32 tensor `[out, in]` (dequantized when it is quantized).
+    pub fn dense_f32(&self) -> Result<Tensor> {
+        let (rows, cols) = self.dims();
+        Ok(match &self.weight {
+            LinearWeight::Dense(w) => w.to_dtype(DType::F32)?,
+            LinearWeight::Packed(p) => {
+                Tensor::from_vec(p.dequantize(), (rows, cols), &Device::Cpu)?
+            }
+            LinearWeight::Ggml { matmul, .. } => match matmul {
+                QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+            },
+        })
+    }
+
+    pub fn weight(&self) -> &LinearWeight {
         &self.weight
+    }
+
+    /// The dense weight tensor; `None` for quantized weights.
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Some(w),
+            _ => None,
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -22,31 +146,198 @@ impl Linear {
 
     /// (out, in)
     pub fn dims(&self) -> (usize, usize) {
-        let d = self.weight.dims();
-        (d[0], d[1])
+        match &self.weight {
+            LinearWeight::Dense(w) => {
+                let d = w.dims();
+                (d[0], d[1])
+            }
+            LinearWeight::Packed(p) => (p.rows(), p.cols()),
+            LinearWeight::Ggml { dims, .. } => *dims,
+        }
     }
 
     /// Bytes a forward reads from the weight (and bias).
     pub fn weight_bytes(&self) -> usize {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        bytes(&self.weight) + self.bias.as_ref().map_or(0, bytes)
+        let w = match &self.weight {
+            LinearWeight::Dense(w) => bytes(w),
+            LinearWeight::Packed(p) => p.bytes(),
+            LinearWeight::Ggml { bytes, .. } => *bytes,
+        };
+        w + self.bias.as_ref().map_or(0, bytes)
     }
 
     /// # Shapes
-    /// `x: [n, in] -> [n, out]`
+    /// `x: [n, in] -> [n, out]`; f32 out unless the weight is dense and `x` is not
+    /// f32 (then `x`'s dtype, via candle).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = if self.weight.dtype() == x.dtype() {
-            self.weight.clone()
+        if let LinearWeight::Dense(w) = &self.weight {
+            if x.track_op() || w.track_op() || x.dtype() != DType::F32 || !w.is_contiguous() {
+                return self.forward_candle(w, x);
+            }
+        }
+        let (n, cols) = x.dims2()?;
+        let rows = self.dims().0;
+        let x = x.contiguous()?;
+        let mut y = vec![0f32; n * rows];
+        with_f32(&x, |xs| self.forward_f32(xs, n, cols, &mut y))??;
+        Ok(Tensor::from_vec(y, (n, rows), &Device::Cpu)?)
+    }
+
+    /// The same product on plain slices, for hot paths that keep their
+    /// activations outside tensors.
+    ///
+    /// # Shapes
+    /// `x: [n, in]` -> `y: [n, out]` (overwritten)
+    pub fn forward_f32(&self, x: &[f32], n: usize, cols: usize, y: &mut [f32]) -> Result<()> {
+        let (rows, w_cols) = self.dims();
+        if cols != w_cols || x.len() != n * cols || y.len() != n * rows {
+            return Err(Error::InvalidInput(format!(
+                "linear [{rows}, {w_cols}] applied to {} values as [{n}, {cols}] into {}",
+                x.len(),
+                y.len()
+            )));
+        }
+        let isa = Isa::best();
+        match &self.weight {
+            LinearWeight::Dense(w) => with_dense(w, |m| matmul_dense(isa, m, rows, x, n, y))?,
+            LinearWeight::Packed(p) => ACTS.with(|acts| {
+                let mut acts = acts.borrow_mut();
+                acts.quantize_from(x, n, cols);
+                matmul_packed(isa, p, &acts, y);
+            }),
+            LinearWeight::Ggml { matmul, .. } => {
+                let xt = Tensor::from_slice(x, (n, cols), &Device::Cpu)?;
+                let yt = matmul.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
+                y.copy_from_slice(&yt);
+            }
+        }
+        if let Some(b) = &self.bias {
+            let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            for row in y.chunks_mut(rows) {
+                row.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_candle(&self, w: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let w = if w.dtype() == x.dtype() {
+            w.clone()
         } else {
-            self.weight.to_dtype(x.dtype())?
+            w.to_dtype(x.dtype())?
         };
         let y = x.matmul(&w.t()?)?;
-        match &self.bias {
-            Some(b) if b.dtype() == DType::F32 || b.dtype() == y.dtype() => {
-                y.broadcast_add(&b.to_dtype(y.dtype())?)
-            }
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
-            None => Ok(y),
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        })
+    }
+}
+
+/// Runs `f` on a contiguous f32 CPU tensor's values.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => Err(Error::InvalidInput(format!(
+            "expected a contiguous f32 CPU tensor, got {:?} {:?}",
+            t.dtype(),
+            t.dims()
+        ))),
+    }
+}
+
+/// Runs `f` on a contiguous dense CPU weight's values.
+fn with_dense<R>(t: &Tensor, f: impl FnOnce(DenseMatrix<'_>) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        return Err(Error::InvalidInput("weight is not contiguous".into()));
+    };
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(f(DenseMatrix::F32(&v[a..b]))),
+        Storage::Cpu(CpuStorage::BF16(v)) => Ok(f(DenseMatrix::BF16(&v[a..b]))),
+        Storage::Cpu(CpuStorage::F16(v)) => Ok(f(DenseMatrix::F16(&v[a..b]))),
+        _ => Err(Error::UnsupportedDtype {
+            name: "linear weight".into(),
+            dtype: format!("{:?}", t.dtype()),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn linear(rows: usize, cols: usize, dtype: DType) -> (Linear, Tensor) {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| (((i * 31) % 97) as f32 - 48.0) / 50.0)
+            .collect();
+        let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let b = Tensor::arange(0f32, rows as f32, &Device::Cpu).unwrap();
+        (Linear::new(w.to_dtype(dtype).unwrap(), Some(b)), w)
+    }
+
+    fn rel_rms(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().sqr().unwrap().mean_all().unwrap();
+        let n = b.sqr().unwrap().mean_all().unwrap();
+        (d.to_scalar::<f32>().unwrap() / n.to_scalar::<f32>().unwrap()).sqrt()
+    }
+
+    #[test]
+    fn every_weight_kind_matches_the_f32_product() {
+        let (lin, w) = linear(40, 512, DType::F32);
+        let x = Tensor::randn(0f32, 1.0, (6, 512), &Device::Cpu).unwrap();
+        let want = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(lin.bias().unwrap())
+            .unwrap();
+        let cases = [
+            (lin.clone(), 1e-5),
+            (linear(40, 512, DType::BF16).0, 1e-2),
+            (linear(40, 512, DType::F16).0, 1e-3),
+            (lin.quantize(QuantKind::Q8_0).unwrap(), 1e-2),
+            (lin.quantize(QuantKind::Q4_0).unwrap(), 0.1),
+            (lin.quantize(QuantKind::Q4K).unwrap(), 0.1),
+        ];
+        for (i, (l, tol)) in cases.iter().enumerate() {
+            let y = l.forward(&x).unwrap();
+            let err = rel_rms(&y, &want);
+            assert!(err < *tol, "case {i}: relative rms {err}");
+        }
+    }
+
+    #[test]
+    fn weight_bytes_count_quants_and_scales() {
+        let (lin, _) = linear(8, 512, DType::F32);
+        assert_eq!(lin.weight_bytes(), 8 * 512 * 4 + 8 * 4);
+        let q8 = lin.quantize(QuantKind::Q8_0).unwrap();
+        assert_eq!(q8.weight_bytes(), 8 * 16 * 34 + 8 * 4);
+        let q4 = lin.quantize(QuantKind::Q4_0).unwrap();
+        assert_eq!(q4.weight_bytes(), 8 * 16 * 18 + 8 * 4);
+        let q4k = lin.quantize(QuantKind::Q4K).unwrap();
+        assert_eq!(q4k.weight_bytes(), 8 * 2 * 144 + 8 * 4);
+    }
+
+    #[test]
+    fn ggml_tensors_become_packed_or_ggml_weights() {
+        let (lin, w) = linear(16, 256, DType::F32);
+        for (dtype, packed) in [
+            (GgmlDType::Q8_0, true),
+            (GgmlDType::Q4_0, true),
+            (GgmlDType::Q6K, false),
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let want = q.dequantize(&Device::Cpu).unwrap();
+            let l = Linear::from_qtensor(q, lin.bias().cloned()).unwrap();
+            assert_eq!(
+                matches!(l.weight(), LinearWeight::Packed(_)),
+                packed,
+                "{dtype:?}"
+            );
+            let got = l.dense_f32().unwrap();
+            assert!(rel_rms(&got, &want) < 1e-6, "{dtype:?}");
         }
     }
 }

@@ -4,13 +4,18 @@
 //! differentiable form when an input is part of an autograd graph (training).
 
 mod ffn;
+pub mod kernels;
 mod linear;
+pub mod matmul;
 mod norm;
+pub mod quant;
 mod rope;
 
-pub use ffn::Ffn;
-pub use linear::Linear;
+pub use ffn::{Ffn, FfnScratch};
+pub use linear::{Linear, LinearWeight};
+pub use matmul::{num_threads, set_num_threads};
 pub use norm::RmsNorm;
+pub use quant::QuantKind;
 pub use rope::RopeTable;
 
 use candle_core::{D, Result, Tensor};

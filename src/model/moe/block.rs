@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::experts::{ExpertId, ExpertStore};
 use crate::model::batch::BatchLayout;
 use crate::model::observer::{RoutingObserver, RoutingSite};
-use crate::ops::{Ffn, Linear};
+use crate::ops::{Ffn, FfnScratch, Linear};
 
 /// Qwen2-MoE's always-on expert, mixed in with weight `sigmoid(gate(x))`.
 #[derive(Debug, Clone)]
@@ -76,7 +76,59 @@ impl MoeBlock {
         );
         report(self.layer, &routing, layout, observer);
 
-        let weights = self.mixing_weights(&logits_f32, &routing)?; // [n_tokens * top_k]
+        let mut out = if logits.track_op() || x.track_op() {
+            self.experts_autograd(x, &logits_f32, &routing)?
+        } else {
+            self.experts_inference(x, &routing)?
+        };
+        if let Some(shared) = &self.shared {
+            let gate = candle_nn::ops::sigmoid(&shared.gate.forward(x)?)?; // [n_tokens, 1]
+            out = (out + shared.ffn.forward(x)?.broadcast_mul(&gate)?)?;
+        }
+        if let Some(all) = router_logits {
+            all.push(logits);
+        }
+        Ok(out)
+    }
+
+    /// Each active expert once over all its tokens, on plain f32 buffers: rows are
+    /// gathered into one matrix per expert and the weighted outputs added in place,
+    /// so no per-expert tensor or accumulator copy is made.
+    fn experts_inference(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let (n, hidden) = x.dims2()?;
+        let k = self.config.top_k;
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?; // [n, hidden]
+        let mut out = vec![0f32; n * hidden];
+        let mut xe: Vec<f32> = Vec::new(); // [m, hidden]
+        let mut ye: Vec<f32> = Vec::new(); // [m, hidden]
+        let mut scratch = FfnScratch::default();
+        for (expert, slots) in routing.slots_by_expert() {
+            let ffn = self.experts.get(ExpertId {
+                layer: self.layer as u32,
+                expert,
+            })?;
+            xe.clear();
+            for &s in &slots {
+                let t = s as usize / k;
+                xe.extend_from_slice(&xs[t * hidden..(t + 1) * hidden]);
+            }
+            ye.resize(slots.len() * hidden, 0.0);
+            ffn.forward_f32(&xe, slots.len(), &mut ye, &mut scratch)?;
+            for (&s, y) in slots.iter().zip(ye.chunks_exact(hidden)) {
+                let t = s as usize / k;
+                let w = routing.weights[s as usize];
+                for (o, &v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(y) {
+                    *o += w * v;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (n, hidden), x.device())?.to_dtype(x.dtype())?)
+    }
+
+    /// The differentiable form: the mixture as tensor ops so that experts and
+    /// router receive gradients.
+    fn experts_autograd(&self, x: &Tensor, logits: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let weights = self.mixing_weights(logits, routing)?; // [n_tokens * top_k]
         let mut out = x.zeros_like()?;
         for (expert, slots) in routing.slots_by_expert() {
             let ffn = self.experts.get(ExpertId {
@@ -90,13 +142,6 @@ impl MoeBlock {
             let w = weights.index_select(&slots, 0)?.unsqueeze(1)?; // [m, 1]
             let ys = ffn.forward(&xs)?.broadcast_mul(&w.to_dtype(x.dtype())?)?;
             out = out.index_add(&tokens, &ys, 0)?;
-        }
-        if let Some(shared) = &self.shared {
-            let gate = candle_nn::ops::sigmoid(&shared.gate.forward(x)?)?; // [n_tokens, 1]
-            out = (out + shared.ffn.forward(x)?.broadcast_mul(&gate)?)?;
-        }
-        if let Some(all) = router_logits {
-            all.push(logits);
         }
         Ok(out)
     }
