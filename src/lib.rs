@@ -11,6 +11,8 @@ pub mod experts;
 pub mod generate;
 pub mod model;
 pub mod ops;
+pub mod trace;
+pub mod train;
 pub mod weights;
 
 pub use engine::Engine;

@@ -3,7 +3,9 @@
 mod info;
 mod logits;
 mod model_arg;
+mod routing_stats;
 mod run;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +28,10 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Describe a model: architecture, experts, parameter counts and bytes.
     Info(info::InfoArgs),
+    /// Train a small MoE model from scratch on text files.
+    Train(train::TrainArgs),
+    /// Expert-load entropy and consecutive-token expert reuse of a model on a text.
+    RoutingStats(routing_stats::RoutingStatsArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -33,6 +39,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Info(args) => info::run(args),
+        Command::Train(args) => train::run(args),
+        Command::RoutingStats(args) => routing_stats::run(args),
     }
 }
 

@@ -4,7 +4,7 @@
 mod hf;
 mod params;
 
-pub use hf::load_model_config;
+pub use hf::{load_model_config, to_hf_json};
 pub use params::ParameterCounts;
 
 use crate::weights::StoredDtype;

@@ -1,0 +1,245 @@
+//! Training small MoE language models from scratch on candle's autograd:
+//! a byte-level BPE tokeniser, an all-sparse `qwen3_moe` (or `qwen2_moe` with a
+//! shared expert) built by the ordinary model loader from trainable vars,
+//! Switch-style load balancing and router z-loss, AdamW with a cosine schedule,
+//! and checkpoints that resume bit-for-bit.
+
+mod bpe;
+mod checkpoint;
+mod data;
+mod loss;
+mod optim;
+mod rng;
+mod trainer;
+mod vars;
+
+pub use bpe::{train_tokenizer, write_tokenizer_files};
+pub use checkpoint::{CHECKPOINT_DIR, has_checkpoint};
+pub use data::{Corpus, read_texts};
+pub use loss::{RouterLosses, router_losses};
+pub use optim::{AdamW, AdamWParams, cosine_lr};
+pub use rng::SplitMix64;
+pub use trainer::{StepStats, Trainer};
+pub use vars::VarStore;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Arch, AttentionConfig, ModelConfig, MoeConfig, QkNorm};
+use crate::error::{Error, Result};
+use crate::weights::StoredDtype;
+
+/// Token ids of the special tokens every trained tokeniser starts with.
+pub const ENDOFTEXT: &str = "<|endoftext|>";
+pub const IM_START: &str = "<|im_start|>";
+pub const IM_END: &str = "<|im_end|>";
+pub const SPECIAL_TOKENS: [&str; 3] = [ENDOFTEXT, IM_START, IM_END];
+
+/// Everything a run needs: model shape and optimisation. Field names are the
+/// keys of a `--config` TOML file; a preset supplies the ones it leaves out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    // Model shape.
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Width of one routed expert; fine-grained experts are more and narrower
+    /// at equal active width (DeepSeekMoE).
+    pub expert_ffn: usize,
+    /// Width of an always-on shared expert; 0 for none. Non-zero writes `qwen2_moe`.
+    pub shared_expert_ffn: usize,
+    pub rope_theta: f64,
+    // Optimisation.
+    pub steps: usize,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    /// Final learning rate as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    /// Switch-Transformer load-balancing loss coefficient (0 turns it off).
+    pub balance_coef: f64,
+    /// Router z-loss coefficient (ST-MoE).
+    pub z_loss_coef: f64,
+    pub seed: u64,
+    /// Fraction of each data file held out (its tail) for evaluation.
+    pub holdout_fraction: f64,
+    pub eval_every: usize,
+    /// Held-out windows per evaluation, in batches.
+    pub eval_batches: usize,
+    pub checkpoint_every: usize,
+    /// dtype of the exported `model.safetensors`: "float32" or "bfloat16".
+    pub export_dtype: String,
+}
+
+impl TrainConfig {
+    pub const PRESETS: [&'static str; 2] = ["tiny", "small"];
+
+    /// `tiny`: seconds per run, for tests. `small`: the demo model (~20 MB in bf16).
+    pub fn preset(name: &str) -> Result<Self> {
+        let tiny = Self {
+            vocab_size: 512,
+            hidden_size: 64,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            num_experts: 8,
+            top_k: 2,
+            expert_ffn: 32,
+            shared_expert_ffn: 0,
+            rope_theta: 10_000.0,
+            steps: 200,
+            batch_size: 8,
+            seq_len: 64,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 10,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            balance_coef: 0.01,
+            z_loss_coef: 1e-3,
+            seed: 0,
+            holdout_fraction: 0.05,
+            eval_every: 50,
+            eval_batches: 2,
+            checkpoint_every: 50,
+            export_dtype: "float32".into(),
+        };
+        match name {
+            "tiny" => Ok(tiny),
+            "small" => Ok(Self {
+                vocab_size: 4096,
+                hidden_size: 256,
+                num_layers: 4,
+                num_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 64,
+                num_experts: 16,
+                top_k: 2,
+                expert_ffn: 128,
+                steps: 2000,
+                batch_size: 16,
+                seq_len: 128,
+                lr: 2e-3,
+                warmup_steps: 50,
+                holdout_fraction: 0.02,
+                eval_every: 100,
+                eval_batches: 4,
+                checkpoint_every: 50,
+                export_dtype: "bfloat16".into(),
+                ..tiny
+            }),
+            other => Err(Error::InvalidInput(format!(
+                "unknown preset {other:?}; known: {}",
+                Self::PRESETS.join(", ")
+            ))),
+        }
+    }
+
+    /// `base` with the keys of a TOML document replacing its values.
+    pub fn with_toml(base: &Self, text: &str, path: &std::path::Path) -> Result<Self> {
+        let bad = |e: String| Error::config(path, e);
+        let mut table = toml::Table::try_from(base).map_err(|e| bad(e.to_string()))?;
+        let overrides: toml::Table = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        for (k, v) in overrides {
+            if !table.contains_key(&k) {
+                return Err(bad(format!("unknown key `{k}`")));
+            }
+            table.insert(k, v);
+        }
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| bad(e.to_string()))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidInput(m));
+        if self.top_k == 0 || self.top_k > self.num_experts {
+            return bad(format!(
+                "top_k ({}) must be in 1..={}",
+                self.top_k, self.num_experts
+            ));
+        }
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return bad("num_heads must be a positive multiple of num_kv_heads".into());
+        }
+        if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
+            return bad("head_dim must be even".into());
+        }
+        if self.vocab_size < 256 + SPECIAL_TOKENS.len() {
+            return bad("vocab_size must cover the 256 bytes and 3 special tokens".into());
+        }
+        if self.batch_size == 0 || self.seq_len < 2 || self.steps == 0 {
+            return bad("batch_size, steps must be positive and seq_len at least 2".into());
+        }
+        if !(0.0..1.0).contains(&self.holdout_fraction) {
+            return bad("holdout_fraction must be in [0, 1)".into());
+        }
+        self.export_dtype()?;
+        Ok(())
+    }
+
+    pub fn export_dtype(&self) -> Result<StoredDtype> {
+        match self.export_dtype.as_str() {
+            "float32" => Ok(StoredDtype::F32),
+            "bfloat16" => Ok(StoredDtype::BF16),
+            other => Err(Error::InvalidInput(format!(
+                "export_dtype {other:?}: expected \"float32\" or \"bfloat16\""
+            ))),
+        }
+    }
+
+    /// The model this run trains: every layer sparse; `qwen2_moe` when it has a
+    /// shared expert, `qwen3_moe` otherwise.
+    pub fn model_config(&self) -> ModelConfig {
+        let shared = (self.shared_expert_ffn > 0).then_some(self.shared_expert_ffn);
+        let arch = if shared.is_some() {
+            Arch::Qwen2Moe
+        } else {
+            Arch::Qwen3Moe
+        };
+        let (qk_norm, qkv_bias) = match arch {
+            Arch::Qwen2Moe => (QkNorm::None, true),
+            _ => (QkNorm::PerHead, false),
+        };
+        ModelConfig {
+            arch,
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            num_layers: self.num_layers,
+            max_position_embeddings: self.seq_len.max(512),
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: false,
+            attention: AttentionConfig {
+                num_heads: self.num_heads,
+                num_kv_heads: self.num_kv_heads,
+                head_dim: self.head_dim,
+                rope_theta: self.rope_theta,
+                qkv_bias,
+                qk_norm,
+                clip_qkv: None,
+            },
+            moe: MoeConfig {
+                num_experts: self.num_experts,
+                top_k: self.top_k,
+                expert_ffn: self.expert_ffn,
+                norm_topk_prob: true,
+                shared_expert_ffn: shared,
+                sparse_layers: vec![true; self.num_layers],
+                dense_ffn: 0,
+            },
+            bos_token_id: None,
+            // <|endoftext|> ends a document; <|im_end|> ends a chat turn.
+            eos_token_ids: vec![0, 2],
+            stored_dtype: Some(StoredDtype::F32),
+        }
+    }
+}
