@@ -4,8 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::generate::{ChatMessage, ChatTemplate, TextTokenizer};
+use crate::config::open_gguf;
+use crate::generate::{
+    ChatMessage, ChatTemplate, TextTokenizer, chat_template_from_gguf, tokenizer_from_gguf,
+};
 use crate::model::{LoadOptions, Model};
+use crate::weights::GgufFile;
 
 pub struct Engine {
     pub model: Model,
@@ -15,9 +19,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads a Hugging Face model directory. The tokenizer is optional so that
-    /// id-only use (`--prompt-ids`, logits) works on bare checkpoints.
+    /// Loads a Hugging Face model directory or a GGUF file. The tokenizer is
+    /// optional so that id-only use (`--prompt-ids`, logits) works on bare checkpoints.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if GgufFile::is_gguf(dir) {
+            return Self::load_gguf(dir, opts);
+        }
         let model = Model::load(dir, opts)?;
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(TextTokenizer::from_dir(dir)?)
@@ -33,10 +40,25 @@ impl Engine {
         })
     }
 
+    /// A GGUF file: weights, hyper-parameters, tokenizer and chat template all
+    /// come from the one file.
+    fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let (config, src) = open_gguf(path)?;
+        let model = Model::from_source(&config, &src, opts)?;
+        let tokenizer = tokenizer_from_gguf(src.file())?;
+        let chat_template = chat_template_from_gguf(src.file(), tokenizer.as_ref())?;
+        Ok(Self {
+            model,
+            tokenizer,
+            chat_template,
+            dir: path.to_path_buf(),
+        })
+    }
+
     pub fn tokenizer(&self) -> Result<&TextTokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
             Error::Tokenizer(format!(
-                "{} has no tokenizer.json; pass token ids instead of text",
+                "{} has no tokenizer (tokenizer.json or GGUF gpt2 vocabulary); pass token ids instead of text",
                 self.dir.display()
             ))
         })

@@ -1,9 +1,12 @@
-//! Typed model configuration, parsed once from `config.json` and validated at load.
+//! Typed model configuration, parsed once from `config.json` (or GGUF metadata)
+//! and validated at load.
 //! Nothing downstream reads JSON again.
 
+mod gguf;
 mod hf;
 mod params;
 
+pub use gguf::{config_from_gguf, open_gguf};
 pub use hf::{load_model_config, to_hf_json};
 pub use params::ParameterCounts;
 

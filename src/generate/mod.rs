@@ -4,12 +4,14 @@
 //! weights, the router and `top_k` experts per layer, plus the cached keys/values.
 
 pub mod chat;
+mod gguf_tokenizer;
 pub mod sampler;
 pub mod tokenizer;
 
 use std::time::Instant;
 
 pub use chat::{ChatMessage, ChatTemplate};
+pub use gguf_tokenizer::{chat_template_from_gguf, tokenizer_from_gguf};
 pub use sampler::{Sampler, SamplingParams};
 pub use tokenizer::{TextStream, TextTokenizer};
 

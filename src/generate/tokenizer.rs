@@ -41,6 +41,19 @@ impl TextTokenizer {
         }
     }
 
+    /// A tokenizer whose BOS / EOS tokens are known from elsewhere (GGUF metadata).
+    pub fn with_special_tokens(
+        inner: Tokenizer,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Self {
+        Self {
+            inner,
+            bos_token,
+            eos_token,
+        }
+    }
+
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
     }

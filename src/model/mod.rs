@@ -22,11 +22,11 @@ pub use layer::{DecoderLayer, LayerFfn};
 pub use load::LoadOptions;
 pub use observer::{NoObserver, RoutingObserver, RoutingSite};
 
-use crate::config::{ModelConfig, load_model_config};
+use crate::config::{ModelConfig, load_model_config, open_gguf};
 use crate::error::{Error, Result};
 use crate::experts::ExpertStore;
 use crate::ops::{Linear, RmsNorm, RopeTable};
-use crate::weights::{SafetensorsFiles, TensorSource};
+use crate::weights::{GgufFile, SafetensorsFiles, TensorSource};
 
 #[derive(Debug)]
 pub struct Model {
@@ -69,8 +69,13 @@ pub struct ForwardOutput {
 }
 
 impl Model {
-    /// Loads a Hugging Face model directory (`config.json` + safetensors).
+    /// Loads a Hugging Face model directory (`config.json` + safetensors), or a
+    /// GGUF file.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        if GgufFile::is_gguf(dir) {
+            let (config, src) = open_gguf(dir)?;
+            return Self::from_source(&config, &src, opts);
+        }
         let config = load_model_config(dir)?;
         let files = SafetensorsFiles::open_dir(dir)?;
         Self::from_source(&config, &files, opts)

@@ -1,0 +1,336 @@
+//! GGUF metadata (keys as llama.cpp's `convert_hf_to_gguf.py` writes them,
+//! `{arch}.block_count`, `{arch}.expert_count`, ...) mapped to [`ModelConfig`].
+//! What the metadata does not say is read off the tensor table: which layers are
+//! sparse (`blk.N.ffn_gate_inp`), q/k/v biases, tied embeddings.
+
+use super::{Arch, AttentionConfig, ModelConfig, MoeConfig, QkNorm};
+use crate::error::{Error, Result};
+use crate::weights::{GgufFile, GgufSource, GgufValue, QkHeads, StoredDtype};
+
+/// `general.architecture` values and the architecture each one is.
+const GGUF_ARCHS: &[(&str, Arch)] = &[
+    ("qwen3moe", Arch::Qwen3Moe),
+    ("qwen2moe", Arch::Qwen2Moe),
+    ("llama", Arch::Mixtral),
+    ("olmoe", Arch::Olmoe),
+];
+
+/// `general.file_type` (llama.cpp `LlamaFileType`) for unquantized files.
+fn stored_dtype(file_type: u64) -> Option<StoredDtype> {
+    match file_type {
+        0 => Some(StoredDtype::F32),
+        1 => Some(StoredDtype::F16),
+        32 => Some(StoredDtype::BF16),
+        _ => None,
+    }
+}
+
+struct Meta<'a> {
+    file: &'a GgufFile,
+    arch: &'a str,
+}
+
+impl Meta<'_> {
+    fn err(&self, reason: String) -> Error {
+        Error::config(self.file.path(), reason)
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.arch)
+    }
+
+    fn get(&self, suffix: &str) -> Option<&GgufValue> {
+        self.file.get(&self.key(suffix))
+    }
+
+    fn typed<T>(
+        &self,
+        suffix: &str,
+        what: &str,
+        conv: impl Fn(&GgufValue) -> Option<T>,
+    ) -> Result<Option<T>> {
+        match self.get(suffix) {
+            None => Ok(None),
+            Some(v) => conv(v).map(Some).ok_or_else(|| {
+                self.err(format!(
+                    "GGUF metadata `{}` is a {}, expected {what}",
+                    self.key(suffix),
+                    v.type_name()
+                ))
+            }),
+        }
+    }
+
+    fn usize_opt(&self, suffix: &str) -> Result<Option<usize>> {
+        self.typed(suffix, "a non-negative integer", |v| {
+            v.as_u64().and_then(|n| usize::try_from(n).ok())
+        })
+    }
+
+    fn usize(&self, suffix: &str) -> Result<usize> {
+        self.usize_opt(suffix)?
+            .ok_or_else(|| self.err(format!("missing GGUF metadata `{}`", self.key(suffix))))
+    }
+
+    fn f64_opt(&self, suffix: &str) -> Result<Option<f64>> {
+        self.typed(suffix, "a number", GgufValue::as_f64)
+    }
+
+    fn bool_opt(&self, suffix: &str) -> Result<Option<bool>> {
+        self.typed(suffix, "a bool", GgufValue::as_bool)
+    }
+}
+
+fn token_id(file: &GgufFile, key: &str) -> Result<Option<u32>> {
+    match file.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                Error::config(
+                    file.path(),
+                    format!("GGUF metadata `{key}` is not a token id: {v:?}"),
+                )
+            }),
+    }
+}
+
+/// Token texts llama.cpp treats as end of generation wherever they appear in
+/// the vocabulary (`llama-vocab.cpp`, `special_eog_ids`): GGUF files name one EOS
+/// id, while chat models also stop at their end-of-turn token.
+const END_OF_GENERATION_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+];
+
+fn end_of_generation_tokens(file: &GgufFile) -> Vec<u32> {
+    let Some(tokens) = file
+        .get("tokenizer.ggml.tokens")
+        .and_then(GgufValue::as_array)
+    else {
+        return Vec::new();
+    };
+    tokens
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| {
+            t.as_str()
+                .is_some_and(|t| END_OF_GENERATION_TEXTS.contains(&t))
+        })
+        .filter_map(|(id, _)| u32::try_from(id).ok())
+        .collect()
+}
+
+/// Reads the model configuration from a GGUF file's metadata and tensor table.
+pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
+    let path = file.path();
+    let arch_name = file
+        .get("general.architecture")
+        .and_then(GgufValue::as_str)
+        .ok_or_else(|| {
+            Error::config(path, "missing string GGUF metadata `general.architecture`")
+        })?;
+    let arch = GGUF_ARCHS
+        .iter()
+        .find(|(name, _)| *name == arch_name)
+        .map(|&(_, a)| a)
+        .ok_or_else(|| {
+            let supported: Vec<&str> = GGUF_ARCHS.iter().map(|(name, _)| *name).collect();
+            Error::config(
+                path,
+                format!(
+                    "GGUF architecture {arch_name:?} is not supported; supported: {} (llama with experts, i.e. Mixtral)",
+                    supported.join(", ")
+                ),
+            )
+        })?;
+    let m = Meta {
+        file,
+        arch: arch_name,
+    };
+    let bad = |reason: String| Error::config(path, reason);
+
+    let hidden_size = m.usize("embedding_length")?;
+    let num_layers = m.usize("block_count")?;
+    let num_heads = m.usize("attention.head_count")?;
+    let num_kv_heads = m.usize_opt("attention.head_count_kv")?.unwrap_or(num_heads);
+    if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
+        return Err(bad(format!(
+            "attention.head_count ({num_heads}) must be a positive multiple of attention.head_count_kv ({num_kv_heads})"
+        )));
+    }
+    let head_dim = match m.usize_opt("attention.key_length")? {
+        Some(d) => d,
+        None => hidden_size / num_heads,
+    };
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(bad(format!(
+            "head dimension {head_dim} must be even and positive"
+        )));
+    }
+    if let Some(rope_dim) = m.usize_opt("rope.dimension_count")?
+        && rope_dim != head_dim
+    {
+        return Err(bad(format!(
+            "partial rotary embedding ({}.rope.dimension_count {rope_dim} < head dimension {head_dim}) is not supported",
+            arch_name
+        )));
+    }
+    if let Some(kind) = m.get("rope.scaling.type").and_then(GgufValue::as_str)
+        && kind != "none"
+    {
+        return Err(bad(format!(
+            "rope scaling {kind:?} ({arch_name}.rope.scaling.type) is not supported"
+        )));
+    }
+    // llama.cpp's default when the key is absent.
+    let rope_theta = m.f64_opt("rope.freq_base")?.unwrap_or(10_000.0);
+    let rms_norm_eps = m
+        .f64_opt("attention.layer_norm_rms_epsilon")?
+        .ok_or_else(|| {
+            bad(format!(
+                "missing GGUF metadata `{arch_name}.attention.layer_norm_rms_epsilon`"
+            ))
+        })?;
+    let max_position_embeddings = m.usize("context_length")?;
+
+    let num_experts = m.usize("expert_count")?;
+    let top_k = m.usize("expert_used_count")?;
+    if num_experts == 0 {
+        return Err(bad(format!(
+            "{arch_name}.expert_count is 0: a model without experts is not a MoE model"
+        )));
+    }
+    if top_k == 0 || top_k > num_experts {
+        return Err(bad(format!(
+            "expert_used_count ({top_k}) must be between 1 and expert_count ({num_experts})"
+        )));
+    }
+
+    let sparse_layers: Vec<bool> = (0..num_layers)
+        .map(|l| file.contains(&format!("blk.{l}.ffn_gate_inp.weight")))
+        .collect();
+    let first_sparse = sparse_layers
+        .iter()
+        .position(|&s| s)
+        .ok_or_else(|| bad("no layer has a router (`blk.N.ffn_gate_inp.weight`)".to_string()))?;
+    // The expert width: metadata where the converter writes it, else the merged tensor.
+    let expert_ffn = match m.usize_opt("expert_feed_forward_length")? {
+        Some(w) => w,
+        None if arch == Arch::Mixtral => m.usize("feed_forward_length")?,
+        None => {
+            let name = format!("blk.{first_sparse}.ffn_gate_exps.weight");
+            file.require(&name)?
+                .shape
+                .get(1)
+                .copied()
+                .ok_or_else(|| bad(format!("tensor `{name}` should have 3 dimensions")))?
+        }
+    };
+    // Mixtral's and OLMoE's `feed_forward_length` is the expert width (every layer is sparse).
+    let dense_ffn = match arch {
+        Arch::Mixtral | Arch::Olmoe => 0,
+        Arch::Qwen3Moe | Arch::Qwen2Moe => m.usize_opt("feed_forward_length")?.unwrap_or(0),
+    };
+    let shared_expert_ffn = if file.contains(&format!("blk.{first_sparse}.ffn_up_shexp.weight")) {
+        Some(m.usize("expert_shared_feed_forward_length")?)
+    } else {
+        None
+    };
+    // llama.cpp hard-codes the renormalisation per architecture (`build_moe_ffn`'s
+    // `norm_w`); some converters also write `expert_weights_norm`.
+    let norm_topk_prob = m
+        .bool_opt("expert_weights_norm")?
+        .unwrap_or(matches!(arch, Arch::Qwen3Moe | Arch::Mixtral));
+    let moe = MoeConfig {
+        num_experts,
+        top_k,
+        expert_ffn,
+        norm_topk_prob,
+        shared_expert_ffn,
+        sparse_layers,
+        dense_ffn,
+    };
+    if moe.sparse_layers.iter().any(|s| !s) && moe.dense_ffn == 0 {
+        return Err(bad(format!(
+            "a dense layer needs `{arch_name}.feed_forward_length`, which is missing"
+        )));
+    }
+
+    let qk_norm = match arch {
+        Arch::Qwen3Moe => QkNorm::PerHead,
+        Arch::Olmoe => QkNorm::Full,
+        Arch::Mixtral | Arch::Qwen2Moe => QkNorm::None,
+    };
+    let attention = AttentionConfig {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rope_theta,
+        qkv_bias: file.contains("blk.0.attn_q.bias"),
+        qk_norm,
+        clip_qkv: m.f64_opt("attention.clamp_kqv")?,
+    };
+
+    let vocab_size = match m.usize_opt("vocab_size")? {
+        Some(v) => v,
+        None => file
+            .require("token_embd.weight")?
+            .shape
+            .first()
+            .copied()
+            .unwrap_or(0),
+    };
+    let mut eos_token_ids = Vec::new();
+    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+        if let Some(id) = token_id(file, key)?
+            && !eos_token_ids.contains(&id)
+        {
+            eos_token_ids.push(id);
+        }
+    }
+    for id in end_of_generation_tokens(file) {
+        if !eos_token_ids.contains(&id) {
+            eos_token_ids.push(id);
+        }
+    }
+    let stored = file
+        .get("general.file_type")
+        .and_then(GgufValue::as_u64)
+        .and_then(stored_dtype);
+
+    Ok(ModelConfig {
+        arch,
+        vocab_size,
+        hidden_size,
+        num_layers,
+        max_position_embeddings,
+        rms_norm_eps,
+        tie_word_embeddings: !file.contains("output.weight"),
+        attention,
+        moe,
+        bos_token_id: token_id(file, "tokenizer.ggml.bos_token_id")?,
+        eos_token_ids,
+        stored_dtype: stored,
+    })
+}
+
+/// Opens a GGUF model: its configuration, and the file as a tensor source.
+pub fn open_gguf(path: &std::path::Path) -> Result<(ModelConfig, GgufSource)> {
+    let file = GgufFile::open(path)?;
+    let cfg = config_from_gguf(&file)?;
+    // convert_hf_to_gguf.py permutes q/k rows into llama.cpp's interleaved rotary
+    // layout for `llama` only; the NEOX-rotary architectures are stored as-is.
+    let permuted_qk = (cfg.arch == Arch::Mixtral).then_some(QkHeads {
+        num_heads: cfg.attention.num_heads,
+        num_kv_heads: cfg.attention.num_kv_heads,
+    });
+    Ok((cfg, GgufSource::new(file, permuted_qk)))
+}

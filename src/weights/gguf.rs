@@ -1,0 +1,647 @@
+//! GGUF files (llama.cpp's format), memory-mapped. The header, metadata and
+//! tensor table are parsed and checked against the file length when the file is
+//! opened, so a truncated or corrupt file fails there with its name and the
+//! fault, never with a panic or a huge allocation later.
+//!
+//! Layout (spec: ggml `docs/gguf.md`, versions 2 and 3): magic `GGUF`, version,
+//! tensor count, metadata count, metadata key/values, tensor infos (name, dims
+//! innermost first, GGML type, offset), padding to `general.alignment`, data.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QTensor, ggml_file::qtensor_from_ggml};
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: usize = 32;
+/// GGML_MAX_DIMS.
+const MAX_DIMS: usize = 4;
+/// Nesting limit for array values (real files use one level).
+const MAX_ARRAY_DEPTH: usize = 4;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<GgufValue>),
+}
+
+impl GgufValue {
+    /// Any non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            GgufValue::U8(v) => Some(v.into()),
+            GgufValue::U16(v) => Some(v.into()),
+            GgufValue::U32(v) => Some(v.into()),
+            GgufValue::U64(v) => Some(v),
+            GgufValue::I8(v) => u64::try_from(v).ok(),
+            GgufValue::I16(v) => u64::try_from(v).ok(),
+            GgufValue::I32(v) => u64::try_from(v).ok(),
+            GgufValue::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// Any float, or an integer.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            GgufValue::F32(v) => Some(v.into()),
+            GgufValue::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            GgufValue::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            GgufValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[GgufValue]> {
+        match self {
+            GgufValue::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    /// The GGUF type name, for error messages.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            GgufValue::U8(_) => "uint8",
+            GgufValue::I8(_) => "int8",
+            GgufValue::U16(_) => "uint16",
+            GgufValue::I16(_) => "int16",
+            GgufValue::U32(_) => "uint32",
+            GgufValue::I32(_) => "int32",
+            GgufValue::U64(_) => "uint64",
+            GgufValue::I64(_) => "int64",
+            GgufValue::F32(_) => "float32",
+            GgufValue::F64(_) => "float64",
+            GgufValue::Bool(_) => "bool",
+            GgufValue::String(_) => "string",
+            GgufValue::Array(_) => "array",
+        }
+    }
+}
+
+/// Where one tensor lives in the file and how it is encoded.
+#[derive(Debug, Clone)]
+pub struct GgufTensorInfo {
+    pub dtype: GgmlDType,
+    /// Outermost dimension first, as PyTorch writes shapes (GGUF stores them
+    /// innermost first; this is already reversed).
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+impl GgufTensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+/// The GGML types Switchyard decodes, by their number in `ggml.h`.
+fn ggml_dtype(code: u32) -> std::result::Result<GgmlDType, String> {
+    Ok(match code {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        30 => GgmlDType::BF16,
+        other => {
+            let name = match other {
+                9 => "Q8_1",
+                15 => "Q8_K",
+                16..=23 | 29 => "an IQ type",
+                24 => "I8",
+                25 => "I16",
+                26 => "I32",
+                27 => "I64",
+                28 => "F64",
+                34 | 35 => "a ternary type",
+                39 => "MXFP4",
+                _ => "unknown",
+            };
+            return Err(format!(
+                "GGML type {other} ({name}) is not supported \
+                 (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K)"
+            ));
+        }
+    })
+}
+
+pub struct GgufFile {
+    path: PathBuf,
+    map: Mmap,
+    version: u32,
+    metadata: BTreeMap<String, GgufValue>,
+    tensors: HashMap<String, GgufTensorInfo>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("metadata_keys", &self.metadata.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Maps the file and validates header, metadata and every tensor's extent.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only and lives as long as `self`; a file
+        // modified on disk while loaded is outside what any loader can defend against.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let parsed = parse(&map).map_err(|reason| Error::Gguf {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            map,
+            version: parsed.version,
+            metadata: parsed.metadata,
+            tensors: parsed.tensors,
+        })
+    }
+
+    /// Whether `path` looks like a GGUF file: a `.gguf` extension or the magic bytes.
+    pub fn is_gguf(path: &Path) -> bool {
+        if !path.is_file() {
+            return false;
+        }
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return true;
+        }
+        let mut magic = [0u8; 4];
+        File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok_and(|()| &magic == MAGIC)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    pub fn metadata(&self) -> &BTreeMap<String, GgufValue> {
+        &self.metadata
+    }
+
+    pub fn get(&self, key: &str) -> Option<&GgufValue> {
+        self.metadata.get(key)
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&GgufTensorInfo> {
+        self.tensors.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// A GGUF-named tensor's info, or an error naming the file.
+    pub fn require(&self, name: &str) -> Result<&GgufTensorInfo> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            hint: format!(" (searched {})", self.path.display()),
+        })
+    }
+
+    /// The raw encoded bytes of a tensor, straight from the map.
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let info = self.require(name)?;
+        Ok(&self.map[info.start..info.end])
+    }
+
+    /// A GGUF-named tensor decoded to `dtype` (quantized types through f32).
+    pub fn load(&self, name: &str, dtype: DType) -> Result<Tensor> {
+        let info = self.require(name)?;
+        Ok(decode(self.bytes(name)?, info.dtype, &info.shape, dtype)?)
+    }
+}
+
+/// Decodes GGML-encoded bytes of `dtype` into a `shape`d tensor of `dtype_out`
+/// (quantized types are dequantized through f32).
+pub(crate) fn decode(
+    bytes: &[u8],
+    dtype: GgmlDType,
+    shape: &[usize],
+    dtype_out: DType,
+) -> candle_core::Result<Tensor> {
+    let t = match dtype {
+        GgmlDType::F32 => Tensor::from_raw_buffer(bytes, DType::F32, shape, &Device::Cpu)?,
+        GgmlDType::F16 => Tensor::from_raw_buffer(bytes, DType::F16, shape, &Device::Cpu)?,
+        GgmlDType::BF16 => Tensor::from_raw_buffer(bytes, DType::BF16, shape, &Device::Cpu)?,
+        _ => to_qtensor(bytes, dtype, shape)?.dequantize(&Device::Cpu)?,
+    };
+    t.to_dtype(dtype_out)
+}
+
+/// Wraps GGML-encoded bytes holding exactly `shape` elements as a candle
+/// `QTensor` (the bytes are copied).
+pub(crate) fn to_qtensor(
+    bytes: &[u8],
+    dtype: GgmlDType,
+    shape: &[usize],
+) -> candle_core::Result<QTensor> {
+    let numel: usize = shape.iter().product();
+    let block = dtype.block_size();
+    let expected = numel / block * dtype.type_size();
+    if !numel.is_multiple_of(block) || bytes.len() != expected {
+        candle_core::bail!(
+            "{dtype:?} data of {} bytes does not hold a {shape:?} tensor ({expected} bytes)",
+            bytes.len()
+        );
+    }
+    // candle reinterprets the bytes as blocks (alignment at most 4): copy
+    // unaligned data, e.g. one expert's slice of a merged tensor, first.
+    if (bytes.as_ptr() as usize).is_multiple_of(8) {
+        return qtensor_from_ggml(dtype, bytes, shape.to_vec(), &Device::Cpu);
+    }
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: `words` owns at least `bytes.len()` initialised bytes, and u8 has no alignment.
+    let aligned =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len()) };
+    aligned.copy_from_slice(bytes);
+    qtensor_from_ggml(dtype, aligned, shape.to_vec(), &Device::Cpu)
+}
+
+struct Parsed {
+    version: u32,
+    metadata: BTreeMap<String, GgufValue>,
+    tensors: HashMap<String, GgufTensorInfo>,
+}
+
+/// A bounds-checked little-endian reader over the mapped bytes.
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+type Parse<T> = std::result::Result<T, String>;
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.data.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Parse<&'a [u8]> {
+        if n > self.remaining() {
+            return Err(format!(
+                "truncated: {what} at byte {} needs {n} bytes, but the file ends at byte {}",
+                self.pos,
+                self.data.len()
+            ));
+        }
+        let out = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Parse<[u8; N]> {
+        let bytes = self.take(N, what)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(bytes);
+        Ok(out)
+    }
+
+    fn u32(&mut self, what: &str) -> Parse<u32> {
+        self.array(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: &str) -> Parse<u64> {
+        self.array(what).map(u64::from_le_bytes)
+    }
+
+    /// A count or length, checked to fit what is left of the file when each
+    /// item takes at least `min_item_bytes`.
+    fn count(&mut self, min_item_bytes: usize, what: &str) -> Parse<usize> {
+        let at = self.pos;
+        let n = self.u64(what)?;
+        let fits = usize::try_from(n)
+            .ok()
+            .filter(|&n| n.saturating_mul(min_item_bytes) <= self.remaining());
+        fits.ok_or_else(|| {
+            format!(
+                "{what} at byte {at} is {n}, more than the {} bytes left in the file can hold",
+                self.remaining()
+            )
+        })
+    }
+
+    fn string(&mut self, what: &str) -> Parse<String> {
+        let len = self.count(1, &format!("length of {what}"))?;
+        let at = self.pos;
+        let bytes = self.take(len, what)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| format!("{what} at byte {at} is not valid UTF-8"))
+    }
+
+    fn value(&mut self, ty: u32, depth: usize, what: &str) -> Parse<GgufValue> {
+        Ok(match ty {
+            0 => GgufValue::U8(self.array::<1>(what)?[0]),
+            1 => GgufValue::I8(i8::from_le_bytes(self.array(what)?)),
+            2 => GgufValue::U16(u16::from_le_bytes(self.array(what)?)),
+            3 => GgufValue::I16(i16::from_le_bytes(self.array(what)?)),
+            4 => GgufValue::U32(u32::from_le_bytes(self.array(what)?)),
+            5 => GgufValue::I32(i32::from_le_bytes(self.array(what)?)),
+            6 => GgufValue::F32(f32::from_le_bytes(self.array(what)?)),
+            7 => match self.array::<1>(what)?[0] {
+                0 => GgufValue::Bool(false),
+                1 => GgufValue::Bool(true),
+                b => return Err(format!("{what}: bool byte is {b}, expected 0 or 1")),
+            },
+            8 => GgufValue::String(self.string(what)?),
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(format!(
+                        "{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                    ));
+                }
+                let elem_ty = self.u32(&format!("element type of {what}"))?;
+                let min = min_value_bytes(elem_ty)
+                    .ok_or_else(|| format!("{what}: unknown array element type {elem_ty}"))?;
+                let n = self.count(min, &format!("element count of {what}"))?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(elem_ty, depth + 1, what)?);
+                }
+                GgufValue::Array(items)
+            }
+            10 => GgufValue::U64(u64::from_le_bytes(self.array(what)?)),
+            11 => GgufValue::I64(i64::from_le_bytes(self.array(what)?)),
+            12 => GgufValue::F64(f64::from_le_bytes(self.array(what)?)),
+            other => return Err(format!("{what}: unknown value type {other}")),
+        })
+    }
+}
+
+/// The fewest bytes a value of GGUF type `ty` occupies.
+fn min_value_bytes(ty: u32) -> Option<usize> {
+    Some(match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => return None,
+    })
+}
+
+fn parse(data: &[u8]) -> Parse<Parsed> {
+    let mut r = Reader { data, pos: 0 };
+    let magic = r
+        .take(4, "magic")
+        .map_err(|_| format!("file is {} bytes, too short for a GGUF header", data.len()))?;
+    if magic != MAGIC {
+        return Err(format!(
+            "bad magic {magic:02x?} (expected \"GGUF\"); not a GGUF file"
+        ));
+    }
+    let version = r.u32("version")?;
+    if version != 2 && version != 3 {
+        return Err(format!(
+            "GGUF version {version} is not supported (2 and 3 are; a huge number means a big-endian file)"
+        ));
+    }
+    // A tensor info takes at least 8 (name length) + 4 + 8 + 4 + 8 bytes.
+    let n_tensors = r.count(32, "tensor count")?;
+    // A key/value takes at least 8 (key length) + 4 (type) + 1 bytes.
+    let n_kv = r.count(13, "metadata count")?;
+
+    let mut metadata = BTreeMap::new();
+    for i in 0..n_kv {
+        let key = r.string(&format!("metadata key #{i}"))?;
+        let ty = r.u32(&format!("type of metadata `{key}`"))?;
+        let value = r.value(ty, 0, &format!("metadata `{key}`"))?;
+        if metadata.insert(key.clone(), value).is_some() {
+            return Err(format!("metadata key `{key}` appears twice"));
+        }
+    }
+
+    let alignment = match metadata.get("general.alignment") {
+        None => DEFAULT_ALIGNMENT,
+        Some(GgufValue::U32(a)) if *a > 0 && a.is_multiple_of(8) => *a as usize,
+        Some(other) => {
+            return Err(format!(
+                "general.alignment is {other:?}; it must be a uint32 multiple of 8"
+            ));
+        }
+    };
+
+    struct Raw {
+        name: String,
+        dtype: GgmlDType,
+        shape: Vec<usize>,
+        offset: u64,
+    }
+    let mut raws = Vec::with_capacity(n_tensors);
+    for i in 0..n_tensors {
+        let name = r.string(&format!("name of tensor #{i}"))?;
+        let n_dims = r.u32(&format!("dimension count of tensor `{name}`"))? as usize;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(format!(
+                "tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+            ));
+        }
+        let mut dims = Vec::with_capacity(n_dims);
+        for _ in 0..n_dims {
+            let d = r.u64(&format!("dimensions of tensor `{name}`"))?;
+            let d = usize::try_from(d)
+                .map_err(|_| format!("tensor `{name}` has dimension {d}, too large"))?;
+            dims.push(d);
+        }
+        let code = r.u32(&format!("type of tensor `{name}`"))?;
+        let dtype = ggml_dtype(code).map_err(|e| format!("tensor `{name}`: {e}"))?;
+        let offset = r.u64(&format!("data offset of tensor `{name}`"))?;
+        dims.reverse();
+        raws.push(Raw {
+            name,
+            dtype,
+            shape: dims,
+            offset,
+        });
+    }
+
+    let data_start = r.pos.div_ceil(alignment) * alignment;
+    let file_len = data.len();
+    let mut tensors = HashMap::with_capacity(raws.len());
+    for raw in raws {
+        let name = &raw.name;
+        let numel = raw
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| format!("tensor `{name}` shape {:?} overflows", raw.shape))?;
+        let block = raw.dtype.block_size();
+        let row = raw.shape.last().copied().unwrap_or(1);
+        if !row.is_multiple_of(block) {
+            return Err(format!(
+                "tensor `{name}` has rows of {row} elements, not a multiple of the {:?} block size {block}",
+                raw.dtype
+            ));
+        }
+        let size = numel / block * raw.dtype.type_size();
+        let start = usize::try_from(raw.offset)
+            .ok()
+            .and_then(|o| data_start.checked_add(o))
+            .ok_or_else(|| {
+                format!(
+                    "tensor `{name}` has data offset {} out of range",
+                    raw.offset
+                )
+            })?;
+        if !raw.offset.is_multiple_of(alignment as u64) {
+            return Err(format!(
+                "tensor `{name}` data offset {} is not a multiple of the alignment {alignment}",
+                raw.offset
+            ));
+        }
+        let end = start
+            .checked_add(size)
+            .filter(|&end| end <= file_len)
+            .ok_or_else(|| {
+                format!(
+                    "truncated: tensor `{name}` ({:?} {:?}) needs bytes {start}..{}, but the file is {file_len} bytes",
+                    raw.dtype,
+                    raw.shape,
+                    start.saturating_add(size)
+                )
+            })?;
+        let info = GgufTensorInfo {
+            dtype: raw.dtype,
+            shape: raw.shape,
+            start,
+            end,
+        };
+        if tensors.insert(raw.name.clone(), info).is_some() {
+            return Err(format!("tensor `{name}` appears twice"));
+        }
+    }
+    Ok(Parsed {
+        version,
+        metadata,
+        tensors,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(n_tensors: u64, n_kv: u64) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(n_tensors.to_le_bytes());
+        b.extend(n_kv.to_le_bytes());
+        b
+    }
+
+    fn err(bytes: &[u8]) -> String {
+        match parse(bytes) {
+            Ok(_) => panic!("parsed"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn rejects_wrong_magic_and_short_files() {
+        assert!(err(b"GGU").contains("too short"));
+        assert!(err(b"GGML\x03\0\0\0").contains("bad magic"));
+    }
+
+    #[test]
+    fn rejects_counts_larger_than_the_file() {
+        let e = err(&header(u64::MAX, 0));
+        assert!(e.contains("tensor count"), "{e}");
+        let mut b = header(0, 1);
+        b.extend(u64::MAX.to_le_bytes()); // key length
+        b.extend([0u8; 16]);
+        let e = err(&b);
+        assert!(e.contains("length of metadata key #0"), "{e}");
+    }
+
+    #[test]
+    fn reads_metadata_and_a_tensor() {
+        let mut b = header(1, 1);
+        let key = b"general.architecture";
+        b.extend((key.len() as u64).to_le_bytes());
+        b.extend(key);
+        b.extend(8u32.to_le_bytes());
+        b.extend(8u64.to_le_bytes());
+        b.extend(b"qwen3moe");
+        let name = b"w";
+        b.extend((name.len() as u64).to_le_bytes());
+        b.extend(name);
+        b.extend(2u32.to_le_bytes());
+        b.extend(3u64.to_le_bytes()); // innermost
+        b.extend(2u64.to_le_bytes());
+        b.extend(0u32.to_le_bytes()); // F32
+        b.extend(0u64.to_le_bytes());
+        while !b.len().is_multiple_of(32) {
+            b.push(0);
+        }
+        let full: Vec<u8> = b.iter().copied().chain([0u8; 24]).collect();
+        let p = parse(&full).unwrap();
+        assert_eq!(
+            p.metadata["general.architecture"].as_str(),
+            Some("qwen3moe")
+        );
+        assert_eq!(p.tensors["w"].shape, vec![2, 3]);
+        let e = err(&full[..full.len() - 1]);
+        assert!(e.starts_with("truncated: tensor `w`"), "{e}");
+    }
+}
