@@ -11,8 +11,8 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use switchyard::train::{
-    Corpus, ENDOFTEXT, TrainConfig, Trainer, has_checkpoint, read_texts, train_tokenizer,
-    write_tokenizer_files,
+    Corpus, ENDOFTEXT, TrainConfig, Trainer, has_checkpoint, read_texts, saved_config,
+    train_tokenizer, write_tokenizer_files,
 };
 use tokenizers::Tokenizer;
 
@@ -75,7 +75,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .context("tokenizer has no <|endoftext|>")?;
     let holdout = match &config {
         Some(c) => c.holdout_fraction,
-        None => saved_holdout(&args.out)?,
+        None => saved_config(&args.out)?.holdout_fraction,
     };
     let corpus = Corpus::build(&texts, &tok, holdout, eot)?;
     eprintln!(
@@ -104,19 +104,6 @@ fn config_from_args(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     c.seed = args.seed.unwrap_or(c.seed);
     c.validate()?;
     Ok(c)
-}
-
-/// The held-out fraction the interrupted run used (the corpus split must match).
-fn saved_holdout(out: &Path) -> anyhow::Result<f64> {
-    let path = out
-        .join(switchyard::train::CHECKPOINT_DIR)
-        .join("state.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    v["config"]["holdout_fraction"]
-        .as_f64()
-        .with_context(|| format!("{}: no config.holdout_fraction", path.display()))
 }
 
 fn train_loop(trainer: &mut Trainer, out: &Path) -> anyhow::Result<()> {

@@ -114,22 +114,34 @@ impl Checkpoint {
 
     /// Reads `out/checkpoint/`, or `out/checkpoint.old/` if a save died mid-swap.
     pub fn load(out: &Path) -> Result<Self> {
-        let dir = out.join(CHECKPOINT_DIR);
-        let dir = if dir.join(STATE).exists() {
-            dir
-        } else {
-            out.join(format!("{CHECKPOINT_DIR}.old"))
-        };
-        let path = dir.join(STATE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let state: TrainState =
-            serde_json::from_str(&text).map_err(|e| Error::config(&path, e.to_string()))?;
+        let dir = checkpoint_dir(out);
+        let state = read_state(&dir)?;
         Ok(Self {
             state,
             weights: load_tensors(&dir.join(WEIGHTS))?,
             optimizer: load_tensors(&dir.join(OPTIMIZER))?,
         })
     }
+}
+
+fn checkpoint_dir(out: &Path) -> PathBuf {
+    let dir = out.join(CHECKPOINT_DIR);
+    if dir.join(STATE).exists() {
+        dir
+    } else {
+        out.join(format!("{CHECKPOINT_DIR}.old"))
+    }
+}
+
+fn read_state(dir: &Path) -> Result<TrainState> {
+    let path = dir.join(STATE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::config(&path, e.to_string()))
+}
+
+/// The configuration of the run checkpointed in `out` (to rebuild its corpus split before resuming).
+pub fn saved_config(out: &Path) -> Result<TrainConfig> {
+    Ok(read_state(&checkpoint_dir(out))?.config)
 }
 
 /// Writes the Hugging Face files (`config.json`, `generation_config.json`,

@@ -14,7 +14,7 @@ mod trainer;
 mod vars;
 
 pub use bpe::{train_tokenizer, write_tokenizer_files};
-pub use checkpoint::{CHECKPOINT_DIR, has_checkpoint};
+pub use checkpoint::{CHECKPOINT_DIR, has_checkpoint, saved_config};
 pub use data::{Corpus, read_texts};
 pub use loss::{RouterLosses, router_losses};
 pub use optim::{AdamW, AdamWParams, cosine_lr};
