@@ -141,7 +141,6 @@ impl Loader<'_> {
     }
 
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
         let b = if bias {
             Some(
                 self.src
@@ -150,18 +149,18 @@ impl Loader<'_> {
         } else {
             None
         };
-        Ok(Linear::new(w, b))
+        let weight = format!("{prefix}.weight");
+        self.src.load_linear(&[(&weight, out)], inp, self.dtype, b)
     }
 
     /// A SwiGLU from separate gate/up/down matrices, gate and up fused.
     fn ffn(&self, prefix: &str, names: [&str; 3], ffn: usize) -> Result<Ffn> {
         let h = self.cfg.hidden_size;
-        let gate = self.tensor(&format!("{prefix}.{}.weight", names[0]), &[ffn, h])?;
-        let up = self.tensor(&format!("{prefix}.{}.weight", names[1]), &[ffn, h])?;
-        let down = self.tensor(&format!("{prefix}.{}.weight", names[2]), &[h, ffn])?;
+        let [gate, up, down] = names.map(|n| format!("{prefix}.{n}.weight"));
         Ok(Ffn::new(
-            Linear::new(Tensor::cat(&[&gate, &up], 0)?, None),
-            Linear::new(down, None),
+            self.src
+                .load_linear(&[(&gate, ffn), (&up, ffn)], h, self.dtype, None)?,
+            self.src.load_linear(&[(&down, h)], ffn, self.dtype, None)?,
         ))
     }
 

@@ -6,12 +6,14 @@
 
 use std::borrow::Cow;
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 
 use super::TensorSource;
 use super::gguf::{GgufFile, GgufTensorInfo, decode, to_qtensor};
+use super::source::load_stacked;
 use crate::error::{Error, Result};
+use crate::ops::Linear;
 
 /// Hugging Face name -> GGUF name, for tensors outside the decoder layers.
 pub const GLOBAL_NAMES: &[(&str, &str)] = &[
@@ -246,10 +248,36 @@ impl GgufSource {
         }
     }
 
-    /// The tensor as stored, without dequantizing (quantized types stay quantized).
-    pub fn load_quantized(&self, hf: &str, shape: &[usize]) -> Result<QTensor> {
-        let p = self.piece(hf, shape)?;
-        Ok(to_qtensor(&p.bytes, p.info.dtype, &p.shape)?)
+    /// Row blocks of one quantized GGML type stacked into one `QTensor`, or `None`
+    /// when a part is a float type or the parts' types differ.
+    fn stacked_quantized(&self, parts: &[(&str, usize)], cols: usize) -> Result<Option<QTensor>> {
+        let pieces = parts
+            .iter()
+            .map(|&(name, rows)| self.piece(name, &[rows, cols]))
+            .collect::<Result<Vec<_>>>()?;
+        let dtype = pieces[0].info.dtype;
+        // candle's Q4_1 / Q5_0 / Q5_1 dot products take blocks in pairs (and
+        // assert it): rows of an odd number of blocks run dequantized.
+        let odd_pairs = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+            && !(cols / dtype.block_size()).is_multiple_of(2);
+        if odd_pairs
+            || matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+            || pieces.iter().any(|p| p.info.dtype != dtype)
+        {
+            return Ok(None);
+        }
+        let rows: usize = parts.iter().map(|&(_, r)| r).sum();
+        // Rows are whole blocks, so stacking rows is concatenating bytes.
+        let q = if let [one] = &pieces[..] {
+            to_qtensor(&one.bytes, dtype, &[rows, cols])?
+        } else {
+            let bytes: Vec<u8> = pieces
+                .iter()
+                .flat_map(|p| p.bytes.iter().copied())
+                .collect();
+            to_qtensor(&bytes, dtype, &[rows, cols])?
+        };
+        Ok(Some(q))
     }
 }
 
@@ -261,6 +289,21 @@ impl TensorSource for GgufSource {
 
     fn contains(&self, name: &str) -> bool {
         gguf_location(name).is_some_and(|loc| self.file.contains(&loc.name))
+    }
+
+    /// Quantized GGUF matrices stay quantized (Q8_0 / Q4_0 on our kernels, other
+    /// GGML types on candle's); float ones are converted to `dtype`.
+    fn load_linear(
+        &self,
+        parts: &[(&str, usize)],
+        cols: usize,
+        dtype: DType,
+        bias: Option<Tensor>,
+    ) -> Result<Linear> {
+        match self.stacked_quantized(parts, cols)? {
+            Some(q) => Linear::from_qtensor(q, bias),
+            None => Ok(Linear::new(load_stacked(self, parts, cols, dtype)?, bias)),
+        }
     }
 }
 
