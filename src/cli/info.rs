@@ -1,14 +1,14 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use switchyard::config::load_model_config;
-use switchyard::weights::SafetensorsFiles;
+use switchyard::config::{config_from_gguf, load_model_config};
+use switchyard::weights::{GgufFile, SafetensorsFiles};
 
 use super::model_arg::resolve;
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Model directory. Default: the bundled demo model.
+    /// Model directory or GGUF file. Default: the bundled demo model.
     #[arg(long)]
     model: Option<PathBuf>,
     #[arg(long)]
@@ -17,17 +17,28 @@ pub struct InfoArgs {
 
 pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     let dir = resolve(args.model)?;
-    let cfg = load_model_config(&dir)?;
-    let files = SafetensorsFiles::open_dir(&dir)?;
-    let counts = cfg.parameter_counts();
     // Bytes per parameter as stored: taken from the checkpoint's own tensors.
     let (mut stored_bytes, mut stored_params) = (0usize, 0usize);
-    for name in files.names() {
-        if let Some(meta) = files.meta(name) {
-            stored_bytes += meta.numel() * meta.dtype.size_in_bytes();
-            stored_params += meta.numel();
+    let cfg = if GgufFile::is_gguf(&dir) {
+        let file = GgufFile::open(&dir)?;
+        for name in file.tensor_names() {
+            if let Some(info) = file.tensor_info(name) {
+                stored_bytes += info.size_in_bytes();
+                stored_params += info.numel();
+            }
         }
-    }
+        config_from_gguf(&file)?
+    } else {
+        let files = SafetensorsFiles::open_dir(&dir)?;
+        for name in files.names() {
+            if let Some(meta) = files.meta(name) {
+                stored_bytes += meta.numel() * meta.dtype.size_in_bytes();
+                stored_params += meta.numel();
+            }
+        }
+        load_model_config(&dir)?
+    };
+    let counts = cfg.parameter_counts();
     let bytes_per_param = stored_bytes as f64 / stored_params.max(1) as f64;
     let expert_bytes = (counts.per_expert as f64 * bytes_per_param) as usize;
     let all_experts_bytes = (counts.routed_experts as f64 * bytes_per_param) as usize;
