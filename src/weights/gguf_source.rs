@@ -271,10 +271,10 @@ impl GgufSource {
         let q = if let [one] = &pieces[..] {
             to_qtensor(&one.bytes, dtype, &[rows, cols])?
         } else {
-            let bytes: Vec<u8> = pieces
-                .iter()
-                .flat_map(|p| p.bytes.iter().copied())
-                .collect();
+            let mut bytes = Vec::with_capacity(pieces.iter().map(|p| p.bytes.len()).sum());
+            for p in &pieces {
+                bytes.extend_from_slice(&p.bytes);
+            }
             to_qtensor(&bytes, dtype, &[rows, cols])?
         };
         Ok(Some(q))
