@@ -3,13 +3,17 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use switchyard::model::{ForwardOptions, LogitsFor, NoObserver, SequenceInput};
+use switchyard::ops::QuantKind;
 
-use super::model_arg::{load_engine, parse_ids};
+use super::model_arg::{load_engine_with, parse_ids};
 
 #[derive(Debug, Args)]
 pub struct LogitsArgs {
     #[arg(long)]
     model: PathBuf,
+    /// Quantize experts, attention and lm_head at load: q8_0, q4_0 or q4_k.
+    #[arg(long)]
+    quant: Option<QuantKind>,
     /// Comma-separated token ids.
     #[arg(long)]
     prompt_ids: String,
@@ -19,7 +23,7 @@ pub struct LogitsArgs {
 }
 
 pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
-    let engine = load_engine(&args.model)?;
+    let engine = load_engine_with(&args.model, args.quant)?;
     let ids = parse_ids(&args.prompt_ids)?;
     anyhow::ensure!(!ids.is_empty(), "--prompt-ids is empty");
     let mut seqs = [SequenceInput {

@@ -1,5 +1,8 @@
 //! Subcommands, one file each.
 
+mod bench;
+#[cfg(feature = "peer-candle")]
+mod bench_peer;
 mod info;
 mod logits;
 mod model_arg;
@@ -28,6 +31,8 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Describe a model: architecture, experts, parameter counts and bytes.
     Info(info::InfoArgs),
+    /// Prefill and decode speed against the memory-bandwidth roofline (and a peer engine).
+    Bench(bench::BenchArgs),
     /// Train a small MoE model from scratch on text files.
     Train(train::TrainArgs),
     /// Expert-load entropy and consecutive-token expert reuse of a model on a text.
@@ -35,7 +40,16 @@ enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // Before any other work: candle reads the count on every matmul, rayon once.
+    let threads = match &cli.command {
+        Command::Bench(args) => args.threads,
+        _ => None,
+    };
+    switchyard::ops::set_num_threads(
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    );
     match cli.command {
+        Command::Bench(args) => bench::run(args),
         Command::Run(args) => run::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Info(args) => info::run(args),

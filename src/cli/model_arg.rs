@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use switchyard::Engine;
 use switchyard::model::LoadOptions;
+use switchyard::ops::QuantKind;
 
 /// The demo model that ships in the repository, used when no `--model` is given.
 pub fn demo_model_dir() -> PathBuf {
@@ -27,8 +28,14 @@ pub fn resolve(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 pub fn load_engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
+    load_engine_with(dir, None)
+}
+
+/// [`load_engine`] with the matrices quantized at load (`--quant`).
+pub fn load_engine_with(dir: &std::path::Path, quant: Option<QuantKind>) -> anyhow::Result<Engine> {
     let opts = LoadOptions {
         progress: true,
+        quant,
         ..LoadOptions::default()
     };
     Engine::load(dir, &opts).with_context(|| format!("loading model from {}", dir.display()))

@@ -5,14 +5,18 @@ use anyhow::Context;
 use clap::Args;
 use switchyard::generate::{Flow, GenerateOptions, SamplingParams, generate};
 use switchyard::model::NoObserver;
+use switchyard::ops::QuantKind;
 
-use super::model_arg::{load_engine, parse_ids, resolve};
+use super::model_arg::{load_engine_with, parse_ids, resolve};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Model directory (config.json + *.safetensors + tokenizer.json). Default: the bundled demo model.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Quantize experts, attention and lm_head at load: q8_0, q4_0 or q4_k.
+    #[arg(long)]
+    quant: Option<QuantKind>,
     /// Prompt text.
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -42,7 +46,7 @@ const DEFAULT_PROMPT: &str = "The";
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let dir = resolve(args.model)?;
-    let engine = load_engine(&dir)?;
+    let engine = load_engine_with(&dir, args.quant)?;
     let prompt = match (&args.prompt_ids, &args.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, text) => {

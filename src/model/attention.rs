@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 
 use crate::config::{AttentionConfig, QkNorm};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::kv_cache::KvCache;
 use crate::ops::{Linear, RmsNorm, RopeTable, softmax_last_dim};
 
@@ -40,9 +40,10 @@ impl Attention {
         let cfg = &self.config;
         let n = x.dim(0)?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let mut q = self.q_proj.forward(x)?; // [n, nh * hd]
-        let mut k = self.k_proj.forward(x)?; // [n, nkv * hd]
-        let mut v = self.v_proj.forward(x)?;
+        let qkv = Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let [mut q, mut k, mut v]: [Tensor; 3] = qkv
+            .try_into()
+            .map_err(|_| Error::InvalidInput("q/k/v projection count".into()))?; // [n, nh * hd], [n, nkv * hd] x2
         if cfg.qk_norm == QkNorm::Full {
             q = norm(&self.q_norm, &q)?;
             k = norm(&self.k_norm, &k)?;

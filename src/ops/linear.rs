@@ -5,8 +5,10 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 
 use super::kernels::Isa;
-use super::matmul::{DenseMatrix, matmul_dense, matmul_packed};
-use super::quant::{PackedFormat, PackedMatrix, QuantKind, QuantizedActs};
+use super::matmul::{
+    DenseMatrix, MatmulJob, RowDots, dense_dots, matmul_dense, matmul_packed, packed_dots, run_jobs,
+};
+use super::quant::{BLOCK, PackedFormat, PackedMatrix, QuantKind, QuantizedActs};
 use crate::error::{Error, Result};
 
 /// How a [`Linear`] stores its `[out, in]` weight.
@@ -83,9 +85,13 @@ impl Linear {
     }
 
     /// The same layer with its weight quantized (the bias stays f32). Q4_K needs
-    /// widths that are a multiple of 256 and falls back to Q4_0 for other widths.
+    /// widths that are a multiple of 256 and falls back to Q4_0 for other widths;
+    /// widths off the 32-element block stay unquantized (as in llama.cpp).
     pub fn quantize(&self, kind: QuantKind) -> Result<Linear> {
         let (rows, cols) = self.dims();
+        if cols % BLOCK != 0 {
+            return Ok(self.clone());
+        }
         let w = self.dense_f32()?;
         let weight = match kind {
             QuantKind::Q4K if cols % 256 == 0 => {
@@ -212,9 +218,95 @@ impl Linear {
                 y.copy_from_slice(&yt);
             }
         }
+        self.add_bias(y)
+    }
+
+    /// Several layers applied to the same input in one parallel pass (one
+    /// fork-join instead of one each), e.g. the q, k and v projections.
+    ///
+    /// # Shapes
+    /// `x: [n, in] -> [[n, out_i]]`
+    pub fn forward_many(linears: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let fast = x.dtype() == DType::F32
+            && !x.track_op()
+            && linears.iter().all(|l| match &l.weight {
+                LinearWeight::Dense(w) => !w.track_op() && w.is_contiguous(),
+                LinearWeight::Packed(_) => true,
+                LinearWeight::Ggml { .. } => false,
+            });
+        if !fast {
+            return linears.iter().map(|l| l.forward(x)).collect();
+        }
+        let (n, cols) = x.dims2()?;
+        if linears.iter().any(|l| l.dims().1 != cols) {
+            return Err(Error::InvalidInput(format!(
+                "linears of different widths applied to [{n}, {cols}]"
+            )));
+        }
+        let x = x.contiguous()?;
+        let mut ys: Vec<Vec<f32>> = linears.iter().map(|l| vec![0f32; n * l.dims().0]).collect();
+        let isa = Isa::best();
+        // Storage guards of the dense weights, held while the kernels read them.
+        let guards: Vec<_> = linears
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Dense(w) => Some(w.storage_and_layout()),
+                _ => None,
+            })
+            .collect();
+        let dense: Vec<Option<DenseMatrix<'_>>> = guards
+            .iter()
+            .map(|g| g.as_ref().map(|(s, l)| dense_matrix(s, l)).transpose())
+            .collect::<Result<_>>()?;
+        with_f32(&x, |xs| {
+            ACTS.with(|acts| {
+                let mut acts = acts.borrow_mut();
+                if linears
+                    .iter()
+                    .any(|l| matches!(l.weight, LinearWeight::Packed(_)))
+                {
+                    acts.quantize_from(xs, n, cols);
+                }
+                let acts = &*acts;
+                let dots: Vec<Box<RowDots<'_>>> = linears
+                    .iter()
+                    .zip(&dense)
+                    .map(|(l, d)| -> Box<RowDots<'_>> {
+                        match (&l.weight, d) {
+                            (LinearWeight::Packed(p), _) => Box::new(packed_dots(isa, p, acts)),
+                            (_, Some(d)) => Box::new(dense_dots(isa, *d, xs, cols)),
+                            _ => unreachable!("checked above: dense or packed"),
+                        }
+                    })
+                    .collect();
+                let mut jobs: Vec<MatmulJob<'_>> = ys
+                    .iter_mut()
+                    .zip(linears)
+                    .zip(&dots)
+                    .map(|((y, l), dots)| MatmulJob {
+                        rows: l.dims().0,
+                        y,
+                        dots: dots.as_ref(),
+                    })
+                    .collect();
+                run_jobs(n, cols, &mut jobs);
+            })
+        })?;
+        drop(guards);
+        linears
+            .iter()
+            .zip(ys)
+            .map(|(l, mut y)| {
+                l.add_bias(&mut y)?;
+                Ok(Tensor::from_vec(y, (n, l.dims().0), &Device::Cpu)?)
+            })
+            .collect()
+    }
+
+    fn add_bias(&self, y: &mut [f32]) -> Result<()> {
         if let Some(b) = &self.bias {
             let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            for row in y.chunks_mut(rows) {
+            for row in y.chunks_mut(b.len()) {
                 row.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
             }
         }
@@ -251,16 +343,20 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 /// Runs `f` on a contiguous dense CPU weight's values.
 fn with_dense<R>(t: &Tensor, f: impl FnOnce(DenseMatrix<'_>) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
+    Ok(f(dense_matrix(&storage, layout)?))
+}
+
+fn dense_matrix<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Result<DenseMatrix<'a>> {
     let Some((a, b)) = layout.contiguous_offsets() else {
         return Err(Error::InvalidInput("weight is not contiguous".into()));
     };
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => Ok(f(DenseMatrix::F32(&v[a..b]))),
-        Storage::Cpu(CpuStorage::BF16(v)) => Ok(f(DenseMatrix::BF16(&v[a..b]))),
-        Storage::Cpu(CpuStorage::F16(v)) => Ok(f(DenseMatrix::F16(&v[a..b]))),
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(DenseMatrix::F32(&v[a..b])),
+        Storage::Cpu(CpuStorage::BF16(v)) => Ok(DenseMatrix::BF16(&v[a..b])),
+        Storage::Cpu(CpuStorage::F16(v)) => Ok(DenseMatrix::F16(&v[a..b])),
         _ => Err(Error::UnsupportedDtype {
             name: "linear weight".into(),
-            dtype: format!("{:?}", t.dtype()),
+            dtype: format!("{:?}", storage.dtype()),
         }),
     }
 }

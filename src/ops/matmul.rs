@@ -1,6 +1,6 @@
 //! `y = x Wᵀ` over all cores: output rows are split into chunks that rayon's
-//! threads take in turn; each chunk walks its rows once per tile of tokens, so a
-//! weight row is read from memory once and reused from L1 for every token.
+//! threads take in turn; a chunk's weights are read from memory once and reused
+//! from cache for every token.
 //!
 //! Cost model: decode reads every weight byte once (memory-bound); prefill does
 //! `n * rows * cols` multiply-adds with each weight row loaded `n / 4` times from L1.
@@ -10,10 +10,11 @@ use rayon::prelude::*;
 use super::kernels::{DenseRow, Isa, MAX_TOKENS, dense_row_dots, packed_row_dots};
 use super::quant::{PackedMatrix, QuantizedActs};
 
-/// Tokens per tile: their activations stay in L2 while a chunk's rows pass over them.
-const TOKEN_TILE: usize = 64;
-/// Below this many multiply-adds a matmul runs on the calling thread.
-const PARALLEL_MIN_MACS: usize = 1 << 16;
+/// Rows per block: a block of weights stays in L2 while every token passes over it.
+const ROW_BLOCK: usize = 64;
+/// Below this many multiply-adds a matmul runs on the calling thread (a router,
+/// a tiny test model): a fork-join costs more than the work.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
 
 /// Sets the threads our kernels and candle's use. Call once at startup, before
 /// any other work: candle re-reads `RAYON_NUM_THREADS` (else `/proc/cpuinfo`)
@@ -62,62 +63,137 @@ unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
-/// Runs `row_dots(r, t0, nt, out)` for every row and token tile, in parallel.
-fn drive(
-    rows: usize,
-    n: usize,
-    cols: usize,
-    y: &mut [f32],
-    row_dots: &(dyn Fn(usize, usize, usize, &mut [f32; MAX_TOKENS]) + Sync),
-) {
-    assert!(y.len() >= n * rows, "output of {} < {n} x {rows}", y.len());
-    let out = OutPtr(y.as_mut_ptr());
-    let chunk = |range: std::ops::Range<usize>| {
-        let out = out;
-        let mut dots = [0f32; MAX_TOKENS];
-        for tile in (0..n).step_by(TOKEN_TILE) {
-            let tile_end = (tile + TOKEN_TILE).min(n);
-            for r in range.clone() {
-                for t0 in (tile..tile_end).step_by(MAX_TOKENS) {
-                    let nt = MAX_TOKENS.min(tile_end - t0);
-                    row_dots(r, t0, nt, &mut dots);
-                    for (i, &d) in dots.iter().enumerate().take(nt) {
+/// The dot products of row `r` with tokens `t0..t0 + nt`.
+pub type RowDots<'a> = dyn Fn(usize, usize, usize, &mut [f32; MAX_TOKENS]) + Sync + 'a;
+
+/// One matrix of a [`run_jobs`] call: `y: [n, rows]` from `dots`.
+pub struct MatmulJob<'a> {
+    pub rows: usize,
+    pub y: &'a mut [f32],
+    pub dots: &'a RowDots<'a>,
+}
+
+thread_local! {
+    /// Set while this thread runs one task of a caller-level parallel loop.
+    static IN_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as one task of a parallel loop the caller spreads over the threads
+/// (e.g. one expert of a MoE layer): matmuls inside it stay on this thread, as
+/// splitting them again would only add overhead.
+pub fn as_task<R>(f: impl FnOnce() -> R) -> R {
+    let was = IN_TASK.with(|t| t.replace(true));
+    let r = f();
+    IN_TASK.with(|t| t.set(was));
+    r
+}
+
+/// Runs every job's rows for all `n` tokens, all jobs in one parallel loop (one
+/// fork-join, e.g. for the q, k and v projections together).
+///
+/// Rows go in blocks of [`ROW_BLOCK`] (kept in L2) and, within a block, tokens in
+/// groups of [`MAX_TOKENS`] (kept in L1) that each row is applied to at once.
+pub fn run_jobs(n: usize, cols: usize, jobs: &mut [MatmulJob<'_>]) {
+    for job in jobs.iter() {
+        assert!(
+            job.y.len() >= n * job.rows,
+            "output of {} < {n} x {}",
+            job.y.len(),
+            job.rows
+        );
+    }
+    let outs: Vec<OutPtr> = jobs.iter_mut().map(|j| OutPtr(j.y.as_mut_ptr())).collect();
+    let chunk = |j: usize, range: std::ops::Range<usize>| {
+        let (out, rows, dots) = (outs[j], jobs[j].rows, jobs[j].dots);
+        let mut vals = [0f32; MAX_TOKENS];
+        for block in range.clone().step_by(ROW_BLOCK) {
+            let block_end = (block + ROW_BLOCK).min(range.end);
+            for t0 in (0..n).step_by(MAX_TOKENS) {
+                let nt = MAX_TOKENS.min(n - t0);
+                for r in block..block_end {
+                    dots(r, t0, nt, &mut vals);
+                    for (i, &d) in vals.iter().enumerate().take(nt) {
                         // SAFETY: `(t0 + i) * rows + r < n * rows <= y.len()`, and row `r`
-                        // belongs to this chunk only.
+                        // of job `j` belongs to this chunk only.
                         unsafe { *out.0.add((t0 + i) * rows + r) = d };
                     }
                 }
             }
         }
     };
+    let total_rows: usize = jobs.iter().map(|j| j.rows).sum();
     let threads = num_threads();
-    if threads <= 1 || n * rows * cols < PARALLEL_MIN_MACS {
-        chunk(0..rows);
+    if IN_TASK.with(|t| t.get()) || threads <= 1 || n * total_rows * cols < PARALLEL_MIN_MACS {
+        for (j, job) in jobs.iter().enumerate() {
+            chunk(j, 0..job.rows);
+        }
         return;
     }
     // A few chunks per thread so a thread slowed by a neighbour's job is evened out.
-    let chunk_rows = rows.div_ceil(threads * 4).max(8);
-    let n_chunks = rows.div_ceil(chunk_rows);
-    (0..n_chunks)
+    let chunk_rows = total_rows.div_ceil(threads * 4).max(16);
+    let chunks: Vec<(usize, std::ops::Range<usize>)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, job)| {
+            (0..job.rows)
+                .step_by(chunk_rows)
+                .map(move |r| (j, r..(r + chunk_rows).min(job.rows)))
+        })
+        .collect();
+    chunks
         .into_par_iter()
-        .for_each(|c| chunk(c * chunk_rows..((c + 1) * chunk_rows).min(rows)));
+        .with_max_len(1)
+        .for_each(|(j, range)| chunk(j, range));
+}
+
+/// The row kernel of a dense matrix.
+pub fn dense_dots<'a>(
+    isa: Isa,
+    w: DenseMatrix<'a>,
+    x: &'a [f32],
+    cols: usize,
+) -> impl Fn(usize, usize, usize, &mut [f32; MAX_TOKENS]) + Sync + 'a {
+    move |r, t0, nt, out| dense_row_dots(isa, w.row(r, cols), x, t0, nt, out)
+}
+
+/// The row kernel of a packed matrix.
+pub fn packed_dots<'a>(
+    isa: Isa,
+    w: &'a PackedMatrix,
+    acts: &'a QuantizedActs,
+) -> impl Fn(usize, usize, usize, &mut [f32; MAX_TOKENS]) + Sync + 'a {
+    move |r, t0, nt, out| packed_row_dots(isa, w.row(r), acts, t0, nt, out)
 }
 
 /// # Shapes
 /// `x: [n, cols]`, `w: [rows, cols]` -> `y: [n, rows]`
 pub fn matmul_dense(isa: Isa, w: DenseMatrix<'_>, rows: usize, x: &[f32], n: usize, y: &mut [f32]) {
     let cols = x.len() / n.max(1);
-    drive(rows, n, cols, y, &|r, t0, nt, out| {
-        dense_row_dots(isa, w.row(r, cols), x, t0, nt, out)
-    });
+    let dots = dense_dots(isa, w, x, cols);
+    run_jobs(
+        n,
+        cols,
+        &mut [MatmulJob {
+            rows,
+            y,
+            dots: &dots,
+        }],
+    );
 }
 
 /// # Shapes
 /// `acts: [n, cols]` (quantized), `w: [rows, cols]` -> `y: [n, rows]`
 pub fn matmul_packed(isa: Isa, w: &PackedMatrix, acts: &QuantizedActs, y: &mut [f32]) {
-    drive(w.rows(), acts.n, w.cols(), y, &|r, t0, nt, out| {
-        packed_row_dots(isa, w.row(r), acts, t0, nt, out)
-    });
+    let dots = packed_dots(isa, w, acts);
+    run_jobs(
+        acts.n,
+        w.cols(),
+        &mut [MatmulJob {
+            rows: w.rows(),
+            y,
+            dots: &dots,
+        }],
+    );
 }
 
 #[cfg(test)]
@@ -133,7 +209,7 @@ mod tests {
 
     #[test]
     fn matmul_tiles_cover_every_row_and_token() {
-        let (rows, cols, n) = (70, 96, 12);
+        let (rows, cols, n) = (300, 96, 12);
         let w = values(rows * cols, 7);
         let x = values(n * cols, 11);
         let mut want = vec![0f32; n * rows];

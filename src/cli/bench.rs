@@ -1,0 +1,260 @@
+//! `switchyard bench`: prefill and decode speed against the machine's memory
+//! bandwidth, optionally next to candle-transformers' own model in the same process.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::DType;
+use clap::{Args, ValueEnum};
+use switchyard::model::{LoadOptions, Model, NoObserver};
+use switchyard::ops::{QuantKind, bandwidth};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model directory (config.json + safetensors) or GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Quantize experts, attention and lm_head at load: q8_0, q4_0 or q4_k.
+    #[arg(long)]
+    quant: Option<QuantKind>,
+    /// Element type of the unquantized weights: f32, bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Timed runs after one warm-up; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Also run another engine on the same weights and dtype, in this process.
+    #[arg(long)]
+    peer: Option<Peer>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Peer {
+    /// candle-transformers' `qwen3_moe` (build with `--features peer-candle`).
+    Candle,
+}
+
+/// One engine's medians.
+pub struct Measured {
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub peak_rss_bytes: u64,
+}
+
+/// What a benchmarked engine does, given a prompt and a number of tokens to decode.
+pub trait Runner {
+    /// Prefill seconds, decode seconds.
+    fn run_once(&mut self, prompt: &[u32], gen_tokens: usize) -> anyhow::Result<(f64, f64)>;
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let dtype = parse_dtype(&args.dtype)?;
+    let threads = switchyard::ops::num_threads();
+    eprintln!("measuring read bandwidth ({threads} threads, 1 GiB)...");
+    let bw_gbs = bandwidth::measure_read_gbs(1 << 30, 5);
+
+    reset_peak_rss();
+    let opts = LoadOptions {
+        dtype,
+        progress: true,
+        quant: args.quant,
+    };
+    let start = Instant::now();
+    let model = Model::load(&args.model, &opts)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    eprintln!("loaded in {:.1} s", start.elapsed().as_secs_f64());
+    let active = active_bytes_per_token(&model);
+    let vocab = model.config().vocab_size;
+    let prompt = random_ids(args.prompt_tokens, vocab);
+    let ours = measure(&mut Ours { model: &model }, &prompt, &args)?;
+    drop(model);
+
+    let dtype_name = format!("{dtype:?}").to_lowercase();
+    let quant_name = args.quant.map_or("-".to_string(), |q| q.to_string());
+    println!(
+        "\nswitchyard bench: {} | prompt {} tokens, decode {} tokens, median of {} | {threads} threads",
+        args.model.display(),
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.repeat
+    );
+    println!("machine read bandwidth: {bw_gbs:.1} GB/s\n");
+    println!(
+        "| engine | weights | prefill tok/s | decode tok/s | active MB/token | decode GB/s | share of read bw | peak RSS GiB |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    let weights = if args.quant.is_some() {
+        quant_name.clone()
+    } else {
+        dtype_name.clone()
+    };
+    print_row("switchyard", &weights, &ours, active, bw_gbs);
+
+    if let Some(Peer::Candle) = args.peer {
+        anyhow::ensure!(
+            args.quant.is_none(),
+            "--peer candle runs candle-transformers' float model; drop --quant"
+        );
+        let theirs = peer_candle(&args, dtype, &prompt)?;
+        print_row("candle-transformers", &weights, &theirs, active, bw_gbs);
+        println!(
+            "\nswitchyard / candle: prefill {:.2}x, decode {:.2}x",
+            ours.prefill_tokens_per_s / theirs.prefill_tokens_per_s,
+            ours.decode_tokens_per_s / theirs.decode_tokens_per_s
+        );
+    }
+    Ok(())
+}
+
+#[cfg(feature = "peer-candle")]
+fn peer_candle(args: &BenchArgs, dtype: DType, prompt: &[u32]) -> anyhow::Result<Measured> {
+    reset_peak_rss();
+    let mut peer = super::bench_peer::CandleQwen3Moe::load(&args.model, dtype)?;
+    measure(&mut peer, prompt, args)
+}
+
+#[cfg(not(feature = "peer-candle"))]
+fn peer_candle(_: &BenchArgs, _: DType, _: &[u32]) -> anyhow::Result<Measured> {
+    anyhow::bail!("--peer candle needs a build with `--features peer-candle`")
+}
+
+struct Ours<'a> {
+    model: &'a Model,
+}
+
+impl Runner for Ours<'_> {
+    fn run_once(&mut self, prompt: &[u32], gen_tokens: usize) -> anyhow::Result<(f64, f64)> {
+        let mut cache = self.model.new_cache(prompt.len() + gen_tokens);
+        let start = Instant::now();
+        let mut logits = self
+            .model
+            .forward_last(prompt, &mut cache, &mut NoObserver)?;
+        let prefill = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        for _ in 0..gen_tokens {
+            let next = logits.argmax(0)?.to_scalar::<u32>()?;
+            logits = self
+                .model
+                .forward_last(&[next], &mut cache, &mut NoObserver)?;
+        }
+        Ok((prefill, start.elapsed().as_secs_f64()))
+    }
+}
+
+/// One warm-up on a short prompt, then `repeat` timed runs; medians.
+pub fn measure(
+    runner: &mut dyn Runner,
+    prompt: &[u32],
+    args: &BenchArgs,
+) -> anyhow::Result<Measured> {
+    runner.run_once(&prompt[..prompt.len().min(16)], 4)?;
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for r in 0..args.repeat.max(1) {
+        let (p, d) = runner.run_once(prompt, args.gen_tokens)?;
+        let (p, d) = (prompt.len() as f64 / p, args.gen_tokens as f64 / d);
+        eprintln!("  run {}: prefill {p:.1} tok/s, decode {d:.1} tok/s", r + 1);
+        prefill.push(p);
+        decode.push(d);
+    }
+    Ok(Measured {
+        prefill_tokens_per_s: median(&mut prefill),
+        decode_tokens_per_s: median(&mut decode),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+fn print_row(engine: &str, weights: &str, m: &Measured, active: usize, bw_gbs: f64) {
+    let gbs = active as f64 * m.decode_tokens_per_s / 1e9;
+    println!(
+        "| {engine} | {weights} | {:.1} | {:.1} | {:.1} | {gbs:.1} | {:.0} % | {:.2} |",
+        m.prefill_tokens_per_s,
+        m.decode_tokens_per_s,
+        active as f64 / 1e6,
+        100.0 * gbs / bw_gbs,
+        m.peak_rss_bytes as f64 / (1u64 << 30) as f64
+    );
+}
+
+/// Weight bytes one decoded token reads: attention, router, `top_k` average
+/// experts and any shared expert per layer, and the output projection.
+fn active_bytes_per_token(model: &Model) -> usize {
+    let top_k = model.config().moe.top_k;
+    let mut total = model.lm_head().weight_bytes();
+    for (l, layer) in model.layers().iter().enumerate() {
+        let a = &layer.attention;
+        total += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
+            .iter()
+            .map(|p| p.weight_bytes())
+            .sum::<usize>();
+        match layer.moe() {
+            Some(moe) => {
+                let experts = model.experts().layer(l);
+                let sum: usize = experts.iter().map(|e| e.weight_bytes()).sum();
+                total += moe.router().weight_bytes() + sum * top_k / experts.len().max(1);
+                if let Some(shared) = moe.shared() {
+                    total += shared.ffn.weight_bytes() + shared.gate.weight_bytes();
+                }
+            }
+            None => {
+                if let switchyard::model::LayerFfn::Dense(ffn) = &layer.ffn {
+                    total += ffn.weight_bytes();
+                }
+            }
+        }
+    }
+    total
+}
+
+fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    Ok(match s {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => anyhow::bail!("--dtype {s:?}: expected f32, bf16 or f16"),
+    })
+}
+
+/// Deterministic pseudo-random token ids (an LCG), the same for every engine.
+fn random_ids(n: usize, vocab: usize) -> Vec<u32> {
+    let mut s = 4321u64;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Peak resident memory of this process (`VmHWM`), in bytes.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Restarts `VmHWM` from the current resident size, so each engine's peak is its own.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}

