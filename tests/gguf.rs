@@ -547,3 +547,71 @@ fn not_a_moe_gguf_names_the_architecture() {
     let err = assert_load_fails(&path, "gpt2");
     assert!(err.contains("gpt2") && err.contains("qwen3moe"), "{err}");
 }
+
+/// A SentencePiece (`tokenizer.ggml.model = llama`) vocabulary as llama.cpp's
+/// converter writes Mixtral's: pieces with scores, byte tokens, BOS added.
+#[test]
+fn sentencepiece_gguf_vocabulary_merges_by_score_with_byte_fallback() {
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types: Vec<i32> = vec![2, 3, 3];
+    let mut scores: Vec<f32> = vec![0.0; 3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+        scores.push(0.0);
+    }
+    // Merged pieces score higher the earlier SentencePiece merges them.
+    let pieces = [
+        ("▁", -10.0),
+        ("t", -11.0),
+        ("h", -12.0),
+        ("e", -13.0),
+        ("a", -14.0),
+        ("▁the", -1.0),
+        ("he", -2.0),
+        ("▁t", -3.0),
+        ("▁h", -4.0),
+        ("at", -5.0),
+    ];
+    for (p, s) in pieces {
+        tokens.push(p.into());
+        types.push(1);
+        scores.push(s);
+    }
+    let id = |t: &str| tokens.iter().position(|x| x == t).unwrap() as u32;
+    let metadata = [
+        ("tokenizer.ggml.model", Value::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores",
+            Value::Array(scores.iter().map(|&s| Value::F32(s)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("spm.gguf");
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &md, &[]).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let tok = switchyard::generate::tokenizer_from_gguf(&file)
+        .unwrap()
+        .expect("a tokenizer");
+    // "▁the▁hat": "he", then "▁t", then "▁t"+"he", then "▁h", then "at".
+    let ids = tok.encode("the hat", true).unwrap();
+    assert_eq!(ids, vec![1, id("▁the"), id("▁h"), id("at")]);
+    assert_eq!(tok.decode(&ids, true).unwrap(), "the hat");
+    // Characters outside the vocabulary fall back to their UTF-8 bytes.
+    let ids = tok.encode("é", false).unwrap();
+    assert_eq!(ids, vec![id("▁"), id("<0xC3>"), id("<0xA9>")]);
+    assert_eq!(tok.decode(&ids, true).unwrap(), "é");
+    assert_eq!(tok.eos_token(), Some("</s>"));
+}
