@@ -6,7 +6,8 @@ use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 
 use super::kernels::Isa;
 use super::matmul::{
-    DenseMatrix, MatmulJob, RowDots, dense_dots, matmul_dense, matmul_packed, packed_dots, run_jobs,
+    DenseData, DenseRows, MatmulJob, RowDots, dense_dots, matmul_dense, matmul_packed, packed_dots,
+    run_jobs,
 };
 use super::quant::{BLOCK, PackedFormat, PackedMatrix, QuantKind, QuantizedActs};
 use crate::error::{Error, Result};
@@ -254,7 +255,7 @@ impl Linear {
                 _ => None,
             })
             .collect();
-        let dense: Vec<Option<DenseMatrix<'_>>> = guards
+        let dense: Vec<Option<DenseRows<'_>>> = guards
             .iter()
             .map(|g| g.as_ref().map(|(s, l)| dense_matrix(s, l)).transpose())
             .collect::<Result<_>>()?;
@@ -274,7 +275,7 @@ impl Linear {
                     .map(|(l, d)| -> Box<RowDots<'_>> {
                         match (&l.weight, d) {
                             (LinearWeight::Packed(p), _) => Box::new(packed_dots(isa, p, acts)),
-                            (_, Some(d)) => Box::new(dense_dots(isa, *d, xs, cols)),
+                            (_, Some(d)) => Box::new(dense_dots(isa, *d, xs)),
                             _ => unreachable!("checked above: dense or packed"),
                         }
                     })
@@ -341,24 +342,28 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 }
 
 /// Runs `f` on a contiguous dense CPU weight's values.
-fn with_dense<R>(t: &Tensor, f: impl FnOnce(DenseMatrix<'_>) -> R) -> Result<R> {
+fn with_dense<R>(t: &Tensor, f: impl FnOnce(DenseRows<'_>) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     Ok(f(dense_matrix(&storage, layout)?))
 }
 
-fn dense_matrix<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Result<DenseMatrix<'a>> {
+fn dense_matrix<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Result<DenseRows<'a>> {
     let Some((a, b)) = layout.contiguous_offsets() else {
         return Err(Error::InvalidInput("weight is not contiguous".into()));
     };
-    match storage {
-        Storage::Cpu(CpuStorage::F32(v)) => Ok(DenseMatrix::F32(&v[a..b])),
-        Storage::Cpu(CpuStorage::BF16(v)) => Ok(DenseMatrix::BF16(&v[a..b])),
-        Storage::Cpu(CpuStorage::F16(v)) => Ok(DenseMatrix::F16(&v[a..b])),
-        _ => Err(Error::UnsupportedDtype {
-            name: "linear weight".into(),
-            dtype: format!("{:?}", storage.dtype()),
-        }),
-    }
+    let cols = layout.dims().last().copied().unwrap_or(1);
+    let data = match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => DenseData::F32(&v[a..b]),
+        Storage::Cpu(CpuStorage::BF16(v)) => DenseData::BF16(&v[a..b]),
+        Storage::Cpu(CpuStorage::F16(v)) => DenseData::F16(&v[a..b]),
+        _ => {
+            return Err(Error::UnsupportedDtype {
+                name: "linear weight".into(),
+                dtype: format!("{:?}", storage.dtype()),
+            });
+        }
+    };
+    Ok(DenseRows { data, cols })
 }
 
 #[cfg(test)]

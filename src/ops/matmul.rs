@@ -7,7 +7,8 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{DenseRow, Isa, MAX_TOKENS, dense_row_dots, packed_row_dots};
+pub use super::kernels::{DenseData, DenseRows};
+use super::kernels::{Isa, MAX_TOKENS, dense_rows_dots, packed_rows_dots};
 use super::quant::{PackedMatrix, QuantizedActs};
 
 /// Rows per block: a block of weights stays in L2 while every token passes over it.
@@ -35,25 +36,6 @@ pub fn num_threads() -> usize {
     rayon::current_num_threads()
 }
 
-/// A dense row-major `[rows, cols]` weight matrix borrowed from a tensor.
-#[derive(Debug, Clone, Copy)]
-pub enum DenseMatrix<'a> {
-    F32(&'a [f32]),
-    BF16(&'a [half::bf16]),
-    F16(&'a [half::f16]),
-}
-
-impl<'a> DenseMatrix<'a> {
-    fn row(self, r: usize, cols: usize) -> DenseRow<'a> {
-        let s = r * cols..(r + 1) * cols;
-        match self {
-            DenseMatrix::F32(w) => DenseRow::F32(&w[s]),
-            DenseMatrix::BF16(w) => DenseRow::BF16(&w[s]),
-            DenseMatrix::F16(w) => DenseRow::F16(&w[s]),
-        }
-    }
-}
-
 /// Where output element `(t, r)` of `y: [n, rows]` goes; chunks write disjoint rows.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -63,8 +45,9 @@ unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
-/// The dot products of row `r` with tokens `t0..t0 + nt`.
-pub type RowDots<'a> = dyn Fn(usize, usize, usize, &mut [f32; MAX_TOKENS]) + Sync + 'a;
+/// The dot products of rows `rows` with tokens `t0..t0 + nt`: `out[row - rows.start][token - t0]`.
+pub type RowDots<'a> =
+    dyn Fn(std::ops::Range<usize>, usize, usize, &mut [[f32; MAX_TOKENS]]) + Sync + 'a;
 
 /// One matrix of a [`run_jobs`] call: `y: [n, rows]` from `dots`.
 pub struct MatmulJob<'a> {
@@ -105,14 +88,14 @@ pub fn run_jobs(n: usize, cols: usize, jobs: &mut [MatmulJob<'_>]) {
     let outs: Vec<OutPtr> = jobs.iter_mut().map(|j| OutPtr(j.y.as_mut_ptr())).collect();
     let chunk = |j: usize, range: std::ops::Range<usize>| {
         let (out, rows, dots) = (outs[j], jobs[j].rows, jobs[j].dots);
-        let mut vals = [0f32; MAX_TOKENS];
+        let mut vals = [[0f32; MAX_TOKENS]; ROW_BLOCK];
         for block in range.clone().step_by(ROW_BLOCK) {
             let block_end = (block + ROW_BLOCK).min(range.end);
             for t0 in (0..n).step_by(MAX_TOKENS) {
                 let nt = MAX_TOKENS.min(n - t0);
-                for r in block..block_end {
-                    dots(r, t0, nt, &mut vals);
-                    for (i, &d) in vals.iter().enumerate().take(nt) {
+                dots(block..block_end, t0, nt, &mut vals);
+                for (r, v) in (block..block_end).zip(&vals) {
+                    for (i, &d) in v.iter().enumerate().take(nt) {
                         // SAFETY: `(t0 + i) * rows + r < n * rows <= y.len()`, and row `r`
                         // of job `j` belongs to this chunk only.
                         unsafe { *out.0.add((t0 + i) * rows + r) = d };
@@ -149,11 +132,10 @@ pub fn run_jobs(n: usize, cols: usize, jobs: &mut [MatmulJob<'_>]) {
 /// The row kernel of a dense matrix.
 pub fn dense_dots<'a>(
     isa: Isa,
-    w: DenseMatrix<'a>,
+    w: DenseRows<'a>,
     x: &'a [f32],
-    cols: usize,
-) -> impl Fn(usize, usize, usize, &mut [f32; MAX_TOKENS]) + Sync + 'a {
-    move |r, t0, nt, out| dense_row_dots(isa, w.row(r, cols), x, t0, nt, out)
+) -> impl Fn(std::ops::Range<usize>, usize, usize, &mut [[f32; MAX_TOKENS]]) + Sync + 'a {
+    move |rows, t0, nt, out| dense_rows_dots(isa, w, rows, x, t0, nt, out)
 }
 
 /// The row kernel of a packed matrix.
@@ -161,18 +143,17 @@ pub fn packed_dots<'a>(
     isa: Isa,
     w: &'a PackedMatrix,
     acts: &'a QuantizedActs,
-) -> impl Fn(usize, usize, usize, &mut [f32; MAX_TOKENS]) + Sync + 'a {
-    move |r, t0, nt, out| packed_row_dots(isa, w.row(r), acts, t0, nt, out)
+) -> impl Fn(std::ops::Range<usize>, usize, usize, &mut [[f32; MAX_TOKENS]]) + Sync + 'a {
+    move |rows, t0, nt, out| packed_rows_dots(isa, w, rows, acts, t0, nt, out)
 }
 
 /// # Shapes
 /// `x: [n, cols]`, `w: [rows, cols]` -> `y: [n, rows]`
-pub fn matmul_dense(isa: Isa, w: DenseMatrix<'_>, rows: usize, x: &[f32], n: usize, y: &mut [f32]) {
-    let cols = x.len() / n.max(1);
-    let dots = dense_dots(isa, w, x, cols);
+pub fn matmul_dense(isa: Isa, w: DenseRows<'_>, rows: usize, x: &[f32], n: usize, y: &mut [f32]) {
+    let dots = dense_dots(isa, w, x);
     run_jobs(
         n,
-        cols,
+        w.cols,
         &mut [MatmulJob {
             rows,
             y,
@@ -209,7 +190,7 @@ mod tests {
 
     #[test]
     fn matmul_tiles_cover_every_row_and_token() {
-        let (rows, cols, n) = (300, 96, 12);
+        let (rows, cols, n) = (300, 35 * 32, 12);
         let w = values(rows * cols, 7);
         let x = values(n * cols, 11);
         let mut want = vec![0f32; n * rows];
@@ -222,15 +203,44 @@ mod tests {
         acts.quantize_from(&x, n, cols);
         for isa in Isa::supported() {
             let mut y = vec![f32::NAN; n * rows];
-            matmul_dense(isa, DenseMatrix::F32(&w), rows, &x, n, &mut y);
+            matmul_dense(
+                isa,
+                DenseRows {
+                    data: DenseData::F32(&w),
+                    cols,
+                },
+                rows,
+                &x,
+                n,
+                &mut y,
+            );
             for (a, b) in y.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-3, "{isa:?}: {a} vs {b}");
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{isa:?}: {a} vs {b}");
             }
-            let q = PackedMatrix::quantize(PackedFormat::Q8_0, &w, rows, cols).unwrap();
-            let mut yq = vec![f32::NAN; n * rows];
-            matmul_packed(isa, &q, &acts, &mut yq);
-            for (a, b) in yq.iter().zip(&want) {
-                assert!((a - b).abs() < 0.25, "{isa:?} q8_0: {a} vs {b}");
+            for format in [PackedFormat::Q8_0, PackedFormat::Q4_0] {
+                let q = PackedMatrix::quantize(format, &w, rows, cols).unwrap();
+                let mut yq = vec![f32::NAN; n * rows];
+                matmul_packed(isa, &q, &acts, &mut yq);
+                for t in 0..n {
+                    for r in 0..rows {
+                        // The portable row kernel is the reference for the blocked driver.
+                        let mut one = [0f32; MAX_TOKENS];
+                        crate::ops::kernels::packed_row_dots(
+                            Isa::Portable,
+                            q.row(r),
+                            &acts,
+                            t,
+                            1,
+                            &mut one,
+                        );
+                        let got = yq[t * rows + r];
+                        assert!(
+                            (got - one[0]).abs() < 1e-4 * (1.0 + one[0].abs()),
+                            "{isa:?} {format:?}: {got} vs {}",
+                            one[0]
+                        );
+                    }
+                }
             }
         }
     }

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use half::{bf16, f16};
 
-use super::quant::{PackedFormat, QuantizedActs};
+use super::quant::{PackedFormat, PackedMatrix, QuantizedActs};
 
 /// Activation rows one call handles; a weight row is loaded once for all of them.
 pub const MAX_TOKENS: usize = 4;
@@ -134,6 +134,78 @@ pub fn packed_row_dots(
         // SAFETY: `Isa::Avx2` is only produced when the CPU has AVX2/FMA/F16C.
         Isa::Avx2 => unsafe { x86_avx2::packed_row_dots(w, acts, t0, nt, out) },
         _ => portable::packed_row_dots(w, acts, t0, nt, out),
+    }
+}
+
+/// [`dense_row_dots`] for rows `rows` of a row-major `[_, cols]` matrix:
+/// `out[i][j] = w[rows.start + i] · x[t0 + j]`.
+pub fn dense_rows_dots(
+    isa: Isa,
+    w: DenseRows<'_>,
+    rows: std::ops::Range<usize>,
+    x: &[f32],
+    t0: usize,
+    nt: usize,
+    out: &mut [[f32; MAX_TOKENS]],
+) {
+    for (r, o) in rows.zip(out.iter_mut()) {
+        dense_row_dots(isa, w.row(r), x, t0, nt, o);
+    }
+}
+
+/// [`packed_row_dots`] for rows `rows` of a packed matrix:
+/// `out[i][j] = w[rows.start + i] · acts[t0 + j]`.
+pub fn packed_rows_dots(
+    isa: Isa,
+    w: &PackedMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &QuantizedActs,
+    t0: usize,
+    nt: usize,
+    out: &mut [[f32; MAX_TOKENS]],
+) {
+    assert!(rows.end <= w.rows() && out.len() >= rows.len() && t0 + nt <= acts.n);
+    assert_eq!(
+        w.cols(),
+        acts.cols,
+        "packed matrix and activations differ in width"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx512` is only produced when the CPU has AVX-512 F/BW/VNNI;
+        // rows, widths and token range were checked above.
+        Isa::Avx512 => unsafe { x86_avx512::packed_rows_dots(w, rows, acts, t0, nt, out) },
+        _ => {
+            for (r, o) in rows.zip(out.iter_mut()) {
+                packed_row_dots(isa, w.row(r), acts, t0, nt, o);
+            }
+        }
+    }
+}
+
+/// A dense row-major `[rows, cols]` weight matrix borrowed from a tensor.
+#[derive(Debug, Clone, Copy)]
+pub struct DenseRows<'a> {
+    pub data: DenseData<'a>,
+    pub cols: usize,
+}
+
+/// The values of a [`DenseRows`].
+#[derive(Debug, Clone, Copy)]
+pub enum DenseData<'a> {
+    F32(&'a [f32]),
+    BF16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl<'a> DenseRows<'a> {
+    pub fn row(self, r: usize) -> DenseRow<'a> {
+        let s = r * self.cols..(r + 1) * self.cols;
+        match self.data {
+            DenseData::F32(w) => DenseRow::F32(&w[s]),
+            DenseData::BF16(w) => DenseRow::BF16(&w[s]),
+            DenseData::F16(w) => DenseRow::F16(&w[s]),
+        }
     }
 }
 

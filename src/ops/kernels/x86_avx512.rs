@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::{DenseRow, MAX_TOKENS, PackedRow, packed_block_dot};
-use crate::ops::quant::{PackedFormat, QuantizedActs};
+use crate::ops::quant::{PackedFormat, PackedMatrix, QuantizedActs};
 
 /// # Safety
 /// The CPU must support AVX-512 F; `xs` holds `nt` rows of `w.len()`.
@@ -109,6 +109,38 @@ pub unsafe fn packed_row_dots(
     }
 }
 
+/// # Safety
+/// As [`packed_row_dots`], for every row in `rows` (`rows.end <= w.rows()`), and
+/// `out.len() >= rows.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn packed_rows_dots(
+    w: &PackedMatrix,
+    rows: std::ops::Range<usize>,
+    acts: &QuantizedActs,
+    t0: usize,
+    nt: usize,
+    out: &mut [[f32; MAX_TOKENS]],
+) {
+    // SAFETY (all arms): forwarded caller guarantees; the loop is here so that the
+    // row kernel inlines into it.
+    unsafe {
+        for (r, o) in rows.zip(out.iter_mut()) {
+            let row = w.row(r);
+            match (row.format, nt) {
+                (PackedFormat::Q8_0, 1) => packed_n::<1, false>(row, acts, t0, o),
+                (PackedFormat::Q8_0, 2) => packed_n::<2, false>(row, acts, t0, o),
+                (PackedFormat::Q8_0, 3) => packed_n::<3, false>(row, acts, t0, o),
+                (PackedFormat::Q8_0, _) => packed_n::<4, false>(row, acts, t0, o),
+                (PackedFormat::Q4_0, 1) => packed_n::<1, true>(row, acts, t0, o),
+                (PackedFormat::Q4_0, 2) => packed_n::<2, true>(row, acts, t0, o),
+                (PackedFormat::Q4_0, 3) => packed_n::<3, true>(row, acts, t0, o),
+                (PackedFormat::Q4_0, _) => packed_n::<4, true>(row, acts, t0, o),
+            }
+        }
+    }
+}
+
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn packed_n<const NT: usize, const Q4: bool>(
     w: PackedRow<'_>,
