@@ -15,6 +15,11 @@ const GGUF_ARCHS: &[(&str, Arch)] = &[
     ("olmoe", Arch::Olmoe),
 ];
 
+/// Upper bounds on counts read from a file, far above any real model (1M-token
+/// contexts, 512 experts), that keep a corrupt value from allocating without end.
+const MAX_CONTEXT: usize = 1 << 24;
+const MAX_EXPERTS: usize = 1 << 16;
+
 /// `general.file_type` (llama.cpp `LlamaFileType`) for unquantized files.
 fn stored_dtype(file_type: u64) -> Option<StoredDtype> {
     match file_type {
@@ -159,6 +164,14 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
 
     let hidden_size = m.usize("embedding_length")?;
     let num_layers = m.usize("block_count")?;
+    // Sanity bounds, so that a corrupt count fails here rather than in an
+    // endless loop or an impossible allocation.
+    let n_tensors = file.tensor_names().count();
+    if num_layers == 0 || num_layers > n_tensors {
+        return Err(bad(format!(
+            "{arch_name}.block_count is {num_layers}, but the file has {n_tensors} tensors"
+        )));
+    }
     let num_heads = m.usize("attention.head_count")?;
     let num_kv_heads = m.usize_opt("attention.head_count_kv")?.unwrap_or(num_heads);
     if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
@@ -200,9 +213,19 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
             ))
         })?;
     let max_position_embeddings = m.usize("context_length")?;
+    if max_position_embeddings == 0 || max_position_embeddings > MAX_CONTEXT {
+        return Err(bad(format!(
+            "{arch_name}.context_length {max_position_embeddings} is outside 1..={MAX_CONTEXT}"
+        )));
+    }
 
     let num_experts = m.usize("expert_count")?;
     let top_k = m.usize("expert_used_count")?;
+    if num_experts > MAX_EXPERTS {
+        return Err(bad(format!(
+            "{arch_name}.expert_count {num_experts} is more than {MAX_EXPERTS}"
+        )));
+    }
     if num_experts == 0 {
         return Err(bad(format!(
             "{arch_name}.expert_count is 0: a model without experts is not a MoE model"

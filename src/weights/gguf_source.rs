@@ -217,6 +217,7 @@ impl GgufSource {
         heads: usize,
     ) -> Result<Vec<u8>> {
         if heads == 0
+            || rows == 0
             || !rows.is_multiple_of(heads)
             || !(rows / heads).is_multiple_of(2)
             || !bytes.len().is_multiple_of(rows)
