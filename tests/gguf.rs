@@ -615,3 +615,50 @@ fn sentencepiece_gguf_vocabulary_merges_by_score_with_byte_fallback() {
     assert_eq!(tok.decode(&ids, true).unwrap(), "é");
     assert_eq!(tok.eos_token(), Some("</s>"));
 }
+
+/// K-quant matrices (256-wide blocks, wider than the fixtures' rows) load as
+/// quantized Linears on candle's kernels, including stacked gate/up experts.
+#[test]
+fn k_quant_gguf_matrices_run_natively() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("k.gguf");
+    let w = candle_core::Tensor::randn(0f32, 0.02, (4, 16, 256), &Device::Cpu).unwrap();
+    let q4k = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+    let head = candle_core::Tensor::randn(0f32, 0.02, (16, 256), &Device::Cpu).unwrap();
+    let q6k = QTensor::quantize(&head, GgmlDType::Q6K).unwrap();
+    let mut f = std::fs::File::create(&path).unwrap();
+    gguf_file::write(
+        &mut f,
+        &[],
+        &[
+            ("blk.0.ffn_gate_exps.weight", &q4k),
+            ("blk.0.ffn_up_exps.weight", &q4k),
+            ("output.weight", &q6k),
+        ],
+    )
+    .unwrap();
+    drop(f);
+    let src = GgufSource::new(GgufFile::open(&path).unwrap(), None);
+    let x = candle_core::Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu).unwrap();
+    let cases: [(&[(&str, usize)], usize); 2] = [
+        (&[("lm_head.weight", 16)], 16),
+        (
+            &[
+                ("model.layers.0.mlp.experts.2.gate_proj.weight", 16),
+                ("model.layers.0.mlp.experts.2.up_proj.weight", 16),
+            ],
+            32,
+        ),
+    ];
+    for (parts, rows) in cases {
+        let native = src.load_linear(parts, 256, DType::F32, None).unwrap();
+        assert!(matches!(native.weight(), LinearWeight::Ggml { .. }));
+        assert_eq!(native.dims(), (rows, 256));
+        let dense = Dequantized(GgufSource::new(GgufFile::open(&path).unwrap(), None))
+            .load_linear(parts, 256, DType::F32, None)
+            .unwrap();
+        let (yq, yd) = (native.forward(&x).unwrap(), dense.forward(&x).unwrap());
+        let rel = diff(&yq.to_vec2().unwrap(), &yd.to_vec2().unwrap()).rel_rms;
+        assert!(rel < 0.01, "{parts:?}: relative RMS {rel}");
+    }
+}
