@@ -275,7 +275,7 @@ impl Linear {
                     .map(|(l, d)| -> Box<RowDots<'_>> {
                         match (&l.weight, d) {
                             (LinearWeight::Packed(p), _) => Box::new(packed_dots(isa, p, acts)),
-                            (_, Some(d)) => Box::new(dense_dots(isa, *d, xs)),
+                            (_, Some(d)) => dense_dots(isa, *d, xs),
                             _ => unreachable!("checked above: dense or packed"),
                         }
                     })

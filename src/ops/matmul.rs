@@ -8,7 +8,11 @@
 use rayon::prelude::*;
 
 pub use super::kernels::{DenseData, DenseRows};
-use super::kernels::{Isa, MAX_TOKENS, dense_rows_dots, packed_rows_dots};
+use half::bf16;
+
+use super::kernels::{
+    Isa, MAX_TOKENS, bf16_rows_dots, dense_rows_dots, has_avx512_bf16, packed_rows_dots,
+};
 use super::quant::{PackedMatrix, QuantizedActs};
 
 /// Rows per block: a block of weights stays in L2 while every token passes over it.
@@ -129,13 +133,19 @@ pub fn run_jobs(n: usize, cols: usize, jobs: &mut [MatmulJob<'_>]) {
         .for_each(|(j, range)| chunk(j, range));
 }
 
-/// The row kernel of a dense matrix.
-pub fn dense_dots<'a>(
-    isa: Isa,
-    w: DenseRows<'a>,
-    x: &'a [f32],
-) -> impl Fn(std::ops::Range<usize>, usize, usize, &mut [[f32; MAX_TOKENS]]) + Sync + 'a {
-    move |rows, t0, nt, out| dense_rows_dots(isa, w, rows, x, t0, nt, out)
+/// The row kernel of a dense matrix. bf16 weights times several tokens use
+/// `vdpbf16ps` on bf16-rounded activations where the CPU has it (as llama.cpp
+/// does for bf16); a single token (decode, memory-bound) keeps f32 activations.
+pub fn dense_dots<'a>(isa: Isa, w: DenseRows<'a>, x: &'a [f32]) -> Box<RowDots<'a>> {
+    let n = x.len() / w.cols.max(1);
+    match w.data {
+        DenseData::BF16(wb) if n > 1 && isa == Isa::Avx512 && has_avx512_bf16() => {
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let cols = w.cols;
+            Box::new(move |rows, t0, nt, out| bf16_rows_dots(wb, cols, rows, &xb, t0, nt, out))
+        }
+        _ => Box::new(move |rows, t0, nt, out| dense_rows_dots(isa, w, rows, x, t0, nt, out)),
+    }
 }
 
 /// The row kernel of a packed matrix.
@@ -150,14 +160,14 @@ pub fn packed_dots<'a>(
 /// # Shapes
 /// `x: [n, cols]`, `w: [rows, cols]` -> `y: [n, rows]`
 pub fn matmul_dense(isa: Isa, w: DenseRows<'_>, rows: usize, x: &[f32], n: usize, y: &mut [f32]) {
-    let dots = dense_dots(isa, w, x);
+    let dots = dense_dots(isa, w, &x[..n * w.cols]);
     run_jobs(
         n,
         w.cols,
         &mut [MatmulJob {
             rows,
             y,
-            dots: &dots,
+            dots: dots.as_ref(),
         }],
     );
 }
@@ -215,7 +225,10 @@ mod tests {
                 &mut y,
             );
             for (a, b) in y.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{isa:?}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "{isa:?}: {a} vs {b}"
+                );
             }
             for format in [PackedFormat::Q8_0, PackedFormat::Q4_0] {
                 let q = PackedMatrix::quantize(format, &w, rows, cols).unwrap();

@@ -29,3 +29,21 @@ pub fn packed_row_dots(
             .sum();
     }
 }
+
+pub fn bf16_rows_dots(
+    w: &[half::bf16],
+    cols: usize,
+    rows: std::ops::Range<usize>,
+    xb: &[half::bf16],
+    t0: usize,
+    nt: usize,
+    out: &mut [[f32; MAX_TOKENS]],
+) {
+    for (r, o) in rows.zip(out.iter_mut()) {
+        let wr = &w[r * cols..(r + 1) * cols];
+        for (t, v) in o.iter_mut().enumerate().take(nt) {
+            let x = &xb[(t0 + t) * cols..(t0 + t + 1) * cols];
+            *v = wr.iter().zip(x).map(|(a, b)| a.to_f32() * b.to_f32()).sum();
+        }
+    }
+}

@@ -209,3 +209,76 @@ unsafe fn packed_n<const NT: usize, const Q4: bool>(
         out[t] = s;
     }
 }
+
+/// # Safety
+/// The CPU must support AVX-512 F and BF16; `rows.end * cols <= w.len()`,
+/// `(t0 + nt) * cols <= xb.len()`, `nt <= MAX_TOKENS`, `out.len() >= rows.len()`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn bf16_rows_dots(
+    w: &[half::bf16],
+    cols: usize,
+    rows: std::ops::Range<usize>,
+    xb: &[half::bf16],
+    t0: usize,
+    nt: usize,
+    out: &mut [[f32; MAX_TOKENS]],
+) {
+    // SAFETY (all arms): forwarded caller guarantees.
+    unsafe {
+        for (r, o) in rows.zip(out.iter_mut()) {
+            let wr = &w[r * cols..(r + 1) * cols];
+            let xs = &xb[t0 * cols..];
+            match nt {
+                1 => bf16_n::<1>(wr, xs, o),
+                2 => bf16_n::<2>(wr, xs, o),
+                3 => bf16_n::<3>(wr, xs, o),
+                _ => bf16_n::<4>(wr, xs, o),
+            }
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_n<const NT: usize>(
+    w: &[half::bf16],
+    xs: &[half::bf16],
+    out: &mut [f32; MAX_TOKENS],
+) {
+    let cols = w.len();
+    let (wp, xp) = (w.as_ptr(), xs.as_ptr());
+    let mut acc0 = [_mm512_setzero_ps(); NT];
+    let mut acc1 = [_mm512_setzero_ps(); NT];
+    let load = |p: *const half::bf16| -> __m512bh {
+        // SAFETY: callers only pass pointers with 32 readable bf16 values; bf16 pairs
+        // and `__m512bh` share their bit layout.
+        unsafe { std::mem::transmute(_mm512_loadu_si512(p as *const __m512i)) }
+    };
+    let mut i = 0;
+    // SAFETY: reads `[i, i + 64)` of the weight row and of each of the `NT` activation
+    // rows (`xs` holds at least `NT` rows of `cols`).
+    unsafe {
+        while i + 64 <= cols {
+            let (w0, w1) = (load(wp.add(i)), load(wp.add(i + 32)));
+            for t in 0..NT {
+                acc0[t] = _mm512_dpbf16_ps(acc0[t], w0, load(xp.add(t * cols + i)));
+                acc1[t] = _mm512_dpbf16_ps(acc1[t], w1, load(xp.add(t * cols + i + 32)));
+            }
+            i += 64;
+        }
+        if i + 32 <= cols {
+            let w0 = load(wp.add(i));
+            for t in 0..NT {
+                acc0[t] = _mm512_dpbf16_ps(acc0[t], w0, load(xp.add(t * cols + i)));
+            }
+            i += 32;
+        }
+    }
+    for t in 0..NT {
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
+        for j in i..cols {
+            s += w[j].to_f32() * xs[t * cols + j].to_f32();
+        }
+        out[t] = s;
+    }
+}
