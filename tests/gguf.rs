@@ -662,3 +662,48 @@ fn k_quant_gguf_matrices_run_natively() {
         assert!(rel < 0.01, "{parts:?}: relative RMS {rel}");
     }
 }
+
+/// GGUFs converted before llama.cpp merged experts (early Mixtral files) store
+/// one `blk.N.ffn_gate.E.weight` per expert; they load to the same model.
+#[test]
+fn per_expert_gguf_tensors_load_like_merged_ones() {
+    let src = gguf_fixture("mixtral-f16.gguf");
+    let file = GgufFile::open(&src).unwrap();
+    let metadata: Vec<(String, Value)> = file
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), candle_value(v)))
+        .collect();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for name in file.tensor_names() {
+        let info = file.tensor_info(name).unwrap();
+        let t = file.load(name, DType::F32).unwrap();
+        match name.strip_suffix("_exps.weight") {
+            Some(base) => {
+                for e in 0..info.shape[0] {
+                    let one = t.get(e).unwrap().contiguous().unwrap();
+                    let one = candle_core::Tensor::from_vec(
+                        one.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        one.dims(),
+                        &Device::Cpu,
+                    )
+                    .unwrap();
+                    let q = QTensor::quantize(&one, info.dtype).unwrap();
+                    tensors.push((format!("{base}.{e}.weight"), q));
+                }
+            }
+            None => tensors.push((name.to_string(), QTensor::quantize(&t, info.dtype).unwrap())),
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("split.gguf");
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &md, &ts).unwrap();
+    let split = Model::load(&path, &LoadOptions::default()).unwrap();
+    let merged = Model::load(&src, &LoadOptions::default()).unwrap();
+    for p in &golden("mixtral").prompts {
+        let d = diff(&run(&split, &p.input_ids).0, &run(&merged, &p.input_ids).0);
+        assert_eq!(d.max_abs, 0.0);
+    }
+}

@@ -153,8 +153,26 @@ impl GgufSource {
 
     /// The bytes and shape of `hf`, checked against `shape` (dimensions of size
     /// one are ignored: the converter squeezes them), q/k rows un-permuted.
+    /// The location in this file: merged experts, or the per-expert tensors
+    /// (`blk.N.ffn_gate.E.weight`) of GGUFs converted before llama.cpp merged them.
+    fn resolve(&self, loc: GgufLocation) -> GgufLocation {
+        match loc.expert {
+            Some(e) if !self.file.contains(&loc.name) => {
+                let legacy = loc.name.replace("_exps.weight", &format!(".{e}.weight"));
+                if self.file.contains(&legacy) {
+                    return GgufLocation {
+                        name: legacy,
+                        expert: None,
+                    };
+                }
+                loc
+            }
+            _ => loc,
+        }
+    }
+
     fn piece(&self, hf: &str, shape: &[usize]) -> Result<Piece<'_>> {
-        let loc = self.locate(hf)?;
+        let loc = self.resolve(self.locate(hf)?);
         let info = self.file.require(&loc.name)?;
         let all = self.file.bytes(&loc.name)?;
         let (bytes, stored_shape) = match loc.expert {
@@ -289,7 +307,7 @@ impl TensorSource for GgufSource {
     }
 
     fn contains(&self, name: &str) -> bool {
-        gguf_location(name).is_some_and(|loc| self.file.contains(&loc.name))
+        gguf_location(name).is_some_and(|loc| self.file.contains(&self.resolve(loc).name))
     }
 
     /// Quantized GGUF matrices stay quantized (Q8_0 / Q4_0 on our kernels, other
