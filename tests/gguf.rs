@@ -546,6 +546,21 @@ fn not_a_moe_gguf_names_the_architecture() {
     .unwrap();
     let err = assert_load_fails(&path, "gpt2");
     assert!(err.contains("gpt2") && err.contains("qwen3moe"), "{err}");
+
+    // A dense Llama: the `llama` architecture without experts.
+    let metadata = [
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.embedding_length", Value::U32(32)),
+        ("llama.block_count", Value::U32(1)),
+        ("llama.context_length", Value::U32(64)),
+        ("llama.attention.head_count", Value::U32(2)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+    ];
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let mut w = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut w, &md, &[("token_embd.weight", &t)]).unwrap();
+    let err = assert_load_fails(&path, "dense llama");
+    assert!(err.contains("llama.expert_count"), "{err}");
 }
 
 /// A SentencePiece (`tokenizer.ggml.model = llama`) vocabulary as llama.cpp's

@@ -219,7 +219,11 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         )));
     }
 
-    let num_experts = m.usize("expert_count")?;
+    let num_experts = m.usize_opt("expert_count")?.ok_or_else(|| {
+        bad(format!(
+            "no `{arch_name}.expert_count`: a dense model, not a Mixture-of-Experts one"
+        ))
+    })?;
     let top_k = m.usize("expert_used_count")?;
     if num_experts > MAX_EXPERTS {
         return Err(bad(format!(
