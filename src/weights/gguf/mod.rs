@@ -1,0 +1,278 @@
+//! GGUF files (llama.cpp's format), memory-mapped. The header, metadata and
+//! tensor table are parsed and checked against the file length when the file is
+//! opened, so a truncated or corrupt file fails there with its name and the
+//! fault, never with a panic or a huge allocation later.
+//!
+//! Layout (spec: ggml `docs/gguf.md`, versions 2 and 3): magic `GGUF`, version,
+//! tensor count, metadata count, metadata key/values, tensor infos (name, dims
+//! innermost first, GGML type, offset), padding to `general.alignment`, data.
+
+mod parse;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QTensor, ggml_file::qtensor_from_ggml};
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<GgufValue>),
+}
+
+impl GgufValue {
+    /// Any non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            GgufValue::U8(v) => Some(v.into()),
+            GgufValue::U16(v) => Some(v.into()),
+            GgufValue::U32(v) => Some(v.into()),
+            GgufValue::U64(v) => Some(v),
+            GgufValue::I8(v) => u64::try_from(v).ok(),
+            GgufValue::I16(v) => u64::try_from(v).ok(),
+            GgufValue::I32(v) => u64::try_from(v).ok(),
+            GgufValue::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// Any float, or an integer.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            GgufValue::F32(v) => Some(v.into()),
+            GgufValue::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            GgufValue::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            GgufValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[GgufValue]> {
+        match self {
+            GgufValue::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    /// The GGUF type name, for error messages.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            GgufValue::U8(_) => "uint8",
+            GgufValue::I8(_) => "int8",
+            GgufValue::U16(_) => "uint16",
+            GgufValue::I16(_) => "int16",
+            GgufValue::U32(_) => "uint32",
+            GgufValue::I32(_) => "int32",
+            GgufValue::U64(_) => "uint64",
+            GgufValue::I64(_) => "int64",
+            GgufValue::F32(_) => "float32",
+            GgufValue::F64(_) => "float64",
+            GgufValue::Bool(_) => "bool",
+            GgufValue::String(_) => "string",
+            GgufValue::Array(_) => "array",
+        }
+    }
+}
+
+/// Where one tensor lives in the file and how it is encoded.
+#[derive(Debug, Clone)]
+pub struct GgufTensorInfo {
+    pub dtype: GgmlDType,
+    /// Outermost dimension first, as PyTorch writes shapes (GGUF stores them
+    /// innermost first; this is already reversed).
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+impl GgufTensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.end - self.start
+    }
+}
+pub struct GgufFile {
+    path: PathBuf,
+    map: Mmap,
+    version: u32,
+    metadata: BTreeMap<String, GgufValue>,
+    tensors: HashMap<String, GgufTensorInfo>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("metadata_keys", &self.metadata.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Maps the file and validates header, metadata and every tensor's extent.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only and lives as long as `self`; a file
+        // modified on disk while loaded is outside what any loader can defend against.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let parsed = parse::parse(&map).map_err(|reason| Error::Gguf {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            map,
+            version: parsed.version,
+            metadata: parsed.metadata,
+            tensors: parsed.tensors,
+        })
+    }
+
+    /// Whether `path` looks like a GGUF file: a `.gguf` extension or the magic bytes.
+    pub fn is_gguf(path: &Path) -> bool {
+        if !path.is_file() {
+            return false;
+        }
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return true;
+        }
+        let mut magic = [0u8; 4];
+        File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok_and(|()| &magic == MAGIC)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    pub fn metadata(&self) -> &BTreeMap<String, GgufValue> {
+        &self.metadata
+    }
+
+    pub fn get(&self, key: &str) -> Option<&GgufValue> {
+        self.metadata.get(key)
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&GgufTensorInfo> {
+        self.tensors.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// A GGUF-named tensor's info, or an error naming the file.
+    pub fn require(&self, name: &str) -> Result<&GgufTensorInfo> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            hint: format!(" (searched {})", self.path.display()),
+        })
+    }
+
+    /// The raw encoded bytes of a tensor, straight from the map.
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let info = self.require(name)?;
+        Ok(&self.map[info.start..info.end])
+    }
+
+    /// A GGUF-named tensor decoded to `dtype` (quantized types through f32).
+    pub fn load(&self, name: &str, dtype: DType) -> Result<Tensor> {
+        let info = self.require(name)?;
+        Ok(decode(self.bytes(name)?, info.dtype, &info.shape, dtype)?)
+    }
+}
+
+/// Decodes GGML-encoded bytes of `dtype` into a `shape`d tensor of `dtype_out`
+/// (quantized types are dequantized through f32).
+pub(crate) fn decode(
+    bytes: &[u8],
+    dtype: GgmlDType,
+    shape: &[usize],
+    dtype_out: DType,
+) -> candle_core::Result<Tensor> {
+    let t = match dtype {
+        GgmlDType::F32 => Tensor::from_raw_buffer(bytes, DType::F32, shape, &Device::Cpu)?,
+        GgmlDType::F16 => Tensor::from_raw_buffer(bytes, DType::F16, shape, &Device::Cpu)?,
+        GgmlDType::BF16 => Tensor::from_raw_buffer(bytes, DType::BF16, shape, &Device::Cpu)?,
+        _ => to_qtensor(bytes, dtype, shape)?.dequantize(&Device::Cpu)?,
+    };
+    t.to_dtype(dtype_out)
+}
+
+/// Wraps GGML-encoded bytes holding exactly `shape` elements as a candle
+/// `QTensor` (the bytes are copied).
+pub(crate) fn to_qtensor(
+    bytes: &[u8],
+    dtype: GgmlDType,
+    shape: &[usize],
+) -> candle_core::Result<QTensor> {
+    let numel: usize = shape.iter().product();
+    let block = dtype.block_size();
+    let expected = numel / block * dtype.type_size();
+    if !numel.is_multiple_of(block) || bytes.len() != expected {
+        candle_core::bail!(
+            "{dtype:?} data of {} bytes does not hold a {shape:?} tensor ({expected} bytes)",
+            bytes.len()
+        );
+    }
+    // candle reinterprets the bytes as blocks (alignment at most 4): copy
+    // unaligned data, e.g. one expert's slice of a merged tensor, first.
+    if (bytes.as_ptr() as usize).is_multiple_of(8) {
+        return qtensor_from_ggml(dtype, bytes, shape.to_vec(), &Device::Cpu);
+    }
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: `words` owns at least `bytes.len()` initialised bytes, and u8 has no alignment.
+    let aligned =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len()) };
+    aligned.copy_from_slice(bytes);
+    qtensor_from_ggml(dtype, aligned, shape.to_vec(), &Device::Cpu)
+}
