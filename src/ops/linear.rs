@@ -179,7 +179,12 @@ impl Linear {
     /// f32 (then `x`'s dtype, via candle).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let LinearWeight::Dense(w) = &self.weight {
-            if x.track_op() || w.track_op() || x.dtype() != DType::F32 || !w.is_contiguous() {
+            if x.track_op()
+                || w.track_op()
+                || x.dtype() != DType::F32
+                || !w.is_contiguous()
+                || uses_gemm(w, x.dim(0)?)
+            {
                 return self.forward_candle(w, x);
             }
         }
@@ -207,6 +212,11 @@ impl Linear {
         }
         let isa = Isa::best();
         match &self.weight {
+            LinearWeight::Dense(w) if uses_gemm(w, n) => {
+                let xt = Tensor::from_slice(x, (n, cols), &Device::Cpu)?;
+                let yt = xt.matmul(&w.t()?)?;
+                with_f32(&yt.contiguous()?, |v| y.copy_from_slice(v))?;
+            }
             LinearWeight::Dense(w) => with_dense(w, |m| matmul_dense(isa, m, rows, x, n, y))?,
             LinearWeight::Packed(p) => ACTS.with(|acts| {
                 let mut acts = acts.borrow_mut();
@@ -231,7 +241,9 @@ impl Linear {
         let fast = x.dtype() == DType::F32
             && !x.track_op()
             && linears.iter().all(|l| match &l.weight {
-                LinearWeight::Dense(w) => !w.track_op() && w.is_contiguous(),
+                LinearWeight::Dense(w) => {
+                    !w.track_op() && w.is_contiguous() && !uses_gemm(w, x.dims()[0])
+                }
                 LinearWeight::Packed(_) => true,
                 LinearWeight::Ggml { .. } => false,
             });
@@ -326,6 +338,13 @@ impl Linear {
             None => y,
         })
     }
+}
+
+/// f32 weights over many tokens go to candle's gemm: its register-blocked f32
+/// kernel beats our row kernels once the product is compute-bound (measured: our
+/// f32 prefill 0.91x candle-transformers' before this).
+fn uses_gemm(w: &Tensor, n_tokens: usize) -> bool {
+    w.dtype() == DType::F32 && n_tokens >= 16
 }
 
 /// Runs `f` on a contiguous f32 CPU tensor's values.
