@@ -90,12 +90,12 @@ impl Linear {
     /// widths off the 32-element block stay unquantized (as in llama.cpp).
     pub fn quantize(&self, kind: QuantKind) -> Result<Linear> {
         let (rows, cols) = self.dims();
-        if cols % BLOCK != 0 {
+        if !cols.is_multiple_of(BLOCK) {
             return Ok(self.clone());
         }
         let w = self.dense_f32()?;
         let weight = match kind {
-            QuantKind::Q4K if cols % 256 == 0 => {
+            QuantKind::Q4K if cols.is_multiple_of(256) => {
                 let q = QTensor::quantize(&w, GgmlDType::Q4K)?;
                 let bytes = q.storage_size_in_bytes();
                 LinearWeight::Ggml {
@@ -178,15 +178,14 @@ impl Linear {
     /// `x: [n, in] -> [n, out]`; f32 out unless the weight is dense and `x` is not
     /// f32 (then `x`'s dtype, via candle).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let LinearWeight::Dense(w) = &self.weight {
-            if x.track_op()
+        if let LinearWeight::Dense(w) = &self.weight
+            && (x.track_op()
                 || w.track_op()
                 || x.dtype() != DType::F32
                 || !w.is_contiguous()
-                || uses_gemm(w, x.dim(0)?)
-            {
-                return self.forward_candle(w, x);
-            }
+                || uses_gemm(w, x.dim(0)?))
+        {
+            return self.forward_candle(w, x);
         }
         let (n, cols) = x.dims2()?;
         let rows = self.dims().0;

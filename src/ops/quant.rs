@@ -118,7 +118,7 @@ impl PackedMatrix {
     /// Q8_0 `d = amax / 127`, `q = round(x / d)`; Q4_0 `d = max / -8` (signed
     /// value of largest magnitude), `q = min(15, trunc(x / d + 8.5))`.
     pub fn quantize(format: PackedFormat, w: &[f32], rows: usize, cols: usize) -> Result<Self> {
-        if cols % BLOCK != 0 || w.len() != rows * cols {
+        if !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
             return Err(Error::InvalidInput(format!(
                 "cannot quantize a [{rows}, {cols}] matrix to {format:?}: the width must be a multiple of {BLOCK}"
             )));
@@ -154,7 +154,7 @@ impl PackedMatrix {
     pub fn from_ggml(format: PackedFormat, data: &[u8], rows: usize, cols: usize) -> Result<Self> {
         let block_bytes = 2 + format.row_bytes(BLOCK);
         let nb = cols / BLOCK;
-        if cols % BLOCK != 0 || data.len() != rows * nb * block_bytes {
+        if !cols.is_multiple_of(BLOCK) || data.len() != rows * nb * block_bytes {
             return Err(Error::InvalidInput(format!(
                 "{format:?} data of {} bytes does not hold a [{rows}, {cols}] matrix",
                 data.len()

@@ -3,6 +3,9 @@
 //! weights' unsigned offset is removed once per row via the activations' block sums.
 //! Dense rows: bf16/f16 widened to f32 in registers, then FMA.
 
+// Accumulator arrays are indexed in step with token rows; index loops read clearer.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 
 use super::{DenseRow, MAX_TOKENS, PackedRow, packed_block_dot};
