@@ -151,8 +151,6 @@ impl GgufSource {
         })
     }
 
-    /// The bytes and shape of `hf`, checked against `shape` (dimensions of size
-    /// one are ignored: the converter squeezes them), q/k rows un-permuted.
     /// The location in this file: merged experts, or the per-expert tensors
     /// (`blk.N.ffn_gate.E.weight`) of GGUFs converted before llama.cpp merged them.
     fn resolve(&self, loc: GgufLocation) -> GgufLocation {
@@ -171,6 +169,8 @@ impl GgufSource {
         }
     }
 
+    /// The bytes and shape of `hf`, checked against `shape` (dimensions of size
+    /// one are ignored: the converter squeezes them), q/k rows un-permuted.
     fn piece(&self, hf: &str, shape: &[usize]) -> Result<Piece<'_>> {
         let loc = self.resolve(self.locate(hf)?);
         let info = self.file.require(&loc.name)?;
@@ -205,7 +205,10 @@ impl GgufSource {
             });
         }
         let bytes = match self.heads_to_unpermute(&loc.name) {
-            Some(heads) => Cow::Owned(self.unpermute_rows(&loc.name, bytes, shape[0], heads)?),
+            Some(heads) => {
+                let rows = shape.first().copied().unwrap_or(0);
+                Cow::Owned(self.unpermute_rows(&loc.name, bytes, rows, heads)?)
+            }
             None => Cow::Borrowed(bytes),
         };
         Ok(Piece {
