@@ -25,8 +25,11 @@ Deliberate differences from the upstream converter, each because the upstream va
 describe the checkpoint: OLMoE's RMS epsilon is written from config.json (upstream hard-codes 1e-5)
 and its `clip_qkv` as `olmoe.attention.clamp_kqv` (upstream drops it); `expert_weights_norm` is
 written from `norm_topk_prob` (llama.cpp hard-codes it per architecture and ignores the key);
-`tokenizer.ggml.pre` is chosen from the tokenizer's pre-tokenizer rather than a hash table of
-known models. `q4_0` is not an upstream converter type (llama.cpp makes it with `llama-quantize`);
+`tokenizer.ggml.pre` is chosen from the tokenizer's pre-tokenizer (one of llama.cpp's names:
+`gpt-2`, `qwen2`, `llama-bpe`) rather than from a hash table of known models.
+
+llama.cpp itself loads these files and reproduces transformers' logits from the f32 ones
+(tools/check_gguf_llama_cpp.py: Mixtral 7e-6, Qwen2-MoE 9e-6). `q4_0` is not an upstream converter type (llama.cpp makes it with `llama-quantize`);
 here it is "pure" Q4_0 with the converter's F32 exceptions.
 
 Usage (venv: see tools/requirements.txt):
@@ -241,7 +244,7 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
                 return "llama-bpe"
             sys.exit(f"pre-tokenizer regex not recognised: {regex!r}")
         if p.get("type") == "ByteLevel" and p.get("use_regex", True):
-            return "gpt2"
+            return "gpt-2"
     return "default"
 
 
