@@ -286,6 +286,17 @@ fn q8_0_gguf_stays_close_to_f32() {
     }
 }
 
+/// BF16 matrices (8-bit mantissas, ~0.2% RMS rounding) stay within the Q8_0 bound.
+#[test]
+fn bf16_gguf_stays_close_to_f32() {
+    let bf16 = requantized_qwen3_moe(GgmlDType::BF16);
+    let f32_model = Model::load(&fixture("qwen3_moe"), &LoadOptions::default()).unwrap();
+    for ids in texts("qwen3_moe") {
+        let rel = diff(&run(&bf16, &ids).0, &run(&f32_model, &ids).0).rel_rms;
+        assert!(rel < 0.06, "bf16 relative RMS {rel}");
+    }
+}
+
 /// A GGUF source that hides its quantized weights: everything dequantized to f32
 /// through the default `TensorSource::load_linear`.
 struct Dequantized(GgufSource);
