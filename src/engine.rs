@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
 use crate::config::open_gguf;
+use crate::error::{Error, Result};
 use crate::generate::{
     ChatMessage, ChatTemplate, TextTokenizer, chat_template_from_gguf, tokenizer_from_gguf,
 };
