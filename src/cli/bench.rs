@@ -9,6 +9,7 @@ use candle_core::DType;
 use clap::{Args, ValueEnum};
 use switchyard::model::{LoadOptions, Model, NoObserver};
 use switchyard::ops::{QuantKind, bandwidth};
+use switchyard::weights::GgufFile;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -91,10 +92,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "| engine | weights | prefill tok/s | decode tok/s | active MB/token | decode GB/s | share of read bw | peak RSS GiB |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
-    let weights = if args.quant.is_some() {
-        quant_name.clone()
-    } else {
-        dtype_name.clone()
+    // A GGUF file's weights are as stored (unless --quant re-quantizes them).
+    let gguf_type = GgufFile::is_gguf(&args.model)
+        .then(|| GgufFile::open(&args.model).ok())
+        .flatten()
+        .map(|f| format!("gguf {}", f.file_type_name().unwrap_or("?")));
+    let weights = match (&args.quant, gguf_type) {
+        (Some(_), _) => quant_name.clone(),
+        (None, Some(gguf)) => gguf,
+        (None, None) => dtype_name.clone(),
     };
     print_row("switchyard", &weights, &ours, active, bw_gbs);
 

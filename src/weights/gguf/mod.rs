@@ -186,6 +186,31 @@ impl GgufFile {
         &self.path
     }
 
+    /// `general.file_type` by llama.cpp's name for it (`LlamaFileType`: "Q8_0",
+    /// "Q4_K_M", ...), if the file says and the code is known.
+    pub fn file_type_name(&self) -> Option<&'static str> {
+        Some(match self.get("general.file_type")?.as_u64()? {
+            0 => "F32",
+            1 => "F16",
+            2 => "Q4_0",
+            3 => "Q4_1",
+            7 => "Q8_0",
+            8 => "Q5_0",
+            9 => "Q5_1",
+            10 => "Q2_K",
+            11 => "Q3_K_S",
+            12 => "Q3_K_M",
+            13 => "Q3_K_L",
+            14 => "Q4_K_S",
+            15 => "Q4_K_M",
+            16 => "Q5_K_S",
+            17 => "Q5_K_M",
+            18 => "Q6_K",
+            32 => "BF16",
+            _ => return None,
+        })
+    }
+
     pub fn version(&self) -> u32 {
         self.version
     }
