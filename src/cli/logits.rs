@@ -9,6 +9,7 @@ use super::model_arg::{load_engine_with, parse_ids};
 
 #[derive(Debug, Args)]
 pub struct LogitsArgs {
+    /// Model directory or GGUF file.
     #[arg(long)]
     model: PathBuf,
     /// Quantize experts, attention and lm_head at load: q8_0, q4_0 or q4_k.

@@ -11,7 +11,7 @@ use super::model_arg::{load_engine_with, parse_ids, resolve};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Model directory (config.json + *.safetensors + tokenizer.json). Default: the bundled demo model.
+    /// Model directory (config.json + *.safetensors + tokenizer.json) or GGUF file. Default: the bundled demo model.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Quantize experts, attention and lm_head at load: q8_0, q4_0 or q4_k.
