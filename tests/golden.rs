@@ -194,6 +194,10 @@ fn batched_sequences_match_golden_logits() {
             .zip(&golden_last)
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
-        assert!(diff < 1e-4, "sequence {i} ({} tokens): {diff}", prompt.input_ids.len());
+        assert!(
+            diff < 1e-4,
+            "sequence {i} ({} tokens): {diff}",
+            prompt.input_ids.len()
+        );
     }
 }

@@ -30,7 +30,8 @@ transformers 5 keeps MoE experts fused in memory (experts.gate_up_proj [E,2I,H],
 [E,H,I]) but `save_pretrained` (save_original_format=True, the default) reverts to the Hub layout:
 per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` (Mixtral: `block_sparse_moe.experts.{e}.w1/w2/w3`).
 `qwen3_moe_fused` is qwen3_moe re-saved with save_original_format=False (fused 3-D tensors), with
-identical golden outputs, so both layouts are covered.
+identical golden outputs, so both layouts are covered (its model.safetensors is rebuilt by the tests
+from qwen3_moe's, following the names and shapes recorded in its golden.json).
 
 If a seed gives a greedy top-1/top-2 logit margin < 1e-3 or a routing-probability gap between the k-th
 and (k+1)-th expert < 1e-4, the next seed is tried (the seed used is recorded in golden.json).
@@ -562,6 +563,10 @@ def make_fused_copy(src_name, dst_name, out_root, model, tok, prompts, meta, res
         assert all(k in bkeys or ".mlp.experts." in k for k in a.keys())
     meta["fused_copy_of"] = src_name
     write_golden(out_dir, meta, res, logits)
+    # The weights duplicate `src_name`'s byte for byte (checked above), so they are not
+    # committed: the Rust tests rebuild this file from `src_name` using the tensor names
+    # and shapes recorded in golden.json, keeping tests/fixtures under 5 MB.
+    os.remove(dst)
 
 
 def main():

@@ -1,14 +1,91 @@
 //! Helpers shared by the integration tests: fixture paths and golden records.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let committed = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
-        .join(name)
+        .join(name);
+    if name == FUSED {
+        return fused_fixture(&committed);
+    }
+    committed
+}
+
+/// `qwen3_moe` in transformers' fused-experts layout. Its weights are qwen3_moe's
+/// (the fixture script checks that byte for byte), so only its config and golden
+/// records are committed and the safetensors file is rebuilt here, with exactly the
+/// tensor names and shapes transformers wrote (recorded in its golden.json).
+const FUSED: &str = "qwen3_moe_fused";
+
+fn fused_fixture(committed: &Path) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(FUSED);
+    if dir.join("model.safetensors").exists() {
+        return dir;
+    }
+    // Built in a private directory and renamed into place, so concurrent test
+    // binaries never see half a fixture.
+    let staging = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    for entry in std::fs::read_dir(committed).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, staging.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(committed.join("golden.json")).unwrap()).unwrap();
+    let src_bytes = std::fs::read(
+        committed
+            .with_file_name("qwen3_moe")
+            .join("model.safetensors"),
+    )
+    .unwrap();
+    let src = safetensors::SafeTensors::deserialize(&src_bytes).unwrap();
+    let get = |name: &str| src.tensor(name).unwrap().data().to_vec();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, shape) in golden["tensors"].as_object().unwrap() {
+        let shape: Vec<usize> = serde_json::from_value(shape.clone()).unwrap();
+        let data = if let Some(prefix) = name.strip_suffix("gate_up_proj") {
+            (0..shape[0])
+                .flat_map(|e| {
+                    [
+                        get(&format!("{prefix}{e}.gate_proj.weight")),
+                        get(&format!("{prefix}{e}.up_proj.weight")),
+                    ]
+                })
+                .flatten()
+                .collect()
+        } else if let Some(prefix) = name
+            .strip_suffix("down_proj")
+            .filter(|p| p.ends_with("experts."))
+        {
+            (0..shape[0])
+                .flat_map(|e| get(&format!("{prefix}{e}.down_proj.weight")))
+                .collect()
+        } else {
+            get(name)
+        };
+        assert_eq!(data.len(), shape.iter().product::<usize>() * 4, "{name}");
+        tensors.push((name.clone(), shape, data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &staging.path().join("model.safetensors")).unwrap();
+    let staged = staging.keep();
+    if std::fs::rename(&staged, &dir).is_err() {
+        // Another test binary won the race; its copy is identical.
+        let _ = std::fs::remove_dir_all(&staged);
+    }
+    dir
 }
 
 #[derive(Debug, Deserialize)]
