@@ -7,23 +7,27 @@ use switchyard::Engine;
 use switchyard::model::LoadOptions;
 use switchyard::ops::QuantKind;
 
-/// The demo model that ships in the repository, used when no `--model` is given.
-pub fn demo_model_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/demo")
+/// The demo model that ships in the repository, used when no `--model` is given:
+/// the checkout the binary was built from, else `models/demo` under the working
+/// directory (a binary copied out of its checkout and run from a clone).
+pub fn demo_model_dir() -> Option<PathBuf> {
+    [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/demo"),
+        PathBuf::from("models/demo"),
+    ]
+    .into_iter()
+    .find(|dir| dir.join("config.json").exists())
 }
 
 pub fn resolve(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     match model {
         Some(dir) => Ok(dir),
-        None => {
-            let dir = demo_model_dir();
-            anyhow::ensure!(
-                dir.join("config.json").exists(),
-                "no --model given and the bundled demo model is missing at {}",
-                dir.display()
-            );
-            Ok(dir)
-        }
+        None => demo_model_dir().with_context(|| {
+            format!(
+                "no --model given and the bundled demo model is missing (looked in {}/models/demo and ./models/demo)",
+                env!("CARGO_MANIFEST_DIR")
+            )
+        }),
     }
 }
 
