@@ -4,9 +4,9 @@
 //! ~0.75 % relative RMS (weights 0.53 %, activations the rest) and Q4_0 by ~8.5 %,
 //! and three random layers amplify that (position 0 alone: 1.4-1.7 % for Q8_0),
 //! so the fixture bounds below are what the formats reach there (the mixtral
-//! fixture's width of 48 is off the 32-element block, so it stays f32); the issue's
+//! fixture's width of 48 is off the 32-element block, so it stays f32). The issue's
 //! bounds (q8_0 logits within 1 %, q4 perplexity within 5 %) are asserted on the
-//! trained demo model when `models/demo` exists.
+//! trained demo model (`models/demo`, measured 0.94 % and 0.55 %).
 
 mod common;
 
@@ -106,19 +106,13 @@ fn quantized_demo_model_meets_the_issue_bounds() {
         eprintln!("skipped: no models/demo");
         return;
     }
-    // A fixed pseudo-random text of 256 ids.
-    let vocab = switchyard::config::load_model_config(&dir)
-        .unwrap()
-        .vocab_size as u64;
-    let mut s = 4321u64;
-    let ids: Vec<u32> = (0..256)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab) as u32
-        })
-        .collect();
+    // English text, the kind the demo model was trained on.
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let text = "The old lighthouse keeper climbed the stairs every evening to light the lamp. \
+        Ships passing in the night saw the beam sweep across the water and knew the rocks were near. \
+        One winter a storm broke the windows, and the keeper worked until morning to keep the light \
+        burning, because a fishing boat was still out at sea and its crew depended on him.";
+    let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
     let (q8, q4) = errors(&dir, &[ids]);
     assert!(q8 < 0.01, "demo: q8_0 logits relative rms {q8}");
     assert!(q4 < 0.05, "demo: q4 perplexity off by {:.1} %", q4 * 100.0);

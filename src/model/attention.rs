@@ -4,12 +4,12 @@
 //! Cost per decoded token: the four projections plus reading `len` cached
 //! keys and values per KV head.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::config::{AttentionConfig, QkNorm};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::KvCache;
-use crate::ops::{Linear, RmsNorm, RopeTable, softmax_last_dim};
+use crate::ops::{Linear, RmsNorm, RopeTable, attend_cache, softmax_last_dim};
 
 #[derive(Debug)]
 pub struct Attention {
@@ -77,6 +77,11 @@ impl Attention {
         let group = cfg.group_size();
         let q = q.reshape((nkv, group * n, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
+        if n == 1 && !q.track_op() && q.dtype() == DType::F32 && k.dtype() == DType::F32 {
+            // Decode: the one new position sees the whole cache (no mask), read in place.
+            let out = attend_cache(&q, &k, &v, scale as f32)?; // [nkv, group, hd]
+            return self.o_proj.forward(&out.reshape((1, nh * hd))?);
+        }
         let scores = (q.matmul(&k.t()?)? * scale)?; // [nkv, group * n, total]
         let scores = if n > 1 {
             let mask = causal_mask(n, total, x.device())?; // [n, total]

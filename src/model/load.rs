@@ -64,9 +64,9 @@ pub(super) fn build(
     let h = cfg.hidden_size;
     let embed = loader.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
     let lm_head = if cfg.tie_word_embeddings {
-        loader.quantized(Linear::new(embed.clone(), None))?
+        loader.quantized_output(Linear::new(embed.clone(), None))?
     } else {
-        loader.quantized(loader.linear("lm_head", cfg.vocab_size, h, false)?)?
+        loader.quantized_output(loader.linear("lm_head", cfg.vocab_size, h, false)?)?
     };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     let mut experts = Vec::with_capacity(cfg.num_layers);
@@ -123,6 +123,16 @@ impl Loader<'_> {
         match self.quant {
             Some(kind) => linear.quantize(kind),
             None => Ok(linear),
+        }
+    }
+
+    /// The output projection one step above `--quant`, as llama.cpp's 4-bit mixes keep
+    /// `output.weight` at Q6_K: Q8_0 for the 4-bit kinds, the load dtype for q8_0
+    /// (a Q8_0 lm_head alone moved the demo model's logits by ~0.75 % of the 1 % budget).
+    fn quantized_output(&self, linear: Linear) -> Result<Linear> {
+        match self.quant {
+            Some(QuantKind::Q4_0 | QuantKind::Q4K) => linear.quantize(QuantKind::Q8_0),
+            _ => Ok(linear),
         }
     }
 

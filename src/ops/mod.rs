@@ -3,6 +3,7 @@
 //! Each op picks a fused no-autograd kernel for inference and a composed,
 //! differentiable form when an input is part of an autograd graph (training).
 
+mod attention;
 pub mod bandwidth;
 mod ffn;
 pub mod kernels;
@@ -12,6 +13,7 @@ mod norm;
 pub mod quant;
 mod rope;
 
+pub use attention::attend_cache;
 pub use ffn::{Ffn, FfnScratch};
 pub use linear::{Linear, LinearWeight};
 pub use matmul::{num_threads, set_num_threads};
