@@ -14,9 +14,7 @@ use common::{fixture, golden, golden_logits};
 use switchyard::Engine;
 use switchyard::generate::{ChatMessage, TextTokenizer};
 use switchyard::model::moe::Routing;
-use switchyard::model::{
-    ForwardOptions, LoadOptions, LogitsFor, Model, RoutingObserver, RoutingSite, SequenceInput,
-};
+use switchyard::model::{LoadOptions, Model, RoutingObserver, RoutingSite};
 use switchyard::ops::LinearWeight;
 use switchyard::weights::{GgufFile, GgufSource, GgufValue, TensorSource};
 
@@ -42,21 +40,8 @@ impl RoutingObserver for Recorder {
 /// Logits `[seq][vocab]` and router choices for one prompt.
 fn run(model: &Model, tokens: &[u32]) -> (Vec<Vec<f32>>, Recorder) {
     let mut rec = Recorder::default();
-    let mut seqs = [SequenceInput {
-        tokens,
-        cache: None,
-    }];
-    let out = model
-        .forward(
-            &mut seqs,
-            &mut rec,
-            ForwardOptions {
-                logits: LogitsFor::AllTokens,
-                keep_router_logits: false,
-            },
-        )
-        .unwrap();
-    (out.logits.to_vec2::<f32>().unwrap(), rec)
+    let logits = model.score(tokens, &mut rec).unwrap();
+    (logits.to_vec2::<f32>().unwrap(), rec)
 }
 
 struct Diff {

@@ -38,21 +38,11 @@ fn check_logits_and_routing(name: &str) {
     assert_eq!(model.config().arch.model_type(), g.model_type);
     for (i, p) in g.prompts.iter().enumerate() {
         let mut rec = Recorder::default();
-        let mut seqs = [SequenceInput {
-            tokens: &p.input_ids,
-            cache: None,
-        }];
-        let out = model
-            .forward(
-                &mut seqs,
-                &mut rec,
-                ForwardOptions {
-                    logits: LogitsFor::AllTokens,
-                    keep_router_logits: false,
-                },
-            )
+        let ours = model
+            .score(&p.input_ids, &mut rec)
+            .unwrap()
+            .to_vec2::<f32>()
             .unwrap();
-        let ours = out.logits.to_vec2::<f32>().unwrap();
         let theirs = golden_logits(name, i);
         assert_eq!(ours.len(), theirs.len());
         let max_diff = ours

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{D, Tensor};
 use common::{ALL_FIXTURES, fixture, golden};
-use switchyard::model::{ForwardOptions, LoadOptions, LogitsFor, Model, NoObserver, SequenceInput};
+use switchyard::model::{LoadOptions, Model, NoObserver};
 use switchyard::ops::QuantKind;
 
 fn load(dir: &Path, quant: Option<QuantKind>) -> Model {
@@ -27,18 +27,7 @@ fn load(dir: &Path, quant: Option<QuantKind>) -> Model {
 
 /// `[seq, vocab]` logits of every position.
 fn logits(model: &Model, ids: &[u32]) -> Tensor {
-    let mut seqs = [SequenceInput {
-        tokens: ids,
-        cache: None,
-    }];
-    let opts = ForwardOptions {
-        logits: LogitsFor::AllTokens,
-        keep_router_logits: false,
-    };
-    model
-        .forward(&mut seqs, &mut NoObserver, opts)
-        .unwrap()
-        .logits
+    model.score(ids, &mut NoObserver).unwrap()
 }
 
 fn relative_rms(a: &Tensor, b: &Tensor) -> f32 {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::Tensor;
-use switchyard::model::{ForwardOptions, LoadOptions, LogitsFor, Model, NoObserver, SequenceInput};
+use switchyard::model::{LoadOptions, Model, NoObserver};
 use switchyard::train::{
     Corpus, ENDOFTEXT, TrainConfig, Trainer, VarStore, train_tokenizer, write_tokenizer_files,
 };
@@ -81,21 +81,9 @@ fn corpus(cfg: &TrainConfig) -> (Corpus, tokenizers::Tokenizer) {
 }
 
 fn logits(model: &Model, tokens: &[u32]) -> Vec<f32> {
-    let mut seqs = [SequenceInput {
-        tokens,
-        cache: None,
-    }];
-    let out = model
-        .forward(
-            &mut seqs,
-            &mut NoObserver,
-            ForwardOptions {
-                logits: LogitsFor::AllTokens,
-                keep_router_logits: false,
-            },
-        )
-        .expect("forward");
-    out.logits
+    model
+        .score(tokens, &mut NoObserver)
+        .expect("forward")
         .flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
         .expect("logits")

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use switchyard::model::{ForwardOptions, LogitsFor, NoObserver, SequenceInput};
+use switchyard::model::NoObserver;
 use switchyard::ops::QuantKind;
 
 use super::model_arg::{load_engine_with, parse_ids};
@@ -27,19 +27,8 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     let engine = load_engine_with(&args.model, args.quant)?;
     let ids = parse_ids(&args.prompt_ids)?;
     anyhow::ensure!(!ids.is_empty(), "--prompt-ids is empty");
-    let mut seqs = [SequenceInput {
-        tokens: &ids,
-        cache: None,
-    }];
-    let out = engine.model.forward(
-        &mut seqs,
-        &mut NoObserver,
-        ForwardOptions {
-            logits: LogitsFor::AllTokens,
-            keep_router_logits: false,
-        },
-    )?;
-    let logits = out.logits.to_dtype(candle_core::DType::F32)?;
+    let logits = engine.model.score(&ids, &mut NoObserver)?;
+    let logits = logits.to_dtype(candle_core::DType::F32)?;
     // Write next to the target, then rename: a failed run never leaves half a file.
     let tmp = args.out.with_extension("npy.tmp");
     logits

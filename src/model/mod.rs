@@ -149,6 +149,22 @@ impl Model {
         Ok(out.logits.squeeze(0)?)
     }
 
+    /// Logits of every position of one uncached sequence (scoring, golden checks).
+    ///
+    /// # Shapes
+    /// `tokens: [n] -> [n, vocab]`
+    pub fn score(&self, tokens: &[u32], observer: &mut dyn RoutingObserver) -> Result<Tensor> {
+        let mut seqs = [SequenceInput {
+            tokens,
+            cache: None,
+        }];
+        let opts = ForwardOptions {
+            logits: LogitsFor::AllTokens,
+            keep_router_logits: false,
+        };
+        Ok(self.forward(&mut seqs, observer, opts)?.logits)
+    }
+
     /// Runs a batch of sequences. Every linear layer and MoE block sees all their
     /// tokens at once; attention runs per sequence against its own cache.
     ///
