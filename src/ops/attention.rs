@@ -37,11 +37,15 @@ pub fn attend_cache(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Te
             cols: hd,
         };
         matmul_dense(Isa::best(), keys, total, qh, rows, &mut scores);
-        let oh = &mut out[h * rows * hd..(h + 1) * rows * hd];
-        for (p, o) in scores.chunks_exact_mut(total).zip(oh.chunks_exact_mut(hd)) {
-            softmax_scaled(p, scale);
-            weighted_rows_sum(p, vh, o);
-        }
+        scores
+            .chunks_exact_mut(total)
+            .for_each(|p| softmax_scaled(p, scale));
+        weighted_rows_sum(
+            &scores,
+            vh,
+            hd,
+            &mut out[h * rows * hd..(h + 1) * rows * hd],
+        );
     }
     Ok(Tensor::from_vec(out, (heads, rows, hd), &Device::Cpu)?)
 }
@@ -86,15 +90,19 @@ fn softmax_scaled(p: &mut [f32], scale: f32) {
     p.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// `out = Σ_j p[j] v[j, :]` over the rows of `v: [p.len(), out.len()]`.
-fn weighted_rows_sum(p: &[f32], v: &[f32], out: &mut [f32]) {
+/// `out[r] = Σ_j p[r, j] v[j, :]`, every query row in one pass over the value rows
+/// (each value row is read once, not once per query row).
+///
+/// # Shapes
+/// `p: [rows, total]`, `v: [total, hd]` -> `out: [rows, hd]`
+fn weighted_rows_sum(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if Isa::best() == Isa::Avx512 {
         // SAFETY: `Isa::Avx512` is only produced when the CPU has AVX-512 F.
-        unsafe { weighted_rows_sum_avx512(p, v, out) };
+        unsafe { weighted_rows_sum_avx512(p, v, hd, out) };
         return;
     }
-    weighted_rows_sum_body(p, v, out);
+    weighted_rows_sum_body(p, v, hd, out);
 }
 
 /// The same loop compiled with AVX-512 enabled, so LLVM vectorizes it 16 wide.
@@ -103,16 +111,20 @@ fn weighted_rows_sum(p: &[f32], v: &[f32], out: &mut [f32]) {
 /// The CPU must support AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn weighted_rows_sum_avx512(p: &[f32], v: &[f32], out: &mut [f32]) {
-    weighted_rows_sum_body(p, v, out);
+unsafe fn weighted_rows_sum_avx512(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+    weighted_rows_sum_body(p, v, hd, out);
 }
 
 #[inline(always)]
-fn weighted_rows_sum_body(p: &[f32], v: &[f32], out: &mut [f32]) {
+fn weighted_rows_sum_body(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+    let total = v.len() / hd.max(1);
     out.iter_mut().for_each(|o| *o = 0.0);
-    for (&w, row) in p.iter().zip(v.chunks_exact(out.len())) {
-        for (o, &x) in out.iter_mut().zip(row) {
-            *o += w * x;
+    for (j, row) in v.chunks_exact(hd).enumerate() {
+        for (r, o) in out.chunks_exact_mut(hd).enumerate() {
+            let w = p[r * total + j];
+            for (o, &x) in o.iter_mut().zip(row) {
+                *o += w * x;
+            }
         }
     }
 }
