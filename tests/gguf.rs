@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
-use common::{fixture, golden, golden_logits};
+use common::{fixture, golden, golden_logits, perplexity, texts};
 use switchyard::Engine;
 use switchyard::generate::{ChatMessage, TextTokenizer};
 use switchyard::model::moe::Routing;
@@ -226,28 +226,6 @@ fn requantized_qwen3_moe(dtype: GgmlDType) -> Model {
     let path = tmp.path().join("model.gguf");
     requantize(&gguf_fixture("qwen3_moe-f16.gguf"), dtype, &path);
     Model::load(&path, &LoadOptions::default()).unwrap()
-}
-
-/// exp(mean negative log-likelihood of `ids[1..]`) under `logits` `[seq][vocab]`.
-fn perplexity(logits: &[Vec<f32>], ids: &[u32]) -> f64 {
-    let nll: f64 = (1..ids.len())
-        .map(|i| {
-            let row = &logits[i - 1];
-            let max = row.iter().fold(f32::MIN, |m, &x| m.max(x));
-            let sum: f64 = row.iter().map(|&x| f64::from(x - max).exp()).sum();
-            f64::from(max) + sum.ln() - f64::from(row[ids[i] as usize])
-        })
-        .sum();
-    (nll / (ids.len() - 1) as f64).exp()
-}
-
-/// Each golden prompt followed by its greedy continuation (text the model finds likely).
-fn texts(name: &str) -> Vec<Vec<u32>> {
-    golden(name)
-        .prompts
-        .iter()
-        .map(|p| p.input_ids.iter().chain(&p.greedy).copied().collect())
-        .collect()
 }
 
 // Q8_0 rounds each weight by ~0.5% RMS; on these tiny random MoEs that is enough

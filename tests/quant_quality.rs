@@ -12,8 +12,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, Tensor};
-use common::{ALL_FIXTURES, fixture, golden};
+use candle_core::Tensor;
+use common::{ALL_FIXTURES, fixture, perplexity, texts};
 use switchyard::model::{LoadOptions, Model, NoObserver};
 use switchyard::ops::QuantKind;
 
@@ -36,22 +36,9 @@ fn relative_rms(a: &Tensor, b: &Tensor) -> f32 {
     (d.to_scalar::<f32>().unwrap() / n.to_scalar::<f32>().unwrap()).sqrt()
 }
 
-/// exp(mean negative log-likelihood of `ids[1..]`).
-fn perplexity(logits: &Tensor, ids: &[u32]) -> f32 {
-    let logp = candle_nn::ops::log_softmax(logits, D::Minus1).unwrap();
-    let logp = logp.to_vec2::<f32>().unwrap();
-    let nll: f32 = (1..ids.len()).map(|i| -logp[i - 1][ids[i] as usize]).sum();
-    (nll / (ids.len() - 1) as f32).exp()
-}
-
-/// Each golden prompt followed by its greedy continuation: a text the model
-/// finds likely, so perplexity is sensitive to changes.
-fn texts(name: &str) -> Vec<Vec<u32>> {
-    golden(name)
-        .prompts
-        .iter()
-        .map(|p| p.input_ids.iter().chain(&p.greedy).copied().collect())
-        .collect()
+/// [`perplexity`] of `[seq, vocab]` logits.
+fn ppl_of(logits: &Tensor, ids: &[u32]) -> f32 {
+    perplexity(&logits.to_vec2::<f32>().unwrap(), ids) as f32
 }
 
 /// Worst q8_0 logits error and worst q4 perplexity ratio (|ppl / f32 ppl - 1|) of a model.
@@ -66,9 +53,9 @@ fn errors(dir: &Path, texts: &[Vec<u32>]) -> (f32, f32) {
     for ids in texts {
         let want = logits(&base, ids);
         q8_err = q8_err.max(relative_rms(&logits(&q8, ids), &want));
-        let ppl = perplexity(&want, ids);
+        let ppl = ppl_of(&want, ids);
         for m in &q4 {
-            q4_err = q4_err.max((perplexity(&logits(m, ids), ids) / ppl - 1.0).abs());
+            q4_err = q4_err.max((ppl_of(&logits(m, ids), ids) / ppl - 1.0).abs());
         }
     }
     (q8_err, q4_err)

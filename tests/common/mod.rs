@@ -132,3 +132,25 @@ pub const ALL_FIXTURES: [&str; 6] = [
     "qwen2_moe",
     "olmoe",
 ];
+
+/// exp(mean negative log-likelihood of `ids[1..]`) under `logits` `[seq][vocab]`.
+pub fn perplexity(logits: &[Vec<f32>], ids: &[u32]) -> f64 {
+    let nll: f64 = (1..ids.len())
+        .map(|i| {
+            let row = &logits[i - 1];
+            let max = row.iter().fold(f32::MIN, |m, &x| m.max(x));
+            let sum: f64 = row.iter().map(|&x| f64::from(x - max).exp()).sum();
+            f64::from(max) + sum.ln() - f64::from(row[ids[i] as usize])
+        })
+        .sum();
+    (nll / (ids.len() - 1) as f64).exp()
+}
+
+/// Each golden prompt followed by its greedy continuation (text the model finds likely).
+pub fn texts(name: &str) -> Vec<Vec<u32>> {
+    golden(name)
+        .prompts
+        .iter()
+        .map(|p| p.input_ids.iter().chain(&p.greedy).copied().collect())
+        .collect()
+}
