@@ -134,11 +134,7 @@ impl PackedMatrix {
                 let d = quantize_block(format, xs, &mut q[b * BLOCK..(b + 1) * BLOCK]);
                 scales[r * nb + b] = f16::from_f32(d);
             }
-            let dst = &mut quants[r * format.row_bytes(cols)..(r + 1) * format.row_bytes(cols)];
-            match format {
-                PackedFormat::Q8_0 => dst.copy_from_slice(&q),
-                PackedFormat::Q4_0 => pack_q4_row(&q, dst),
-            }
+            store_row(format, &q, &mut quants, r, cols);
         }
         Ok(Self {
             format,
@@ -182,11 +178,7 @@ impl PackedMatrix {
                     }
                 }
             }
-            let dst = &mut quants[r * format.row_bytes(cols)..(r + 1) * format.row_bytes(cols)];
-            match format {
-                PackedFormat::Q8_0 => dst.copy_from_slice(&q),
-                PackedFormat::Q4_0 => pack_q4_row(&q, dst),
-            }
+            store_row(format, &q, &mut quants, r, cols);
         }
         Ok(Self {
             format,
@@ -341,6 +333,16 @@ impl QuantizedActs {
             &self.scales[t * nb..(t + 1) * nb],
             &self.sums[t * nb..(t + 1) * nb],
         )
+    }
+}
+
+/// Writes row `r`'s (offset, unsigned) quants `q` into the packed byte buffer of its format.
+fn store_row(format: PackedFormat, q: &[u8], quants: &mut [u8], r: usize, cols: usize) {
+    let row_bytes = format.row_bytes(cols);
+    let dst = &mut quants[r * row_bytes..(r + 1) * row_bytes];
+    match format {
+        PackedFormat::Q8_0 => dst.copy_from_slice(q),
+        PackedFormat::Q4_0 => pack_q4_row(q, dst),
     }
 }
 
