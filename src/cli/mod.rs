@@ -48,7 +48,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     switchyard::ops::set_num_threads(
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     );
-    match cli.command {
+    switchyard::ops::on_pool(|| run_command(cli.command))
+}
+
+fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Bench(args) => bench::run(args),
         Command::Run(args) => run::run(args),
         Command::Logits(args) => logits::run(args),

@@ -16,7 +16,7 @@ mod rope;
 pub use attention::attend_cache;
 pub use ffn::{Ffn, FfnScratch};
 pub use linear::{Linear, LinearWeight};
-pub use matmul::{num_threads, set_num_threads};
+pub use matmul::{num_threads, on_pool, set_num_threads};
 pub use norm::RmsNorm;
 pub use quant::QuantKind;
 pub use rope::RopeTable;
