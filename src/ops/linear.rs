@@ -429,14 +429,18 @@ mod tests {
 
     #[test]
     fn weight_bytes_count_quants_and_scales() {
-        let (lin, _) = linear(8, 512, DType::F32);
-        assert_eq!(lin.weight_bytes(), 8 * 512 * 4 + 8 * 4);
+        let (lin, _) = linear(16, 512, DType::F32);
+        assert_eq!(lin.weight_bytes(), 16 * 512 * 4 + 16 * 4);
         let q8 = lin.quantize(QuantKind::Q8_0).unwrap();
-        assert_eq!(q8.weight_bytes(), 8 * 16 * 34 + 8 * 4);
+        assert_eq!(q8.weight_bytes(), 16 * 16 * 34 + 16 * 4);
         let q4 = lin.quantize(QuantKind::Q4_0).unwrap();
-        assert_eq!(q4.weight_bytes(), 8 * 16 * 18 + 8 * 4);
+        assert_eq!(q4.weight_bytes(), 16 * 16 * 18 + 16 * 4);
         let q4k = lin.quantize(QuantKind::Q4K).unwrap();
-        assert_eq!(q4k.weight_bytes(), 8 * 2 * 144 + 8 * 4);
+        assert_eq!(q4k.weight_bytes(), 16 * 2 * 144 + 16 * 4);
+        // Packed rows are stored (and read) in whole tiles of 16.
+        let (lin, _) = linear(8, 512, DType::F32);
+        let q8 = lin.quantize(QuantKind::Q8_0).unwrap();
+        assert_eq!(q8.weight_bytes(), 16 * 16 * 34 + 8 * 4);
     }
 
     #[test]

@@ -13,10 +13,11 @@ use half::bf16;
 use super::kernels::{
     Isa, MAX_TOKENS, bf16_rows_dots, dense_rows_dots, has_avx512_bf16, packed_rows_dots,
 };
-use super::quant::{PackedMatrix, QuantizedActs};
+use super::quant::{PackedMatrix, QuantizedActs, TILE};
 
-/// Rows per block: a block of weights stays in L2 while every token passes over it.
-const ROW_BLOCK: usize = 64;
+/// Rows per block (whole packed tiles): a block of weights stays in L2 while every
+/// token passes over it.
+const ROW_BLOCK: usize = 4 * TILE;
 /// Below this many multiply-adds a matmul runs on the calling thread (a router,
 /// a tiny test model): a fork-join costs more than the work.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
@@ -132,8 +133,9 @@ pub fn run_jobs(n: usize, cols: usize, jobs: &mut [MatmulJob<'_>]) {
         }
         return;
     }
-    // A few chunks per thread so a thread slowed by a neighbour's job is evened out.
-    let chunk_rows = total_rows.div_ceil(threads * 4).max(16);
+    // A few chunks per thread so a thread slowed by a neighbour's job is evened out;
+    // whole packed tiles each.
+    let chunk_rows = total_rows.div_ceil(threads * 4).next_multiple_of(TILE);
     let chunks: Vec<(usize, std::ops::Range<usize>)> = jobs
         .iter()
         .enumerate()
@@ -250,25 +252,28 @@ mod tests {
                 let q = PackedMatrix::quantize(format, &w, rows, cols).unwrap();
                 let mut yq = vec![f32::NAN; n * rows];
                 matmul_packed(isa, &q, &acts, &mut yq);
+                // The portable tile kernel is the reference for the blocked driver.
+                let mut one = vec![[0f32; MAX_TOKENS]; rows];
+                let mut want = vec![0f32; n * rows];
                 for t in 0..n {
+                    crate::ops::kernels::packed_rows_dots(
+                        Isa::Portable,
+                        &q,
+                        0..rows,
+                        &acts,
+                        t,
+                        1,
+                        &mut one,
+                    );
                     for r in 0..rows {
-                        // The portable row kernel is the reference for the blocked driver.
-                        let mut one = [0f32; MAX_TOKENS];
-                        crate::ops::kernels::packed_row_dots(
-                            Isa::Portable,
-                            q.row(r),
-                            &acts,
-                            t,
-                            1,
-                            &mut one,
-                        );
-                        let got = yq[t * rows + r];
-                        assert!(
-                            (got - one[0]).abs() < 1e-4 * (1.0 + one[0].abs()),
-                            "{isa:?} {format:?}: {got} vs {}",
-                            one[0]
-                        );
+                        want[t * rows + r] = one[r][0];
                     }
+                }
+                for (got, want) in yq.iter().zip(&want) {
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{isa:?} {format:?}: {got} vs {want}"
+                    );
                 }
             }
         }

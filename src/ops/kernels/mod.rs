@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use half::{bf16, f16};
 
-use super::quant::{PackedFormat, PackedMatrix, QuantizedActs};
+use super::quant::{PackedMatrix, QuantizedActs, TILE};
 
 /// Activation rows one call handles; a weight row is loaded once for all of them.
 pub const MAX_TOKENS: usize = 4;
@@ -120,14 +120,6 @@ impl DenseRow<'_> {
     }
 }
 
-/// One row of a packed weight matrix: offset quants and per-block scales.
-#[derive(Debug, Clone, Copy)]
-pub struct PackedRow<'a> {
-    pub format: PackedFormat,
-    pub quants: &'a [u8],
-    pub scales: &'a [f16],
-}
-
 /// `out[i] = w · x[t0 + i]` for `i < nt`, `x: [n, cols]` row-major.
 pub fn dense_row_dots(
     isa: Isa,
@@ -152,30 +144,6 @@ pub fn dense_row_dots(
     }
 }
 
-/// `out[i] = w · dequant(acts[t0 + i])` for `i < nt`.
-pub fn packed_row_dots(
-    isa: Isa,
-    w: PackedRow<'_>,
-    acts: &QuantizedActs,
-    t0: usize,
-    nt: usize,
-    out: &mut [f32; MAX_TOKENS],
-) {
-    debug_assert!(nt <= MAX_TOKENS && t0 + nt <= acts.n);
-    debug_assert_eq!(w.scales.len(), acts.blocks_per_row());
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx512` is only produced when the CPU has AVX-512 F/BW/VNNI;
-        // row and activation lengths agree (checked above in debug, by construction in
-        // `matmul`).
-        Isa::Avx512 => unsafe { x86_avx512::packed_row_dots(w, acts, t0, nt, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only produced when the CPU has AVX2/FMA/F16C.
-        Isa::Avx2 => unsafe { x86_avx2::packed_row_dots(w, acts, t0, nt, out) },
-        _ => portable::packed_row_dots(w, acts, t0, nt, out),
-    }
-}
-
 /// [`dense_row_dots`] for rows `rows` of a row-major `[_, cols]` matrix:
 /// `out[i][j] = w[rows.start + i] · x[t0 + j]`.
 pub fn dense_rows_dots(
@@ -192,8 +160,9 @@ pub fn dense_rows_dots(
     }
 }
 
-/// [`packed_row_dots`] for rows `rows` of a packed matrix:
-/// `out[i][j] = w[rows.start + i] · acts[t0 + j]`.
+/// Rows `rows` of a packed matrix times activation rows `t0..t0 + nt`:
+/// `out[i][j] = w[rows.start + i] · dequant(acts[t0 + j])`. Works tile by tile;
+/// ranges that start on a tile boundary waste nothing.
 pub fn packed_rows_dots(
     isa: Isa,
     w: &PackedMatrix,
@@ -204,20 +173,34 @@ pub fn packed_rows_dots(
     out: &mut [[f32; MAX_TOKENS]],
 ) {
     assert!(rows.end <= w.rows() && out.len() >= rows.len() && t0 + nt <= acts.n);
+    assert!(nt <= MAX_TOKENS);
     assert_eq!(
         w.cols(),
         acts.cols,
         "packed matrix and activations differ in width"
     );
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx512` is only produced when the CPU has AVX-512 F/BW/VNNI;
-        // rows, widths and token range were checked above.
-        Isa::Avx512 => unsafe { x86_avx512::packed_rows_dots(w, rows, acts, t0, nt, out) },
-        _ => {
-            for (r, o) in rows.zip(out.iter_mut()) {
-                packed_row_dots(isa, w.row(r), acts, t0, nt, o);
-            }
+    if rows.is_empty() {
+        return;
+    }
+    let mut tile_out = [[0f32; MAX_TOKENS]; TILE];
+    for tile in rows.start / TILE..rows.end.div_ceil(TILE) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512` is only produced when the CPU has AVX-512 F/BW/VNNI;
+            // the tile exists and widths and the token range were checked above.
+            Isa::Avx512 => unsafe {
+                x86_avx512::packed_tile_dots(w, tile, acts, t0, nt, &mut tile_out)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` is only produced when the CPU has AVX2/FMA/F16C; as above.
+            Isa::Avx2 => unsafe {
+                x86_avx2::packed_tile_dots(w, tile, acts, t0, nt, &mut tile_out)
+            },
+            _ => portable::packed_tile_dots(w, tile, acts, t0, nt, &mut tile_out),
+        }
+        let first = tile * TILE;
+        for r in first.max(rows.start)..(first + TILE).min(rows.end) {
+            out[r - rows.start] = tile_out[r - first];
         }
     }
 }
@@ -248,46 +231,10 @@ impl<'a> DenseRows<'a> {
     }
 }
 
-/// Block `b` (of `nb`) of a packed row as 32 offset values.
-pub fn unpack_block(w: &PackedRow<'_>, b: usize, q: &mut [u8; 32]) {
-    let nb = w.scales.len();
-    match w.format {
-        PackedFormat::Q8_0 => q.copy_from_slice(&w.quants[b * 32..(b + 1) * 32]),
-        PackedFormat::Q4_0 if b == nb - 1 && nb % 2 == 1 => {
-            let src = &w.quants[b * 16..b * 16 + 16];
-            for j in 0..16 {
-                q[j] = src[j] & 0x0F;
-                q[16 + j] = src[j] >> 4;
-            }
-        }
-        PackedFormat::Q4_0 => {
-            let src = &w.quants[(b / 2) * 32..(b / 2) * 32 + 32];
-            let shift = 4 * (b % 2);
-            for j in 0..32 {
-                q[j] = (src[j] >> shift) & 0x0F;
-            }
-        }
-    }
-}
-
-/// Block `b`'s contribution to a packed dot product: `d_w * (d_x * Σ q_w q_x - off * s_x)`
-/// with `q_w` still offset; shared by the portable kernel and the SIMD kernels' tails.
-#[inline]
-pub(crate) fn packed_block_dot(w: &PackedRow<'_>, b: usize, xq: &[i8], dx: f32, sx: f32) -> f32 {
-    let mut q = [0u8; 32];
-    unpack_block(w, b, &mut q);
-    let isum: i32 = q
-        .iter()
-        .zip(&xq[b * 32..(b + 1) * 32])
-        .map(|(&a, &c)| a as i32 * c as i32)
-        .sum();
-    w.scales[b].to_f32() * (dx * isum as f32 - w.format.offset() as f32 * sx)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::quant::PackedMatrix;
+    use crate::ops::quant::{PackedFormat, PackedMatrix};
 
     /// Deterministic values in about [-1, 1] with some large outliers per block.
     fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -305,7 +252,7 @@ mod tests {
             .collect()
     }
 
-    // 35 blocks: two full 16-block groups, a pair and an unpaired tail block.
+    // 35 blocks: an odd count, so no kernel can assume blocks come in pairs.
     const COLS: usize = 35 * 32;
 
     fn reference(w: &[f32], x: &[f32], cols: usize) -> Vec<f64> {
@@ -351,7 +298,8 @@ mod tests {
 
     #[test]
     fn packed_kernels_match_naive_reference_on_every_isa() {
-        let rows = 3;
+        // Two tiles, the second padded; row ranges on and off tile boundaries.
+        let rows = 19;
         let w = values(rows * COLS, 3);
         let x = values(5 * COLS, 4);
         let mut acts = QuantizedActs::default();
@@ -369,34 +317,35 @@ mod tests {
         for format in [PackedFormat::Q8_0, PackedFormat::Q4_0] {
             let m = PackedMatrix::quantize(format, &w, rows, COLS).unwrap();
             let wd = m.dequantize();
-            for r in 0..rows {
-                let row = m.row(r);
-                let wr = &wd[r * COLS..(r + 1) * COLS];
-                let exact = reference(wr, &xd, COLS);
-                let float = reference(&w[r * COLS..(r + 1) * COLS], &x, COLS);
-                for isa in Isa::supported() {
+            for isa in Isa::supported() {
+                for range in [0..rows, 3..rows, 16..rows, 5..9] {
                     for (t0, nt) in [(0, 4), (4, 1), (1, 3), (2, 2)] {
-                        let mut out = [0f32; MAX_TOKENS];
-                        packed_row_dots(isa, row, &acts, t0, nt, &mut out);
-                        for i in 0..nt {
-                            let (e, f) = (exact[t0 + i], float[t0 + i]);
-                            assert!(
-                                (out[i] as f64 - e).abs() < 1e-4 * (1.0 + e.abs()),
-                                "{isa:?} {format:?} row {r} token {}: got {} want {e}",
-                                t0 + i,
-                                out[i]
-                            );
-                            // And the quantization error itself stays small.
-                            let tol = match format {
-                                PackedFormat::Q8_0 => 0.02,
-                                PackedFormat::Q4_0 => 0.15,
-                            };
-                            let norm = (COLS as f64).sqrt();
-                            assert!(
-                                (out[i] as f64 - f).abs() < tol * norm,
-                                "{format:?}: {} vs {f}",
-                                out[i]
-                            );
+                        let mut out = vec![[f32::NAN; MAX_TOKENS]; range.len()];
+                        packed_rows_dots(isa, &m, range.clone(), &acts, t0, nt, &mut out);
+                        for (r, o) in range.clone().zip(&out) {
+                            let wr = &wd[r * COLS..(r + 1) * COLS];
+                            let exact = reference(wr, &xd, COLS);
+                            let float = reference(&w[r * COLS..(r + 1) * COLS], &x, COLS);
+                            for i in 0..nt {
+                                let (e, f) = (exact[t0 + i], float[t0 + i]);
+                                assert!(
+                                    (o[i] as f64 - e).abs() < 1e-4 * (1.0 + e.abs()),
+                                    "{isa:?} {format:?} row {r} token {}: got {} want {e}",
+                                    t0 + i,
+                                    o[i]
+                                );
+                                // And the quantization error itself stays small.
+                                let tol = match format {
+                                    PackedFormat::Q8_0 => 0.02,
+                                    PackedFormat::Q4_0 => 0.15,
+                                };
+                                let norm = (COLS as f64).sqrt();
+                                assert!(
+                                    (o[i] as f64 - f).abs() < tol * norm,
+                                    "{format:?}: {} vs {f}",
+                                    o[i]
+                                );
+                            }
                         }
                     }
                 }

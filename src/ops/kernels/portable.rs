@@ -1,7 +1,7 @@
 //! Scalar kernels for any CPU; also the reference the SIMD paths are tested against.
 
-use super::{DenseRow, MAX_TOKENS, PackedRow, packed_block_dot};
-use crate::ops::quant::QuantizedActs;
+use super::{DenseRow, MAX_TOKENS};
+use crate::ops::quant::{BLOCK, PackedMatrix, QuantizedActs, TILE};
 
 pub fn dense_row_dots(w: DenseRow<'_>, xs: &[f32], nt: usize, out: &mut [f32; MAX_TOKENS]) {
     let cols = w.len();
@@ -15,18 +15,36 @@ pub fn dense_row_dots(w: DenseRow<'_>, xs: &[f32], nt: usize, out: &mut [f32; MA
     }
 }
 
-pub fn packed_row_dots(
-    w: PackedRow<'_>,
+pub fn packed_tile_dots(
+    w: &PackedMatrix,
+    tile: usize,
     acts: &QuantizedActs,
     t0: usize,
     nt: usize,
-    out: &mut [f32; MAX_TOKENS],
+    out: &mut [[f32; MAX_TOKENS]; TILE],
 ) {
-    for (t, o) in out.iter_mut().enumerate().take(nt) {
-        let (xq, dx, sx) = acts.token(t0 + t);
-        *o = (0..w.scales.len())
-            .map(|b| packed_block_dot(&w, b, xq, dx[b], sx[b]))
-            .sum();
+    let off = w.format().offset();
+    let mut q = [0u8; BLOCK];
+    for (i, o) in out.iter_mut().enumerate() {
+        let r = tile * TILE + i;
+        if r >= w.rows() {
+            *o = [0.0; MAX_TOKENS];
+            continue;
+        }
+        for (t, v) in o.iter_mut().enumerate().take(nt) {
+            let (xq, dx, _) = acts.token(t0 + t);
+            *v = (0..w.cols() / BLOCK)
+                .map(|b| {
+                    let d = w.block(r, b, &mut q).to_f32();
+                    let isum: i32 = q
+                        .iter()
+                        .zip(&xq[b * BLOCK..(b + 1) * BLOCK])
+                        .map(|(&a, &c)| (a as i32 - off) * c as i32)
+                        .sum();
+                    d * dx[b] * isum as f32
+                })
+                .sum();
+        }
     }
 }
 

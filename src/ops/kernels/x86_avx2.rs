@@ -1,11 +1,12 @@
-//! AVX2 kernels: one 32-element block per `vpmaddubsw`. Q8_0 uses llama.cpp's
-//! sign trick (|x| times sign-adjusted w) because offset weights times x could
+//! AVX2 kernels. Packed tiles go as two halves of 8 rows, a row per 32-bit lane,
+//! 4 values per `vpmaddubsw` lane pair against 4 broadcast activations. Q8_0 uses
+//! the sign trick (|w| times sign-adjusted x) because offset weights times x could
 //! overflow the 16-bit pair sums; Q4_0 nibbles (0..15) cannot.
 
 use std::arch::x86_64::*;
 
-use super::{DenseRow, MAX_TOKENS, PackedRow};
-use crate::ops::quant::{PackedFormat, QuantizedActs};
+use super::{DenseRow, MAX_TOKENS};
+use crate::ops::quant::{PackedFormat, PackedMatrix, QuantizedActs, TILE};
 
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; `xs` holds `nt` rows of `w.len()`.
@@ -69,66 +70,94 @@ fn hsum(v: __m256) -> f32 {
 }
 
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C; `w` and `acts` have the same number of
-/// blocks and `t0 + nt <= acts.n`.
+/// The CPU must support AVX2, FMA and F16C; `tile < w.tiles()`, `w.cols() == acts.cols`
+/// and `t0 + nt <= acts.n`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn packed_row_dots(
-    w: PackedRow<'_>,
+pub unsafe fn packed_tile_dots(
+    w: &PackedMatrix,
+    tile: usize,
     acts: &QuantizedActs,
     t0: usize,
     nt: usize,
-    out: &mut [f32; MAX_TOKENS],
+    out: &mut [[f32; MAX_TOKENS]; TILE],
 ) {
-    let nb = w.scales.len();
+    let (quants, scales) = w.tile(tile);
+    let format = w.format();
+    let nb = acts.blocks_per_row();
+    let bb = TILE * format.block_bytes();
     let ones = _mm256_set1_epi16(1);
     let nibbles = _mm256_set1_epi8(0x0F);
     let flip = _mm256_set1_epi8(-128);
-    let wq = w.quants.as_ptr();
-    for (t, o) in out.iter_mut().enumerate().take(nt) {
+    // Q8_0 is made signed again in registers (`maddubs` is unsigned x signed and
+    // 255 x 127 x 2 would overflow its i16 pairs), so only Q4_0 carries the offset.
+    let off = match format {
+        PackedFormat::Q8_0 => 0.0,
+        PackedFormat::Q4_0 => format.offset() as f32,
+    };
+    for t in 0..nt {
         let (xq, dx, sx) = acts.token(t0 + t);
-        let mut acc = _mm256_setzero_ps();
-        let mut off = 0f32;
+        // The tile's two halves of 8 rows, one 32-bit lane per row.
+        let mut acc = [_mm256_setzero_ps(); 2];
         for b in 0..nb {
-            let dw = w.scales[b].to_f32();
-            // SAFETY: block `b < nb` lies inside the row: 32 bytes at `32b` (Q8_0), the
-            // pair's 32 bytes at `16(b & !1)` or an unpaired block's 16 at `16b` (Q4_0);
-            // the activation block is 32 bytes at `32b`.
-            let p32 = unsafe {
-                let xv = _mm256_loadu_si256(xq.as_ptr().add(b * 32) as *const __m256i);
-                match w.format {
-                    PackedFormat::Q8_0 => {
-                        let ws = _mm256_xor_si256(
-                            _mm256_loadu_si256(wq.add(b * 32) as *const __m256i),
-                            flip,
-                        );
-                        let p16 = _mm256_maddubs_epi16(
-                            _mm256_sign_epi8(xv, xv),
-                            _mm256_sign_epi8(ws, xv),
-                        );
-                        _mm256_madd_epi16(p16, ones)
+            // SAFETY: block `b < nb` of the tile is `bb` bytes at `b * bb` and 16 scales
+            // at `16b`; the activation block is 32 bytes at `32b`.
+            unsafe {
+                let wb = quants.as_ptr().add(b * bb);
+                let x4 = |i: usize| {
+                    _mm256_set1_epi32(std::ptr::read_unaligned(
+                        xq.as_ptr().add(b * 32 + i) as *const i32
+                    ))
+                };
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let mut isum = _mm256_setzero_si256();
+                    match format {
+                        PackedFormat::Q8_0 => {
+                            for k in 0..8 {
+                                let v =
+                                    _mm256_loadu_si256(wb.add(k * 64 + h * 32) as *const __m256i);
+                                let ws = _mm256_xor_si256(v, flip);
+                                let p16 = _mm256_maddubs_epi16(
+                                    _mm256_sign_epi8(ws, ws),
+                                    _mm256_sign_epi8(x4(4 * k), ws),
+                                );
+                                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, ones));
+                            }
+                        }
+                        PackedFormat::Q4_0 => {
+                            for c in 0..4 {
+                                let v =
+                                    _mm256_loadu_si256(wb.add(c * 64 + h * 32) as *const __m256i);
+                                let lo = _mm256_and_si256(v, nibbles);
+                                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibbles);
+                                // 2 x 15 x 127 x 2 fits the i16 pairs.
+                                let p16 = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(lo, x4(4 * c)),
+                                    _mm256_maddubs_epi16(hi, x4(16 + 4 * c)),
+                                );
+                                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, ones));
+                            }
+                        }
                     }
-                    PackedFormat::Q4_0 => {
-                        let wv = if b == nb - 1 && nb % 2 == 1 {
-                            let v = _mm_loadu_si128(wq.add(b * 16) as *const __m128i);
-                            let both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
-                            _mm256_and_si256(both, nibbles)
-                        } else {
-                            let v = _mm256_loadu_si256(wq.add((b & !1) * 16) as *const __m256i);
-                            let v = if b % 2 == 1 {
-                                _mm256_srli_epi16(v, 4)
-                            } else {
-                                v
-                            };
-                            _mm256_and_si256(v, nibbles)
-                        };
-                        off += dw * sx[b];
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones)
-                    }
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(
+                        scales.as_ptr().add(b * TILE + h * 8) as *const __m128i,
+                    ));
+                    let v = _mm256_fmsub_ps(
+                        _mm256_cvtepi32_ps(isum),
+                        _mm256_set1_ps(dx[b]),
+                        _mm256_set1_ps(off * sx[b]),
+                    );
+                    *acc = _mm256_fmadd_ps(dw, v, *acc);
                 }
-            };
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(dw * dx[b]), acc);
+            }
         }
-        // Q8_0 used signed weights directly, so only Q4_0 carries the offset term.
-        *o = hsum(acc) - w.format.offset() as f32 * off;
+        let mut lanes = [0f32; TILE];
+        // SAFETY: `lanes` holds 16 f32.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
+        }
+        for (o, v) in out.iter_mut().zip(lanes) {
+            o[t] = v;
+        }
     }
 }

@@ -1,6 +1,6 @@
-//! AVX-512 kernels. Packed rows: one `vpdpbusd` per two blocks (64 bytes), the
-//! per-block scales applied in f32 by permuting a vector of 16 block scales; the
-//! weights' unsigned offset is removed once per row via the activations' block sums.
+//! AVX-512 kernels. Packed tiles: 16 rows at once, a row per 32-bit lane, so
+//! `vpdpbusd` needs no horizontal sums and a block's 16 scales are one vector;
+//! the weights' unsigned offset is removed per block via the activations' sums.
 //! Dense rows: bf16/f16 widened to f32 in registers, then FMA.
 
 // Accumulator arrays are indexed in step with token rows; index loops read clearer.
@@ -8,8 +8,8 @@
 
 use std::arch::x86_64::*;
 
-use super::{DenseRow, MAX_TOKENS, PackedRow, packed_block_dot};
-use crate::ops::quant::{PackedFormat, PackedMatrix, QuantizedActs};
+use super::{DenseRow, MAX_TOKENS};
+use crate::ops::quant::{PackedFormat, PackedMatrix, QuantizedActs, TILE};
 
 /// # Safety
 /// The CPU must support AVX-512 F; `xs` holds `nt` rows of `w.len()`.
@@ -87,129 +87,107 @@ unsafe fn dense_n<const NT: usize>(w: DenseRow<'_>, xs: &[f32], out: &mut [f32; 
 }
 
 /// # Safety
-/// The CPU must support AVX-512 F/BW/VNNI; `w` and `acts` have the same number of blocks
+/// The CPU must support AVX-512 F/BW/VNNI; `tile < w.tiles()`, `w.cols() == acts.cols`
 /// and `t0 + nt <= acts.n`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub unsafe fn packed_row_dots(
-    w: PackedRow<'_>,
+pub unsafe fn packed_tile_dots(
+    w: &PackedMatrix,
+    tile: usize,
     acts: &QuantizedActs,
     t0: usize,
     nt: usize,
-    out: &mut [f32; MAX_TOKENS],
+    out: &mut [[f32; MAX_TOKENS]; TILE],
 ) {
+    let (quants, scales) = w.tile(tile);
     // SAFETY (all arms): forwarded caller guarantees.
     unsafe {
-        match (w.format, nt) {
-            (PackedFormat::Q8_0, 1) => packed_n::<1, false>(w, acts, t0, out),
-            (PackedFormat::Q8_0, 2) => packed_n::<2, false>(w, acts, t0, out),
-            (PackedFormat::Q8_0, 3) => packed_n::<3, false>(w, acts, t0, out),
-            (PackedFormat::Q8_0, _) => packed_n::<4, false>(w, acts, t0, out),
-            (PackedFormat::Q4_0, 1) => packed_n::<1, true>(w, acts, t0, out),
-            (PackedFormat::Q4_0, 2) => packed_n::<2, true>(w, acts, t0, out),
-            (PackedFormat::Q4_0, 3) => packed_n::<3, true>(w, acts, t0, out),
-            (PackedFormat::Q4_0, _) => packed_n::<4, true>(w, acts, t0, out),
+        match (w.format(), nt) {
+            (PackedFormat::Q8_0, 1) => tile_n::<1, false>(quants, scales, acts, t0, out),
+            (PackedFormat::Q8_0, 2) => tile_n::<2, false>(quants, scales, acts, t0, out),
+            (PackedFormat::Q8_0, 3) => tile_n::<3, false>(quants, scales, acts, t0, out),
+            (PackedFormat::Q8_0, _) => tile_n::<4, false>(quants, scales, acts, t0, out),
+            (PackedFormat::Q4_0, 1) => tile_n::<1, true>(quants, scales, acts, t0, out),
+            (PackedFormat::Q4_0, 2) => tile_n::<2, true>(quants, scales, acts, t0, out),
+            (PackedFormat::Q4_0, 3) => tile_n::<3, true>(quants, scales, acts, t0, out),
+            (PackedFormat::Q4_0, _) => tile_n::<4, true>(quants, scales, acts, t0, out),
         }
     }
 }
 
-/// # Safety
-/// As [`packed_row_dots`], for every row in `rows` (`rows.end <= w.rows()`), and
-/// `out.len() >= rows.len()`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub unsafe fn packed_rows_dots(
-    w: &PackedMatrix,
-    rows: std::ops::Range<usize>,
-    acts: &QuantizedActs,
-    t0: usize,
-    nt: usize,
-    out: &mut [[f32; MAX_TOKENS]],
-) {
-    // SAFETY (all arms): forwarded caller guarantees; the loop is here so that the
-    // row kernel inlines into it.
-    unsafe {
-        for (r, o) in rows.zip(out.iter_mut()) {
-            let row = w.row(r);
-            match (row.format, nt) {
-                (PackedFormat::Q8_0, 1) => packed_n::<1, false>(row, acts, t0, o),
-                (PackedFormat::Q8_0, 2) => packed_n::<2, false>(row, acts, t0, o),
-                (PackedFormat::Q8_0, 3) => packed_n::<3, false>(row, acts, t0, o),
-                (PackedFormat::Q8_0, _) => packed_n::<4, false>(row, acts, t0, o),
-                (PackedFormat::Q4_0, 1) => packed_n::<1, true>(row, acts, t0, o),
-                (PackedFormat::Q4_0, 2) => packed_n::<2, true>(row, acts, t0, o),
-                (PackedFormat::Q4_0, 3) => packed_n::<3, true>(row, acts, t0, o),
-                (PackedFormat::Q4_0, _) => packed_n::<4, true>(row, acts, t0, o),
-            }
-        }
-    }
-}
-
+/// One tile (16 rows, a row per lane) times `NT` activation rows. Per block and
+/// token: 8 `vpdpbusd` on broadcast 4-byte activation groups, split over two
+/// accumulators to halve the dependency chain, then one convert and two FMAs that
+/// apply the 16 rows' scales and remove the unsigned offset.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn packed_n<const NT: usize, const Q4: bool>(
-    w: PackedRow<'_>,
+unsafe fn tile_n<const NT: usize, const Q4: bool>(
+    quants: &[u8],
+    scales: &[half::f16],
     acts: &QuantizedActs,
     t0: usize,
-    out: &mut [f32; MAX_TOKENS],
+    out: &mut [[f32; MAX_TOKENS]; TILE],
 ) {
-    let nb = w.scales.len();
-    let groups = nb / 16;
+    let nb = acts.blocks_per_row();
     let cols = acts.cols;
-    let nbx = acts.blocks_per_row();
-    // Lane l of pair p's scale vector takes block 2p + l / 8 of the group.
-    let idx: [__m512i; 8] = std::array::from_fn(|p| {
-        let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
-        _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
-    });
+    let (off, bb) = if Q4 { (8.0f32, 256) } else { (128.0, 512) };
     let nibbles = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); NT];
-    let mut acc_off = [_mm512_setzero_ps(); NT];
-    let wq = w.quants.as_ptr();
-    let ws = w.scales.as_ptr();
-    let xq = acts.quants.as_ptr();
-    let xd = acts.scales.as_ptr();
-    let xs = acts.sums.as_ptr();
-    // SAFETY: group `g` reads blocks `16g .. 16g + 16 <= nb` of the weight row (64 bytes per
-    // pair for Q8_0, 32 for Q4_0's pair layout, 16 f16 scales) and of each activation row
-    // `t0 + t < acts.n` (32 bytes per block, 16 f32 scales and sums).
+    let (wq, ws) = (quants.as_ptr(), scales.as_ptr());
+    let (xq, xd, xs) = (
+        acts.quants.as_ptr(),
+        acts.scales.as_ptr(),
+        acts.sums.as_ptr(),
+    );
+    // SAFETY: block `b < nb` of the tile is `bb` bytes at `b * bb` and 16 f16 scales at
+    // `16b`; each activation row `t0 + t < acts.n` has 32 bytes, a scale and a sum per block.
     unsafe {
-        for g in 0..groups {
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(ws.add(g * 16) as *const __m256i));
-            let mut dd = [_mm512_setzero_ps(); NT];
-            for t in 0..NT {
-                let row = (t0 + t) * nbx + g * 16;
-                let dx = _mm512_loadu_ps(xd.add(row));
-                let sx = _mm512_loadu_ps(xs.add(row));
-                acc_off[t] = _mm512_fmadd_ps(dw, sx, acc_off[t]);
-                dd[t] = _mm512_mul_ps(dw, dx);
-            }
-            for (p, idx) in idx.iter().enumerate() {
-                let blk = g * 16 + 2 * p;
-                let wv = if Q4 {
-                    let v = _mm256_loadu_si256(wq.add(blk * 16) as *const __m256i);
-                    let both =
-                        _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
-                    _mm512_and_si512(both, nibbles)
-                } else {
-                    _mm512_loadu_si512(wq.add(blk * 32) as *const __m512i)
-                };
-                for t in 0..NT {
-                    let xv =
-                        _mm512_loadu_si512(xq.add((t0 + t) * cols + blk * 32) as *const __m512i);
-                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-                    let scale = _mm512_permutexvar_ps(*idx, dd[t]);
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
+        let x4 = |t: usize, b: usize, i: usize| {
+            _mm512_set1_epi32(std::ptr::read_unaligned(
+                xq.add((t0 + t) * cols + b * 32 + i) as *const i32,
+            ))
+        };
+        for b in 0..nb {
+            let wb = wq.add(b * bb);
+            let mut s0 = [_mm512_setzero_si512(); NT];
+            let mut s1 = [_mm512_setzero_si512(); NT];
+            if Q4 {
+                for c in 0..4 {
+                    let v = _mm512_loadu_si512(wb.add(c * 64) as *const __m512i);
+                    let lo = _mm512_and_si512(v, nibbles);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibbles);
+                    for t in 0..NT {
+                        s0[t] = _mm512_dpbusd_epi32(s0[t], lo, x4(t, b, 4 * c));
+                        s1[t] = _mm512_dpbusd_epi32(s1[t], hi, x4(t, b, 16 + 4 * c));
+                    }
+                }
+            } else {
+                for k in 0..4 {
+                    let v0 = _mm512_loadu_si512(wb.add(k * 64) as *const __m512i);
+                    let v1 = _mm512_loadu_si512(wb.add((k + 4) * 64) as *const __m512i);
+                    for t in 0..NT {
+                        s0[t] = _mm512_dpbusd_epi32(s0[t], v0, x4(t, b, 4 * k));
+                        s1[t] = _mm512_dpbusd_epi32(s1[t], v1, x4(t, b, 16 + 4 * k));
+                    }
                 }
             }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(ws.add(b * TILE) as *const __m256i));
+            for t in 0..NT {
+                let i = (t0 + t) * nb + b;
+                let v = _mm512_fmsub_ps(
+                    _mm512_cvtepi32_ps(_mm512_add_epi32(s0[t], s1[t])),
+                    _mm512_set1_ps(*xd.add(i)),
+                    _mm512_set1_ps(off * *xs.add(i)),
+                );
+                acc[t] = _mm512_fmadd_ps(dw, v, acc[t]);
+            }
         }
-    }
-    let off = w.format.offset() as f32;
-    for t in 0..NT {
-        let mut s = _mm512_reduce_add_ps(acc[t]) - off * _mm512_reduce_add_ps(acc_off[t]);
-        let (q, d, sum) = acts.token(t0 + t);
-        for b in groups * 16..nb {
-            s += packed_block_dot(&w, b, q, d[b], sum[b]);
+        for t in 0..NT {
+            let mut lanes = [0f32; TILE];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t]);
+            for (o, v) in out.iter_mut().zip(lanes) {
+                o[t] = v;
+            }
         }
-        out[t] = s;
     }
 }
 
