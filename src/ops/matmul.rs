@@ -20,7 +20,7 @@ use super::quant::{PackedMatrix, QuantizedActs, TILE};
 const ROW_BLOCK: usize = 4 * TILE;
 /// Below this many multiply-adds a matmul runs on the calling thread (a router,
 /// a tiny test model): a fork-join costs more than the work.
-const PARALLEL_MIN_MACS: usize = 1 << 18;
+pub(crate) const PARALLEL_MIN_MACS: usize = 1 << 18;
 
 /// Sets the threads our kernels and candle's use. Call once at startup, before
 /// any other work: candle re-reads `RAYON_NUM_THREADS` (else `/proc/cpuinfo`)
