@@ -178,3 +178,56 @@ fn eos_ids_come_from_config_and_generation_config() {
     let cfg = switchyard::config::load_model_config(&fixture("qwen3_moe")).unwrap();
     assert!(cfg.eos_token_ids.contains(&2) && cfg.eos_token_ids.contains(&0));
 }
+
+#[test]
+fn bench_prints_prefill_decode_and_bandwidth_columns() {
+    let dir = fixture("qwen3_moe");
+    let (stdout, _) = run_ok(&[
+        "bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "--quant",
+        "q8_0",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--repeat",
+        "1",
+        "--threads",
+        "2",
+    ]);
+    let header = stdout
+        .lines()
+        .find(|l| l.starts_with("| engine"))
+        .expect("table header");
+    assert!(
+        header.contains("pp8 tok/s") && header.contains("tg4 tok/s") && header.contains("depth 8"),
+        "{header}"
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("| switchyard | q8_0 |"))
+        .expect("our row");
+    let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+    assert_eq!(cells.len(), 9, "{row}");
+    // pp, tg, tg at depth, active MB per token, GB/s, share, peak RSS: all measured.
+    for cell in [cells[2], cells[3], cells[4], cells[5], cells[6], cells[8]] {
+        let v: f64 = cell.parse().unwrap_or_else(|_| panic!("{cell:?} in {row}"));
+        assert!(v > 0.0, "{row}");
+    }
+    assert!(cells[7].ends_with('%'), "{row}");
+}
+
+#[test]
+fn bench_refuses_an_empty_prompt() {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["bench", "--model", fixture("qwen3_moe").to_str().unwrap()])
+        .args(["--prompt-tokens", "0", "--repeat", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--prompt-tokens"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1,5 +1,10 @@
 //! `switchyard bench`: prefill and decode speed against the machine's memory
 //! bandwidth, optionally next to candle-transformers' own model in the same process.
+//!
+//! The tests follow `llama-bench`, so its figures compare directly: prefill is one
+//! forward of the whole prompt (`pp`), decode generates from an empty cache
+//! (`tg`). Decode after the prompt (`tg @ depth`) is reported beside it: there
+//! every step also reads the prompt's KV cache.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -46,7 +51,10 @@ pub enum Peer {
 /// One engine's medians.
 pub struct Measured {
     pub prefill_tokens_per_s: f64,
+    /// From an empty cache, as `llama-bench`'s `tg`.
     pub decode_tokens_per_s: f64,
+    /// After the prompt: every step also attends over its cache.
+    pub decode_at_depth_tokens_per_s: f64,
     pub peak_rss_bytes: u64,
 }
 
@@ -81,17 +89,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let dtype_name = format!("{dtype:?}").to_lowercase();
     let quant_name = args.quant.map_or("-".to_string(), |q| q.to_string());
     println!(
-        "\nswitchyard bench: {} | prompt {} tokens, decode {} tokens, median of {} | {threads} threads",
+        "\nswitchyard bench: {} | pp{} = prefill of {} tokens, tg{} = decode of {} tokens from an empty cache (as llama-bench), tg @ depth = the same after the prompt | median of {} | {threads} threads",
         args.model.display(),
         args.prompt_tokens,
+        args.prompt_tokens,
+        args.gen_tokens,
         args.gen_tokens,
         args.repeat
     );
     println!("machine read bandwidth: {bw_gbs:.1} GB/s\n");
     println!(
-        "| engine | weights | prefill tok/s | decode tok/s | active MB/token | decode GB/s | share of read bw | peak RSS GiB |"
+        "| engine | weights | pp{} tok/s | tg{} tok/s | tg{} @ depth {} tok/s | active MB/token | tg GB/s | share of read bw | peak RSS GiB |",
+        args.prompt_tokens, args.gen_tokens, args.gen_tokens, args.prompt_tokens
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     // A GGUF file's weights are as stored (unless --quant re-quantizes them).
     let gguf_type = GgufFile::is_gguf(&args.model)
         .then(|| GgufFile::open(&args.model).ok())
@@ -112,9 +123,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let theirs = peer_candle(&args, dtype, &prompt)?;
         print_row("candle-transformers", &weights, &theirs, active, bw_gbs);
         println!(
-            "\nswitchyard / candle: prefill {:.2}x, decode {:.2}x",
+            "\nswitchyard / candle: prefill {:.2}x, decode {:.2}x, decode at depth {:.2}x",
             ours.prefill_tokens_per_s / theirs.prefill_tokens_per_s,
-            ours.decode_tokens_per_s / theirs.decode_tokens_per_s
+            ours.decode_tokens_per_s / theirs.decode_tokens_per_s,
+            ours.decode_at_depth_tokens_per_s / theirs.decode_at_depth_tokens_per_s
         );
     }
     Ok(())
@@ -155,25 +167,37 @@ impl Runner for Ours<'_> {
     }
 }
 
-/// One warm-up on a short prompt, then `repeat` timed runs; medians.
+/// One warm-up on a short prompt, then `repeat` timed rounds; medians. A round is
+/// the prompt then `gen_tokens` (prefill, decode at depth), and `gen_tokens` from a
+/// one-token prompt (decode).
 pub fn measure(
     runner: &mut dyn Runner,
     prompt: &[u32],
     args: &BenchArgs,
 ) -> anyhow::Result<Measured> {
+    anyhow::ensure!(
+        !prompt.is_empty() && args.gen_tokens > 0,
+        "--prompt-tokens and --gen-tokens must be at least 1"
+    );
     runner.run_once(&prompt[..prompt.len().min(16)], 4)?;
-    let mut prefill = Vec::new();
-    let mut decode = Vec::new();
+    let (mut prefill, mut decode, mut depth) = (Vec::new(), Vec::new(), Vec::new());
+    let gen_tokens = args.gen_tokens as f64;
     for r in 0..args.repeat.max(1) {
         let (p, d) = runner.run_once(prompt, args.gen_tokens)?;
-        let (p, d) = (prompt.len() as f64 / p, args.gen_tokens as f64 / d);
-        eprintln!("  run {}: prefill {p:.1} tok/s, decode {d:.1} tok/s", r + 1);
+        let (_, tg) = runner.run_once(&prompt[..1], args.gen_tokens)?;
+        let (p, d, tg) = (prompt.len() as f64 / p, gen_tokens / d, gen_tokens / tg);
+        eprintln!(
+            "  run {}: prefill {p:.1} tok/s, decode {tg:.1} tok/s, at depth {d:.1} tok/s",
+            r + 1
+        );
         prefill.push(p);
-        decode.push(d);
+        decode.push(tg);
+        depth.push(d);
     }
     Ok(Measured {
         prefill_tokens_per_s: median(&mut prefill),
         decode_tokens_per_s: median(&mut decode),
+        decode_at_depth_tokens_per_s: median(&mut depth),
         peak_rss_bytes: peak_rss_bytes(),
     })
 }
@@ -181,9 +205,10 @@ pub fn measure(
 fn print_row(engine: &str, weights: &str, m: &Measured, active: usize, bw_gbs: f64) {
     let gbs = active as f64 * m.decode_tokens_per_s / 1e9;
     println!(
-        "| {engine} | {weights} | {:.1} | {:.1} | {:.1} | {gbs:.1} | {:.0} % | {:.2} |",
+        "| {engine} | {weights} | {:.1} | {:.1} | {:.1} | {:.1} | {gbs:.1} | {:.0} % | {:.2} |",
         m.prefill_tokens_per_s,
         m.decode_tokens_per_s,
+        m.decode_at_depth_tokens_per_s,
         active as f64 / 1e6,
         100.0 * gbs / bw_gbs,
         m.peak_rss_bytes as f64 / (1u64 << 30) as f64

@@ -145,29 +145,35 @@ mod tests {
     #[test]
     fn cache_attention_matches_the_tensor_formula() {
         let dev = Device::Cpu;
-        let (heads, rows, hd, cap, total) = (3, 4, 64, 40, 29);
-        let q = Tensor::randn(0f32, 1.0, (heads, rows, hd), &dev).unwrap();
-        let kc = Tensor::randn(0f32, 1.0, (heads, cap, hd), &dev).unwrap();
-        let vc = Tensor::randn(0f32, 1.0, (heads, cap, hd), &dev).unwrap();
-        let (k, v) = (
-            kc.narrow(1, 0, total).unwrap(),
-            vc.narrow(1, 0, total).unwrap(),
-        );
-        let scale = 0.125f32;
-        let got = attend_cache(&q, &k, &v, scale).unwrap();
-        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
-        let want = candle_nn::ops::softmax_last_dim(&scores)
-            .unwrap()
-            .matmul(&v.contiguous().unwrap())
-            .unwrap();
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-5, "max diff {diff}");
+        // A short cache (one thread) and a long one (one task per KV head).
+        for (heads, rows, hd, cap, total) in [(3, 4, 64, 40, 29), (4, 4, 64, 700, 613)] {
+            assert_eq!(
+                2 * rows * total * hd * heads >= PARALLEL_MIN_MACS,
+                total > 100
+            );
+            let q = Tensor::randn(0f32, 1.0, (heads, rows, hd), &dev).unwrap();
+            let kc = Tensor::randn(0f32, 1.0, (heads, cap, hd), &dev).unwrap();
+            let vc = Tensor::randn(0f32, 1.0, (heads, cap, hd), &dev).unwrap();
+            let (k, v) = (
+                kc.narrow(1, 0, total).unwrap(),
+                vc.narrow(1, 0, total).unwrap(),
+            );
+            let scale = 0.125f32;
+            let got = attend_cache(&q, &k, &v, scale).unwrap();
+            let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
+            let want = candle_nn::ops::softmax_last_dim(&scores)
+                .unwrap()
+                .matmul(&v.contiguous().unwrap())
+                .unwrap();
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{total} positions: max diff {diff}");
+        }
     }
 }
