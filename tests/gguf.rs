@@ -606,7 +606,8 @@ fn sentencepiece_gguf_vocabulary_merges_by_score_with_byte_fallback() {
 }
 
 /// K-quant matrices (256-wide blocks, wider than the fixtures' rows) load as
-/// quantized Linears on candle's kernels, including stacked gate/up experts.
+/// quantized Linears, including stacked gate/up experts: Q4_K repacked for our
+/// kernels, Q6_K on candle's.
 #[test]
 fn k_quant_gguf_matrices_run_natively() {
     let tmp = tempfile::tempdir().unwrap();
@@ -629,19 +630,24 @@ fn k_quant_gguf_matrices_run_natively() {
     drop(f);
     let src = GgufSource::new(GgufFile::open(&path).unwrap(), None);
     let x = candle_core::Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu).unwrap();
-    let cases: [(&[(&str, usize)], usize); 2] = [
-        (&[("lm_head.weight", 16)], 16),
+    let cases: [(&[(&str, usize)], usize, bool); 2] = [
+        (&[("lm_head.weight", 16)], 16, false),
         (
             &[
                 ("model.layers.0.mlp.experts.2.gate_proj.weight", 16),
                 ("model.layers.0.mlp.experts.2.up_proj.weight", 16),
             ],
             32,
+            true,
         ),
     ];
-    for (parts, rows) in cases {
+    for (parts, rows, packed) in cases {
         let native = src.load_linear(parts, 256, DType::F32, None).unwrap();
-        assert!(matches!(native.weight(), LinearWeight::Ggml { .. }));
+        if packed {
+            assert!(matches!(native.weight(), LinearWeight::Packed(_)));
+        } else {
+            assert!(matches!(native.weight(), LinearWeight::Ggml { .. }));
+        }
         assert_eq!(native.dims(), (rows, 256));
         let dense = Dequantized(GgufSource::new(GgufFile::open(&path).unwrap(), None))
             .load_linear(parts, 256, DType::F32, None)

@@ -65,6 +65,11 @@ fn errors(dir: &Path, texts: &[Vec<u32>]) -> (f32, f32) {
 fn quantized_fixtures_stay_close_to_f32() {
     for name in ALL_FIXTURES {
         let (q8, q4) = errors(&fixture(name), &texts(name));
+        eprintln!(
+            "{name}: q8_0 logits {:.2} %, q4 perplexity {:.1} %",
+            q8 * 100.0,
+            q4 * 100.0
+        );
         // Measured: q8_0 3.6-7.1 %, q4 35-111 % (a broken kernel gives ~10x).
         assert!(q8 < 0.08, "{name}: q8_0 logits relative rms {q8}");
         assert!(
@@ -90,6 +95,11 @@ fn quantized_demo_model_meets_the_issue_bounds() {
         burning, because a fishing boat was still out at sea and its crew depended on him.";
     let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
     let (q8, q4) = errors(&dir, &[ids]);
+    eprintln!(
+        "demo: q8_0 logits {:.2} % relative RMS, q4 perplexity {:.2} %",
+        q8 * 100.0,
+        q4 * 100.0
+    );
     assert!(q8 < 0.01, "demo: q8_0 logits relative rms {q8}");
     assert!(q4 < 0.05, "demo: q4 perplexity off by {:.1} %", q4 * 100.0);
 }

@@ -47,8 +47,9 @@ impl Linear {
         }
     }
 
-    /// From a GGML tensor (a GGUF file's): Q8_0 and Q4_0 are repacked for our
-    /// kernels, float types become dense, every other type runs on candle's kernels.
+    /// From a GGML tensor (a GGUF file's): Q8_0, Q4_0, Q4_1 and Q4_K are repacked
+    /// for our kernels, float types become dense, every other type (Q6_K, Q5_K, ...)
+    /// runs on candle's kernels.
     pub fn from_qtensor(w: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (rows, cols) = w.shape().dims2()?;
         let weight = match w.dtype() {
@@ -60,6 +61,17 @@ impl Linear {
             )?)),
             GgmlDType::Q4_0 => LinearWeight::Packed(Arc::new(PackedMatrix::from_ggml(
                 PackedFormat::Q4_0,
+                &w.data()?,
+                rows,
+                cols,
+            )?)),
+            GgmlDType::Q4_1 => LinearWeight::Packed(Arc::new(PackedMatrix::from_ggml(
+                PackedFormat::Q4_1,
+                &w.data()?,
+                rows,
+                cols,
+            )?)),
+            GgmlDType::Q4K => LinearWeight::Packed(Arc::new(PackedMatrix::from_ggml_q4k(
                 &w.data()?,
                 rows,
                 cols,
@@ -85,35 +97,32 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    /// The same layer with its weight quantized (the bias stays f32). Q4_K needs
-    /// widths that are a multiple of 256 and falls back to Q4_0 for other widths;
-    /// widths off the 32-element block stay unquantized (as in llama.cpp).
+    /// The same layer with its weight quantized (the bias stays f32). Q4_K uses
+    /// GGML's k-quant search (candle's quantizer) on widths that are a multiple of
+    /// 256 and plain Q4_1 rounding on others; widths off the 32-element block stay
+    /// unquantized (as in llama.cpp).
     pub fn quantize(&self, kind: QuantKind) -> Result<Linear> {
         let (rows, cols) = self.dims();
         if !cols.is_multiple_of(BLOCK) {
             return Ok(self.clone());
         }
         let w = self.dense_f32()?;
-        let weight = match kind {
+        let packed = match kind {
             QuantKind::Q4K if cols.is_multiple_of(256) => {
                 let q = QTensor::quantize(&w, GgmlDType::Q4K)?;
-                let bytes = q.storage_size_in_bytes();
-                LinearWeight::Ggml {
-                    matmul: QMatMul::from_qtensor(q)?,
-                    dims: (rows, cols),
-                    bytes,
-                }
+                PackedMatrix::from_ggml_q4k(&q.data()?, rows, cols)?
             }
             QuantKind::Q8_0 | QuantKind::Q4_0 | QuantKind::Q4K => {
-                let format = if kind == QuantKind::Q8_0 {
-                    PackedFormat::Q8_0
-                } else {
-                    PackedFormat::Q4_0
+                let format = match kind {
+                    QuantKind::Q8_0 => PackedFormat::Q8_0,
+                    QuantKind::Q4_0 => PackedFormat::Q4_0,
+                    QuantKind::Q4K => PackedFormat::Q4_1,
                 };
                 let data = w.flatten_all()?.to_vec1::<f32>()?;
-                LinearWeight::Packed(Arc::new(PackedMatrix::quantize(format, &data, rows, cols)?))
+                PackedMatrix::quantize(format, &data, rows, cols)?
             }
         };
+        let weight = LinearWeight::Packed(Arc::new(packed));
         Ok(Linear {
             weight,
             bias: self.bias.clone(),
@@ -435,8 +444,10 @@ mod tests {
         assert_eq!(q8.weight_bytes(), 16 * 16 * 34 + 16 * 4);
         let q4 = lin.quantize(QuantKind::Q4_0).unwrap();
         assert_eq!(q4.weight_bytes(), 16 * 16 * 18 + 16 * 4);
+        // Q4_K runs as Q4_1: an f16 scale and min per 32 values (GGML's Q4_K packs
+        // 6-bit ones into 144 bytes per 256).
         let q4k = lin.quantize(QuantKind::Q4K).unwrap();
-        assert_eq!(q4k.weight_bytes(), 16 * 2 * 144 + 16 * 4);
+        assert_eq!(q4k.weight_bytes(), 16 * 16 * 20 + 16 * 4);
         // Packed rows are stored (and read) in whole tiles of 16.
         let (lin, _) = linear(8, 512, DType::F32);
         let q8 = lin.quantize(QuantKind::Q8_0).unwrap();
@@ -445,11 +456,15 @@ mod tests {
 
     #[test]
     fn ggml_tensors_become_packed_or_ggml_weights() {
-        let (lin, w) = linear(16, 256, DType::F32);
-        for (dtype, packed) in [
-            (GgmlDType::Q8_0, true),
-            (GgmlDType::Q4_0, true),
-            (GgmlDType::Q6K, false),
+        // 19 rows: a padded tile. Q4_K's per-block scales and mins are rounded to
+        // f16 (relative 2^-11), so its values agree to ~1e-4 rather than exactly.
+        let (lin, w) = linear(19, 512, DType::F32);
+        for (dtype, packed, tol) in [
+            (GgmlDType::Q8_0, true, 1e-6),
+            (GgmlDType::Q4_0, true, 1e-6),
+            (GgmlDType::Q4_1, true, 1e-6),
+            (GgmlDType::Q4K, true, 1e-3),
+            (GgmlDType::Q6K, false, 1e-6),
         ] {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let want = q.dequantize(&Device::Cpu).unwrap();
@@ -460,7 +475,18 @@ mod tests {
                 "{dtype:?}"
             );
             let got = l.dense_f32().unwrap();
-            assert!(rel_rms(&got, &want) < 1e-6, "{dtype:?}");
+            let err = rel_rms(&got, &want);
+            assert!(err < tol, "{dtype:?}: {err}");
+            // And the product runs on the packed kernels with the same values.
+            let x = Tensor::randn(0f32, 1.0, (3, 512), &Device::Cpu).unwrap();
+            let y = l.forward(&x).unwrap();
+            let y_ref = x
+                .matmul(&want.t().unwrap())
+                .unwrap()
+                .broadcast_add(lin.bias().unwrap())
+                .unwrap();
+            let err = rel_rms(&y, &y_ref);
+            assert!(err < 0.02, "{dtype:?} product: {err}");
         }
     }
 }

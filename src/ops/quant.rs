@@ -30,7 +30,8 @@ pub enum QuantKind {
     Q8_0,
     /// 4-bit, 0.5625 bytes per weight.
     Q4_0,
-    /// 4-bit k-quant (256-element super-blocks), 0.5625 bytes per weight, via candle's kernels.
+    /// 4-bit k-quant: GGML's Q4_K rounding (256-element super-blocks, a 6-bit scale
+    /// and min per 32), run as [`PackedFormat::Q4_1`] (0.625 bytes per weight).
     Q4K,
 }
 
@@ -75,6 +76,10 @@ pub enum PackedFormat {
     /// `4c..4c + 4` of row `r` in the low nibbles and `16 + 4c..16 + 4c + 4` in the
     /// high ones (GGML's pairing of a block's halves), `q + 8` each.
     Q4_0,
+    /// Q4_0's nibbles (`q` in 0..15, no offset) with a scale and a min per block:
+    /// `x = d q + m`. Holds GGML's Q4_1 exactly and Q4_K with each 32-block's
+    /// `d * scale` and `-dmin * min` rounded to f16.
+    Q4_1,
 }
 
 impl PackedFormat {
@@ -83,21 +88,20 @@ impl PackedFormat {
         match self {
             PackedFormat::Q8_0 => 128,
             PackedFormat::Q4_0 => 8,
+            PackedFormat::Q4_1 => 0,
         }
     }
 
-    fn max_q(self) -> f32 {
-        match self {
-            PackedFormat::Q8_0 => 127.0,
-            PackedFormat::Q4_0 => 8.0,
-        }
+    /// Whether blocks carry a min (`x = d q + m`) besides the scale.
+    pub fn has_min(self) -> bool {
+        self == PackedFormat::Q4_1
     }
 
     /// Bytes one row's block of 32 values takes.
     pub fn block_bytes(self) -> usize {
         match self {
             PackedFormat::Q8_0 => BLOCK,
-            PackedFormat::Q4_0 => BLOCK / 2,
+            PackedFormat::Q4_0 | PackedFormat::Q4_1 => BLOCK / 2,
         }
     }
 }
@@ -111,6 +115,15 @@ pub struct PackedMatrix {
     cols: usize,
     quants: Vec<u8>,  // [tiles, blocks, TILE * block_bytes]
     scales: Vec<f16>, // [tiles, blocks, TILE]
+    mins: Vec<f16>,   // as scales for Q4_1, else empty
+}
+
+/// One tile of a [`PackedMatrix`], as the kernels read it.
+#[derive(Debug, Clone, Copy)]
+pub struct Tile<'a> {
+    pub quants: &'a [u8],
+    pub scales: &'a [f16],
+    pub mins: &'a [f16],
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -133,12 +146,21 @@ impl PackedMatrix {
             cols,
             quants: vec![0u8; tiles * nb * TILE * format.block_bytes()],
             scales: vec![f16::ZERO; tiles * nb * TILE],
+            mins: vec![
+                f16::ZERO;
+                if format.has_min() {
+                    tiles * nb * TILE
+                } else {
+                    0
+                }
+            ],
         }
     }
 
     /// Quantizes row-major f32 weights `[rows, cols]` with GGML's rounding:
     /// Q8_0 `d = amax / 127`, `q = round(x / d)`; Q4_0 `d = max / -8` (signed
-    /// value of largest magnitude), `q = min(15, trunc(x / d + 8.5))`.
+    /// value of largest magnitude), `q = min(15, trunc(x / d + 8.5))`; Q4_1
+    /// `d = (max - min) / 15`, `m = min`, `q = min(15, trunc((x - m) / d + 0.5))`.
     pub fn quantize(format: PackedFormat, w: &[f32], rows: usize, cols: usize) -> Result<Self> {
         if !cols.is_multiple_of(BLOCK) || w.len() != rows * cols {
             return Err(Error::InvalidInput(format!(
@@ -150,17 +172,19 @@ impl PackedMatrix {
         for r in 0..rows {
             let row = &w[r * cols..(r + 1) * cols];
             for (b, xs) in row.chunks_exact(BLOCK).enumerate() {
-                let d = quantize_block(format, xs, &mut q);
-                m.store_block(r, b, &q, f16::from_f32(d));
+                let (d, min) = quantize_block(format, xs, &mut q);
+                m.store_block(r, b, &q, d, min);
             }
         }
         Ok(m)
     }
 
-    /// Repacks GGML `block_q8_0` (34 bytes: f16 d, 32 x i8) or `block_q4_0`
-    /// (18 bytes: f16 d, 16 bytes of nibbles) data, as a GGUF file stores it.
+    /// Repacks GGML `block_q8_0` (34 bytes: f16 d, 32 x i8), `block_q4_0`
+    /// (18 bytes: f16 d, 16 bytes of nibbles) or `block_q4_1` (20 bytes: f16 d,
+    /// f16 m, nibbles) data, as a GGUF file stores it.
     pub fn from_ggml(format: PackedFormat, data: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        let block_bytes = 2 + format.block_bytes();
+        let head = if format.has_min() { 4 } else { 2 };
+        let block_bytes = head + format.block_bytes();
         let nb = cols / BLOCK;
         if !cols.is_multiple_of(BLOCK) || data.len() != rows * nb * block_bytes {
             return Err(Error::InvalidInput(format!(
@@ -177,14 +201,65 @@ impl PackedMatrix {
                         *o = (v as i8 as i32 + 128) as u8;
                     }
                 }
-                PackedFormat::Q4_0 => {
+                PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
                     for j in 0..16 {
-                        q[j] = blk[2 + j] & 0x0F;
-                        q[16 + j] = blk[2 + j] >> 4;
+                        q[j] = blk[head + j] & 0x0F;
+                        q[16 + j] = blk[head + j] >> 4;
                     }
                 }
             }
-            m.store_block(i / nb, i % nb, &q, f16::from_le_bytes([blk[0], blk[1]]));
+            let d = f16::from_le_bytes([blk[0], blk[1]]);
+            let min = f16::from_le_bytes([blk[2], blk[3]]);
+            m.store_block(i / nb, i % nb, &q, d, min);
+        }
+        Ok(m)
+    }
+
+    /// Repacks GGML `block_q4_K` data (144 bytes per 256 values: f16 `d` and
+    /// `dmin`, 12 bytes of 6-bit scales and mins for the 8 blocks of 32, 128 bytes
+    /// of nibbles) as [`PackedFormat::Q4_1`]: block `j` becomes scale
+    /// `d * sc_j` and min `-dmin * m_j`.
+    pub fn from_ggml_q4k(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        const SUPER: usize = 256;
+        const BYTES: usize = 144;
+        if !cols.is_multiple_of(SUPER) || data.len() != rows * cols / SUPER * BYTES {
+            return Err(Error::InvalidInput(format!(
+                "Q4_K data of {} bytes does not hold a [{rows}, {cols}] matrix",
+                data.len()
+            )));
+        }
+        let per_row = cols / SUPER;
+        let mut m = Self::zeroed(PackedFormat::Q4_1, rows, cols);
+        let mut q = [0u8; BLOCK];
+        for (i, sb) in data.chunks_exact(BYTES).enumerate() {
+            let (r, s0) = (i / per_row, (i % per_row) * (SUPER / BLOCK));
+            let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
+            let dmin = f16::from_le_bytes([sb[2], sb[3]]).to_f32();
+            let (sc, qs) = (&sb[4..16], &sb[16..]);
+            for j in 0..8 {
+                // GGML's 6-bit packing: blocks 0-3 in the low bits of bytes 0-7,
+                // blocks 4-7 in bytes 8-11 plus the top bits of bytes 0-7.
+                let (scale, min) = if j < 4 {
+                    (sc[j] & 63, sc[j + 4] & 63)
+                } else {
+                    (
+                        (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4),
+                        (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+                    )
+                };
+                // Blocks 2k and 2k + 1 share 32 bytes: low and high nibbles.
+                let src = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+                for (o, &v) in q.iter_mut().zip(src) {
+                    *o = if j % 2 == 0 { v & 0x0F } else { v >> 4 };
+                }
+                m.store_block(
+                    r,
+                    s0 + j,
+                    &q,
+                    f16::from_f32(d * scale as f32),
+                    f16::from_f32(-dmin * min as f32),
+                );
+            }
         }
         Ok(m)
     }
@@ -195,10 +270,14 @@ impl PackedMatrix {
         ((r / TILE) * nb + b, r % TILE)
     }
 
-    /// Writes row `r`'s block `b` from 32 offset values in natural order.
-    fn store_block(&mut self, r: usize, b: usize, q: &[u8; BLOCK], d: f16) {
+    /// Writes row `r`'s block `b` from 32 offset values in natural order (`min`
+    /// is kept only by formats that have one).
+    fn store_block(&mut self, r: usize, b: usize, q: &[u8; BLOCK], d: f16, min: f16) {
         let (tb, lane) = self.locate(r, b);
         self.scales[tb * TILE + lane] = d;
+        if self.format.has_min() {
+            self.mins[tb * TILE + lane] = min;
+        }
         let bytes = &mut self.quants[tb * TILE * self.format.block_bytes()..];
         for i in 0..4 {
             match self.format {
@@ -207,7 +286,7 @@ impl PackedMatrix {
                         bytes[k * 64 + lane * 4 + i] = q[4 * k + i];
                     }
                 }
-                PackedFormat::Q4_0 => {
+                PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
                     for c in 0..4 {
                         bytes[c * 64 + lane * 4 + i] = q[4 * c + i] | (q[16 + 4 * c + i] << 4);
                     }
@@ -227,7 +306,7 @@ impl PackedMatrix {
                         q[4 * k + i] = bytes[k * 64 + lane * 4 + i];
                     }
                 }
-                PackedFormat::Q4_0 => {
+                PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
                     for c in 0..4 {
                         let v = bytes[c * 64 + lane * 4 + i];
                         q[4 * c + i] = v & 0x0F;
@@ -239,14 +318,30 @@ impl PackedMatrix {
         self.scales[tb * TILE + lane]
     }
 
-    /// Tile `t`'s quants (`[blocks, TILE * block_bytes]`) and scales (`[blocks, TILE]`).
-    pub fn tile(&self, t: usize) -> (&[u8], &[f16]) {
+    /// Row `r`'s value of block `b` at `q = offset`: 0, or the min of formats with one.
+    pub fn block_min(&self, r: usize, b: usize) -> f32 {
+        if !self.format.has_min() {
+            return 0.0;
+        }
+        let (tb, lane) = self.locate(r, b);
+        self.mins[tb * TILE + lane].to_f32()
+    }
+
+    /// Tile `t`'s quants (`[blocks, TILE * block_bytes]`), scales and mins
+    /// (`[blocks, TILE]`; mins empty for formats without).
+    pub fn tile(&self, t: usize) -> Tile<'_> {
         let nb = self.cols / BLOCK;
         let qb = nb * TILE * self.format.block_bytes();
-        (
-            &self.quants[t * qb..(t + 1) * qb],
-            &self.scales[t * nb * TILE..(t + 1) * nb * TILE],
-        )
+        let s = t * nb * TILE..(t + 1) * nb * TILE;
+        Tile {
+            quants: &self.quants[t * qb..(t + 1) * qb],
+            scales: &self.scales[s.clone()],
+            mins: if self.format.has_min() {
+                &self.mins[s]
+            } else {
+                &[]
+            },
+        }
     }
 
     pub fn format(&self) -> PackedFormat {
@@ -265,9 +360,9 @@ impl PackedMatrix {
         self.rows.div_ceil(TILE)
     }
 
-    /// Bytes a matrix-vector product reads: quants plus scales.
+    /// Bytes a matrix-vector product reads: quants, scales and mins.
     pub fn bytes(&self) -> usize {
-        self.quants.len() + self.scales.len() * 2
+        self.quants.len() + (self.scales.len() + self.mins.len()) * 2
     }
 
     /// Row-major f32 `[rows, cols]`.
@@ -278,37 +373,49 @@ impl PackedMatrix {
         for r in 0..self.rows {
             for b in 0..self.cols / BLOCK {
                 let d = self.block(r, b, &mut q).to_f32();
-                out.extend(q.iter().map(|&v| (v as i32 - off) as f32 * d));
+                let min = self.block_min(r, b);
+                out.extend(q.iter().map(|&v| (v as i32 - off) as f32 * d + min));
             }
         }
         out
     }
 }
 
-/// Quantizes one block to offset values; returns its scale.
-fn quantize_block(format: PackedFormat, xs: &[f32], q: &mut [u8]) -> f32 {
+/// Quantizes one block to offset values; returns its f16 scale and min (zero
+/// for formats without one).
+fn quantize_block(format: PackedFormat, xs: &[f32], q: &mut [u8]) -> (f16, f16) {
     let off = format.offset() as f32;
     match format {
         PackedFormat::Q8_0 => {
             let amax = xs.iter().fold(0f32, |m, &x| m.max(x.abs()));
-            let d = amax / format.max_q();
+            let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             for (o, &x) in q.iter_mut().zip(xs) {
                 *o = ((x * id).round() + off) as u8;
             }
-            // The kernels multiply by the f16-rounded scale, as GGML does.
-            f16::from_f32(d).to_f32()
+            (f16::from_f32(d), f16::ZERO)
         }
         PackedFormat::Q4_0 => {
             let max = xs
                 .iter()
                 .fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
-            let d = max / -format.max_q();
+            let d = max / -8.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             for (o, &x) in q.iter_mut().zip(xs) {
                 *o = ((x * id + off + 0.5) as u8).min(15);
             }
-            f16::from_f32(d).to_f32()
+            (f16::from_f32(d), f16::ZERO)
+        }
+        PackedFormat::Q4_1 => {
+            let (min, max) = xs
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+            let d = (max - min) / 15.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            for (o, &x) in q.iter_mut().zip(xs) {
+                *o = (((x - min) * id + 0.5) as u8).min(15);
+            }
+            (f16::from_f32(d), f16::from_f32(min))
         }
     }
 }
@@ -417,10 +524,25 @@ mod tests {
     }
 
     #[test]
+    fn q4_1_round_trip_is_within_half_a_step() {
+        let (rows, cols) = (19, 96);
+        let w = ramp(rows * cols);
+        let m = PackedMatrix::quantize(PackedFormat::Q4_1, &w, rows, cols).unwrap();
+        let back = m.dequantize();
+        for (i, (x, y)) in w.chunks(32).zip(back.chunks(32)).enumerate() {
+            let d = scale(&m, i / 3, i % 3);
+            for (a, c) in x.iter().zip(y) {
+                // Half a step, plus the f16 rounding of the min.
+                assert!((a - c).abs() <= d * 0.5 + 2e-3, "{a} vs {c}");
+            }
+        }
+    }
+
+    #[test]
     fn ggml_blocks_repack_to_the_same_values() {
         let (rows, cols) = (17, 64);
         let w = ramp(rows * cols);
-        for format in [PackedFormat::Q8_0, PackedFormat::Q4_0] {
+        for format in [PackedFormat::Q8_0, PackedFormat::Q4_0, PackedFormat::Q4_1] {
             let m = PackedMatrix::quantize(format, &w, rows, cols).unwrap();
             // Write GGML blocks from our values, repack, compare.
             let mut data = Vec::new();
@@ -429,11 +551,16 @@ mod tests {
                 for b in 0..cols / BLOCK {
                     let d = m.block(r, b, &mut q);
                     data.extend_from_slice(&d.to_le_bytes());
+                    if format.has_min() {
+                        data.extend_from_slice(&f16::from_f32(m.block_min(r, b)).to_le_bytes());
+                    }
                     match format {
                         PackedFormat::Q8_0 => {
                             data.extend(q.iter().map(|&v| (v as i32 - 128) as i8 as u8))
                         }
-                        PackedFormat::Q4_0 => data.extend((0..16).map(|j| q[j] | (q[16 + j] << 4))),
+                        PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
+                            data.extend((0..16).map(|j| q[j] | (q[16 + j] << 4)))
+                        }
                     }
                 }
             }

@@ -314,7 +314,7 @@ mod tests {
                     .collect::<Vec<_>>()
             })
             .collect();
-        for format in [PackedFormat::Q8_0, PackedFormat::Q4_0] {
+        for format in [PackedFormat::Q8_0, PackedFormat::Q4_0, PackedFormat::Q4_1] {
             let m = PackedMatrix::quantize(format, &w, rows, COLS).unwrap();
             let wd = m.dequantize();
             for isa in Isa::supported() {
@@ -337,7 +337,7 @@ mod tests {
                                 // And the quantization error itself stays small.
                                 let tol = match format {
                                     PackedFormat::Q8_0 => 0.02,
-                                    PackedFormat::Q4_0 => 0.15,
+                                    PackedFormat::Q4_0 | PackedFormat::Q4_1 => 0.15,
                                 };
                                 let norm = (COLS as f64).sqrt();
                                 assert!(

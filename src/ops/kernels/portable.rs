@@ -32,7 +32,7 @@ pub fn packed_tile_dots(
             continue;
         }
         for (t, v) in o.iter_mut().enumerate().take(nt) {
-            let (xq, dx, _) = acts.token(t0 + t);
+            let (xq, dx, sx) = acts.token(t0 + t);
             *v = (0..w.cols() / BLOCK)
                 .map(|b| {
                     let d = w.block(r, b, &mut q).to_f32();
@@ -41,7 +41,7 @@ pub fn packed_tile_dots(
                         .zip(&xq[b * BLOCK..(b + 1) * BLOCK])
                         .map(|(&a, &c)| (a as i32 - off) * c as i32)
                         .sum();
-                    d * dx[b] * isum as f32
+                    d * dx[b] * isum as f32 + w.block_min(r, b) * sx[b]
                 })
                 .sum();
         }

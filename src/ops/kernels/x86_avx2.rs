@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::{DenseRow, MAX_TOKENS};
-use crate::ops::quant::{PackedFormat, PackedMatrix, QuantizedActs, TILE};
+use crate::ops::quant::{PackedFormat, PackedMatrix, QuantizedActs, TILE, Tile};
 
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; `xs` holds `nt` rows of `w.len()`.
@@ -81,7 +81,11 @@ pub unsafe fn packed_tile_dots(
     nt: usize,
     out: &mut [[f32; MAX_TOKENS]; TILE],
 ) {
-    let (quants, scales) = w.tile(tile);
+    let Tile {
+        quants,
+        scales,
+        mins,
+    } = w.tile(tile);
     let format = w.format();
     let nb = acts.blocks_per_row();
     let bb = TILE * format.block_bytes();
@@ -92,7 +96,7 @@ pub unsafe fn packed_tile_dots(
     // 255 x 127 x 2 would overflow its i16 pairs), so only Q4_0 carries the offset.
     let off = match format {
         PackedFormat::Q8_0 => 0.0,
-        PackedFormat::Q4_0 => format.offset() as f32,
+        PackedFormat::Q4_0 | PackedFormat::Q4_1 => format.offset() as f32,
     };
     for t in 0..nt {
         let (xq, dx, sx) = acts.token(t0 + t);
@@ -100,7 +104,8 @@ pub unsafe fn packed_tile_dots(
         let mut acc = [_mm256_setzero_ps(); 2];
         for b in 0..nb {
             // SAFETY: block `b < nb` of the tile is `bb` bytes at `b * bb` and 16 scales
-            // at `16b`; the activation block is 32 bytes at `32b`.
+            // (and mins, where the format has them) at `16b`; the activation block is
+            // 32 bytes at `32b`.
             unsafe {
                 let wb = quants.as_ptr().add(b * bb);
                 let x4 = |i: usize| {
@@ -123,7 +128,7 @@ pub unsafe fn packed_tile_dots(
                                 isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, ones));
                             }
                         }
-                        PackedFormat::Q4_0 => {
+                        PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
                             for c in 0..4 {
                                 let v =
                                     _mm256_loadu_si256(wb.add(c * 64 + h * 32) as *const __m256i);
@@ -147,6 +152,12 @@ pub unsafe fn packed_tile_dots(
                         _mm256_set1_ps(off * sx[b]),
                     );
                     *acc = _mm256_fmadd_ps(dw, v, *acc);
+                    if format.has_min() {
+                        let dm = _mm256_cvtph_ps(_mm_loadu_si128(
+                            mins.as_ptr().add(b * TILE + h * 8) as *const __m128i,
+                        ));
+                        *acc = _mm256_fmadd_ps(dm, _mm256_set1_ps(sx[b]), *acc);
+                    }
                 }
             }
         }

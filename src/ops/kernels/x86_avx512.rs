@@ -9,7 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::{DenseRow, MAX_TOKENS};
-use crate::ops::quant::{PackedFormat, PackedMatrix, QuantizedActs, TILE};
+use crate::ops::quant::{PackedFormat, PackedMatrix, QuantizedActs, TILE, Tile};
 
 /// # Safety
 /// The CPU must support AVX-512 F; `xs` holds `nt` rows of `w.len()`.
@@ -98,18 +98,22 @@ pub unsafe fn packed_tile_dots(
     nt: usize,
     out: &mut [[f32; MAX_TOKENS]; TILE],
 ) {
-    let (quants, scales) = w.tile(tile);
+    let w_tile = w.tile(tile);
     // SAFETY (all arms): forwarded caller guarantees.
     unsafe {
         match (w.format(), nt) {
-            (PackedFormat::Q8_0, 1) => tile_n::<1, false>(quants, scales, acts, t0, out),
-            (PackedFormat::Q8_0, 2) => tile_n::<2, false>(quants, scales, acts, t0, out),
-            (PackedFormat::Q8_0, 3) => tile_n::<3, false>(quants, scales, acts, t0, out),
-            (PackedFormat::Q8_0, _) => tile_n::<4, false>(quants, scales, acts, t0, out),
-            (PackedFormat::Q4_0, 1) => tile_n::<1, true>(quants, scales, acts, t0, out),
-            (PackedFormat::Q4_0, 2) => tile_n::<2, true>(quants, scales, acts, t0, out),
-            (PackedFormat::Q4_0, 3) => tile_n::<3, true>(quants, scales, acts, t0, out),
-            (PackedFormat::Q4_0, _) => tile_n::<4, true>(quants, scales, acts, t0, out),
+            (PackedFormat::Q8_0, 1) => tile_n::<1, false, false>(w_tile, acts, t0, out),
+            (PackedFormat::Q8_0, 2) => tile_n::<2, false, false>(w_tile, acts, t0, out),
+            (PackedFormat::Q8_0, 3) => tile_n::<3, false, false>(w_tile, acts, t0, out),
+            (PackedFormat::Q8_0, _) => tile_n::<4, false, false>(w_tile, acts, t0, out),
+            (PackedFormat::Q4_0, 1) => tile_n::<1, true, false>(w_tile, acts, t0, out),
+            (PackedFormat::Q4_0, 2) => tile_n::<2, true, false>(w_tile, acts, t0, out),
+            (PackedFormat::Q4_0, 3) => tile_n::<3, true, false>(w_tile, acts, t0, out),
+            (PackedFormat::Q4_0, _) => tile_n::<4, true, false>(w_tile, acts, t0, out),
+            (PackedFormat::Q4_1, 1) => tile_n::<1, true, true>(w_tile, acts, t0, out),
+            (PackedFormat::Q4_1, 2) => tile_n::<2, true, true>(w_tile, acts, t0, out),
+            (PackedFormat::Q4_1, 3) => tile_n::<3, true, true>(w_tile, acts, t0, out),
+            (PackedFormat::Q4_1, _) => tile_n::<4, true, true>(w_tile, acts, t0, out),
         }
     }
 }
@@ -117,29 +121,34 @@ pub unsafe fn packed_tile_dots(
 /// One tile (16 rows, a row per lane) times `NT` activation rows. Per block and
 /// token: 8 `vpdpbusd` on broadcast 4-byte activation groups, split over two
 /// accumulators to halve the dependency chain, then one convert and two FMAs that
-/// apply the 16 rows' scales and remove the unsigned offset.
+/// apply the 16 rows' scales and remove the unsigned offset (`MIN`: add the 16
+/// rows' mins times the activations' block sums instead).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile_n<const NT: usize, const Q4: bool>(
-    quants: &[u8],
-    scales: &[half::f16],
+unsafe fn tile_n<const NT: usize, const Q4: bool, const MIN: bool>(
+    w: Tile<'_>,
     acts: &QuantizedActs,
     t0: usize,
     out: &mut [[f32; MAX_TOKENS]; TILE],
 ) {
     let nb = acts.blocks_per_row();
     let cols = acts.cols;
-    let (off, bb) = if Q4 { (8.0f32, 256) } else { (128.0, 512) };
+    let off = match (Q4, MIN) {
+        (_, true) => 0.0f32,
+        (true, false) => 8.0,
+        (false, false) => 128.0,
+    };
+    let bb = if Q4 { 256 } else { 512 };
     let nibbles = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); NT];
-    let (wq, ws) = (quants.as_ptr(), scales.as_ptr());
+    let (wq, ws, wm) = (w.quants.as_ptr(), w.scales.as_ptr(), w.mins.as_ptr());
     let (xq, xd, xs) = (
         acts.quants.as_ptr(),
         acts.scales.as_ptr(),
         acts.sums.as_ptr(),
     );
-    // SAFETY: block `b < nb` of the tile is `bb` bytes at `b * bb` and 16 f16 scales at
-    // `16b`; each activation row `t0 + t < acts.n` has 32 bytes, a scale and a sum per block.
+    // SAFETY: block `b < nb` of the tile is `bb` bytes at `b * bb` and 16 f16 scales (and
+    // mins, for `MIN` formats) at `16b`; each activation row `t0 + t < acts.n` has 32 bytes, a scale and a sum per block.
     unsafe {
         let x4 = |t: usize, b: usize, i: usize| {
             _mm512_set1_epi32(std::ptr::read_unaligned(
@@ -171,14 +180,22 @@ unsafe fn tile_n<const NT: usize, const Q4: bool>(
                 }
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(ws.add(b * TILE) as *const __m256i));
+            let dm = if MIN {
+                _mm512_cvtph_ps(_mm256_loadu_si256(wm.add(b * TILE) as *const __m256i))
+            } else {
+                _mm512_setzero_ps()
+            };
             for t in 0..NT {
                 let i = (t0 + t) * nb + b;
-                let v = _mm512_fmsub_ps(
-                    _mm512_cvtepi32_ps(_mm512_add_epi32(s0[t], s1[t])),
-                    _mm512_set1_ps(*xd.add(i)),
-                    _mm512_set1_ps(off * *xs.add(i)),
-                );
-                acc[t] = _mm512_fmadd_ps(dw, v, acc[t]);
+                let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[t], s1[t]));
+                let dx = _mm512_set1_ps(*xd.add(i));
+                if MIN {
+                    acc[t] = _mm512_fmadd_ps(dw, _mm512_mul_ps(isum, dx), acc[t]);
+                    acc[t] = _mm512_fmadd_ps(dm, _mm512_set1_ps(*xs.add(i)), acc[t]);
+                } else {
+                    let v = _mm512_fmsub_ps(isum, dx, _mm512_set1_ps(off * *xs.add(i)));
+                    acc[t] = _mm512_fmadd_ps(dw, v, acc[t]);
+                }
             }
         }
         for t in 0..NT {
