@@ -630,7 +630,9 @@ fn k_quant_gguf_matrices_run_natively() {
     drop(f);
     let src = GgufSource::new(GgufFile::open(&path).unwrap(), None);
     let x = candle_core::Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu).unwrap();
-    let cases: [(&[(&str, usize)], usize, bool); 2] = [
+    // (GGUF parts with their rows, total rows, runs on our packed kernels)
+    type Case<'a> = (&'a [(&'a str, usize)], usize, bool);
+    let cases: [Case<'_>; 2] = [
         (&[("lm_head.weight", 16)], 16, false),
         (
             &[
