@@ -67,8 +67,8 @@ pub trait Runner {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     let threads = switchyard::ops::num_threads();
-    eprintln!("measuring read bandwidth ({threads} threads, 1 GiB)...");
-    let bw_gbs = bandwidth::measure_read_gbs(1 << 30, 5);
+    eprintln!("measuring read bandwidth ({threads} threads, 1 GiB, median of 7)...");
+    let bw_gbs = bandwidth::measure_read_gbs(1 << 30, 7);
 
     reset_peak_rss();
     let opts = LoadOptions {
@@ -97,7 +97,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.gen_tokens,
         args.repeat
     );
-    println!("machine read bandwidth: {bw_gbs:.1} GB/s\n");
+    println!("machine read bandwidth: {bw_gbs:.1} GB/s (median of 7 streaming reads of 1 GiB)\n");
     println!(
         "| engine | weights | pp{} tok/s | tg{} tok/s | tg{} @ depth {} tok/s | active MB/token | tg GB/s | share of read bw | peak RSS GiB |",
         args.prompt_tokens, args.gen_tokens, args.gen_tokens, args.prompt_tokens
