@@ -286,8 +286,8 @@ impl TensorSource for Dequantized {
 /// logits and 0.6-3.6% on perplexity, held to 10% and 5%.
 #[test]
 fn quantized_gguf_runs_natively_and_matches_its_dequantized_weights() {
-    // Q8_0 and Q4_0 run on our kernels, Q4_1 and Q5_0 on candle's (where a row is
-    // an even number of blocks; the 32-wide expert `down` rows run dequantized).
+    // All four run on our kernels: Q8_0, Q4_0 and Q4_1 as stored, Q5_0 re-encoded
+    // as Q8_0 (the 32-wide expert `down` rows included).
     for dtype in [
         GgmlDType::Q8_0,
         GgmlDType::Q4_0,
@@ -321,7 +321,12 @@ fn quantized_gguf_runs_natively_and_matches_its_dequantized_weights() {
             let rel = diff(&yq.to_vec2().unwrap(), &yd.to_vec2().unwrap()).rel_rms;
             assert!(rel < 0.01, "{dtype:?}: matrix relative RMS {rel}");
         }
-        assert!(native.experts().resident_bytes() * 2 < dense.experts().resident_bytes());
+        assert!(
+            native.experts().resident_bytes() * 2 < dense.experts().resident_bytes(),
+            "{dtype:?}: {} vs {}",
+            native.experts().resident_bytes(),
+            dense.experts().resident_bytes()
+        );
         for ids in texts("qwen3_moe") {
             let rel = diff(&run(&native, &ids).0, &run(&dense, &ids).0).rel_rms;
             assert!(
@@ -607,15 +612,16 @@ fn sentencepiece_gguf_vocabulary_merges_by_score_with_byte_fallback() {
 
 /// K-quant matrices (256-wide blocks, wider than the fixtures' rows) load as
 /// quantized Linears, including stacked gate/up experts: Q4_K repacked for our
-/// kernels, Q6_K on candle's.
+/// kernels, Q6_K re-encoded as Q8_0 for them, Q3_K on candle's.
 #[test]
 fn k_quant_gguf_matrices_run_natively() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("k.gguf");
     let w = candle_core::Tensor::randn(0f32, 0.02, (4, 16, 256), &Device::Cpu).unwrap();
     let q4k = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
-    let head = candle_core::Tensor::randn(0f32, 0.02, (16, 256), &Device::Cpu).unwrap();
-    let q6k = QTensor::quantize(&head, GgmlDType::Q6K).unwrap();
+    let m = candle_core::Tensor::randn(0f32, 0.02, (16, 256), &Device::Cpu).unwrap();
+    let q6k = QTensor::quantize(&m, GgmlDType::Q6K).unwrap();
+    let q3k = QTensor::quantize(&m, GgmlDType::Q3K).unwrap();
     let mut f = std::fs::File::create(&path).unwrap();
     gguf_file::write(
         &mut f,
@@ -623,7 +629,8 @@ fn k_quant_gguf_matrices_run_natively() {
         &[
             ("blk.0.ffn_gate_exps.weight", &q4k),
             ("blk.0.ffn_up_exps.weight", &q4k),
-            ("output.weight", &q6k),
+            ("blk.0.attn_output.weight", &q6k),
+            ("output.weight", &q3k),
         ],
     )
     .unwrap();
@@ -632,8 +639,9 @@ fn k_quant_gguf_matrices_run_natively() {
     let x = candle_core::Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu).unwrap();
     // (GGUF parts with their rows, total rows, runs on our packed kernels)
     type Case<'a> = (&'a [(&'a str, usize)], usize, bool);
-    let cases: [Case<'_>; 2] = [
+    let cases: [Case<'_>; 3] = [
         (&[("lm_head.weight", 16)], 16, false),
+        (&[("model.layers.0.self_attn.o_proj.weight", 16)], 16, true),
         (
             &[
                 ("model.layers.0.mlp.experts.2.gate_proj.weight", 16),

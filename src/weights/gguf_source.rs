@@ -278,12 +278,7 @@ impl GgufSource {
             .map(|&(name, rows)| self.piece(name, &[rows, cols]))
             .collect::<Result<Vec<_>>>()?;
         let dtype = pieces[0].info.dtype;
-        // candle's Q4_1 / Q5_0 / Q5_1 dot products take blocks in pairs (and
-        // assert it): rows of an odd number of blocks run dequantized.
-        let odd_pairs = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
-            && !(cols / dtype.block_size()).is_multiple_of(2);
-        if odd_pairs
-            || matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+        if matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
             || pieces.iter().any(|p| p.info.dtype != dtype)
         {
             return Ok(None);
