@@ -1,13 +1,14 @@
 //! Kernel micro-benchmarks: one expert-sized matrix (`[1024, 1024]`, the fused
 //! gate/up of the bench model) for decode (1 token) and a prefill group (64
 //! tokens), every weight format on every instruction set this CPU has, and
-//! candle's quantized matmul on the same shape for comparison.
+//! candle's quantized matmul on the same shape for comparison. The matrix fits in
+//! the two cores' L2, so these time the kernels and their fork-join, not memory.
 //!
 //! `cargo bench --bench kernels`
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput};
 use half::bf16;
 use switchyard::ops::kernels::Isa;
 use switchyard::ops::matmul::{DenseData, DenseRows, matmul_dense, matmul_packed};
@@ -29,7 +30,6 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn kernels(c: &mut Criterion) {
-    switchyard::ops::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
     let w = values(ROWS * COLS, 1);
     let w_bf16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
     let q8 = PackedMatrix::quantize(PackedFormat::Q8_0, &w, ROWS, COLS).unwrap();
@@ -87,7 +87,12 @@ fn kernels(c: &mut Criterion) {
             });
         }
         let xt = Tensor::from_slice(&x, (n, COLS), &Device::Cpu).unwrap();
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4K] {
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
             let qm = QMatMul::from_qtensor(QTensor::quantize(&wt, dtype).unwrap()).unwrap();
             g.bench_function(format!("candle_{dtype:?}"), |b| {
                 b.iter(|| qm.forward(&xt).unwrap())
@@ -97,5 +102,13 @@ fn kernels(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, kernels);
-criterion_main!(benches);
+fn main() {
+    // Set before the pool starts; then every call is made from a pool thread, as
+    // the CLI makes them (`on_pool`), so a fork-join does not park the caller.
+    switchyard::ops::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    switchyard::ops::on_pool(|| {
+        let mut c = Criterion::default().configure_from_args();
+        kernels(&mut c);
+        c.final_summary();
+    });
+}

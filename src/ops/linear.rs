@@ -77,9 +77,9 @@ impl Linear {
                 cols,
             )?)),
             // 5- and 6-bit blocks have no tile kernel of their own; Q8_0 holds them to
-            // within a quarter of their own rounding step (a 32-block's Q8 step is
-            // 1/4 of Q6_K's, 1/8 of Q5's) and runs ~40x faster than candle's
-            // k-quant kernels, for 1.3-1.5x the bytes.
+            // within a quarter of their own rounding step (a 32-block's Q8 step is 1/4
+            // of Q6_K's, 1/8 of Q5's), for 1.3-1.5x the bytes, and its kernel does a
+            // 1024x1024 matvec in 13 us where candle's Q6_K takes 30 us.
             GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K => {
                 let data = w
                     .dequantize(&Device::Cpu)?
