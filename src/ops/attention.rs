@@ -32,12 +32,8 @@ pub fn attend_cache(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Te
         let qh = &qv[ql.start_offset() + h * rows * hd..][..rows * hd];
         let kh = head_rows(kv, kl, h, total, hd)?;
         let vh = head_rows(vv, vl, h, total, hd)?;
-        let keys = DenseRows {
-            data: DenseData::F32(kh),
-            cols: hd,
-        };
         let mut scores = vec![0f32; rows * total]; // [rows, total]
-        matmul_dense(Isa::best(), keys, total, qh, rows, &mut scores);
+        key_scores(qh, kh, hd, &mut scores);
         scores
             .chunks_exact_mut(total)
             .for_each(|p| softmax_scaled(p, scale));
@@ -87,16 +83,50 @@ fn head_rows<'a>(
         .ok_or_else(|| Error::InvalidInput("cache view out of its storage".into()))
 }
 
+/// `scores[r, j] = q[r] · k[j]`.
+///
+/// # Shapes
+/// `q: [rows, hd]`, `k: [total, hd]` -> `scores: [rows, total]`
+fn key_scores(q: &[f32], k: &[f32], hd: usize, scores: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::best() == Isa::Avx512 && hd.is_multiple_of(16) && hd <= 128 {
+        // SAFETY: `Isa::Avx512` is only produced when the CPU has AVX-512 F; the
+        // head size is a whole number of registers, at most 8.
+        unsafe { avx512::key_scores(q, k, hd, scores) };
+        return;
+    }
+    let (rows, total) = (q.len() / hd, k.len() / hd);
+    let keys = DenseRows {
+        data: DenseData::F32(k),
+        cols: hd,
+    };
+    matmul_dense(Isa::best(), keys, total, q, rows, scores);
+}
+
 /// In place: `p = softmax(p * scale)`.
 fn softmax_scaled(p: &mut [f32], scale: f32) {
     let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+    #[cfg(target_arch = "x86_64")]
+    let sum = if Isa::best() == Isa::Avx512 {
+        // SAFETY: `Isa::Avx512` is only produced when the CPU has AVX-512 F.
+        unsafe { avx512::exp_shifted(p, scale, max) }
+    } else {
+        exp_shifted(p, scale, max)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let sum = exp_shifted(p, scale, max);
+    let inv = 1.0 / sum;
+    p.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// In place `p = exp(p * scale - max)`; returns the sum.
+fn exp_shifted(p: &mut [f32], scale: f32, max: f32) -> f32 {
     let mut sum = 0f32;
     for x in p.iter_mut() {
         *x = (*x * scale - max).exp();
         sum += *x;
     }
-    let inv = 1.0 / sum;
-    p.iter_mut().for_each(|x| *x *= inv);
+    sum
 }
 
 /// `out[r] = Σ_j p[r, j] v[j, :]`, every query row in one pass over the value rows
@@ -106,25 +136,15 @@ fn softmax_scaled(p: &mut [f32], scale: f32) {
 /// `p: [rows, total]`, `v: [total, hd]` -> `out: [rows, hd]`
 fn weighted_rows_sum(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if Isa::best() == Isa::Avx512 {
-        // SAFETY: `Isa::Avx512` is only produced when the CPU has AVX-512 F.
-        unsafe { weighted_rows_sum_avx512(p, v, hd, out) };
+    if Isa::best() == Isa::Avx512 && hd.is_multiple_of(16) && hd <= 128 {
+        // SAFETY: `Isa::Avx512` is only produced when the CPU has AVX-512 F; the
+        // head size is a whole number of registers, at most 8.
+        unsafe { avx512::weighted_rows_sum(p, v, hd, out) };
         return;
     }
     weighted_rows_sum_body(p, v, hd, out);
 }
 
-/// The same loop compiled with AVX-512 enabled, so LLVM vectorizes it 16 wide.
-///
-/// # Safety
-/// The CPU must support AVX-512 F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn weighted_rows_sum_avx512(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
-    weighted_rows_sum_body(p, v, hd, out);
-}
-
-#[inline(always)]
 fn weighted_rows_sum_body(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
     let total = v.len() / hd.max(1);
     out.iter_mut().for_each(|o| *o = 0.0);
@@ -138,6 +158,203 @@ fn weighted_rows_sum_body(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
     }
 }
 
+/// The decode attention loops with AVX-512: scores of 16 keys per pass (a
+/// register per key, summed across lanes all at once), value rows accumulated in
+/// registers, and a polynomial `exp`.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Lane `i` of the result is the sum of `v[i]`'s 16 lanes: a transpose-and-add
+    /// in 45 instructions instead of 16 separate horizontal sums.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn sum_lanes_16(v: &[__m512; 16]) -> __m512 {
+        // Within 128-bit lanes: pairs, then quads (lane e of group g sums source 4k + e).
+        let pair = |a: __m512, b: __m512| {
+            _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+        };
+        let quad = |a: __m512, b: __m512| {
+            let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+            _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+            )
+        };
+        let q: [__m512; 4] = std::array::from_fn(|k| {
+            quad(
+                pair(v[4 * k], v[4 * k + 1]),
+                pair(v[4 * k + 2], v[4 * k + 3]),
+            )
+        });
+        // Across the four 128-bit lanes: output lane group k sums q[k]'s groups.
+        let lanes = |a: __m512, b: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(a, b),
+                _mm512_shuffle_f32x4::<0xDD>(a, b),
+            )
+        };
+        lanes(lanes(q[0], q[1]), lanes(q[2], q[3]))
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512 F; `hd` is a multiple of 16 and at most 128.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn key_scores(q: &[f32], k: &[f32], hd: usize, scores: &mut [f32]) {
+        let (rows, total) = (q.len() / hd, k.len() / hd);
+        let chunks = hd / 16;
+        let main = total / 16 * 16;
+        for r in 0..rows {
+            // SAFETY: row `r` of `q` has `hd` values, key `j < total` of `k` too.
+            unsafe {
+                let qp = q.as_ptr().add(r * hd);
+                let qv: [__m512; 8] = std::array::from_fn(|c| {
+                    if c < chunks {
+                        _mm512_loadu_ps(qp.add(16 * c))
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                let dot = |j: usize| {
+                    let kp = k.as_ptr().add(j * hd);
+                    let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
+                    for (c, qc) in qv.iter().enumerate().take(chunks).skip(1) {
+                        acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(kp.add(16 * c)), acc);
+                    }
+                    acc
+                };
+                let out = &mut scores[r * total..(r + 1) * total];
+                for j in (0..main).step_by(16) {
+                    let acc: [__m512; 16] = std::array::from_fn(|i| dot(j + i));
+                    _mm512_storeu_ps(out.as_mut_ptr().add(j), sum_lanes_16(&acc));
+                }
+                for (j, o) in out.iter_mut().enumerate().skip(main) {
+                    *o = _mm512_reduce_add_ps(dot(j));
+                }
+            }
+        }
+    }
+
+    /// `out[r] = Σ_j p[r, j] v[j]` with up to 16 registers of accumulated output rows.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F; `hd` is a multiple of 16 and at most 128.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn weighted_rows_sum(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+        let rows = out.len() / hd;
+        // SAFETY (all arms): forwarded caller guarantees.
+        unsafe {
+            match hd / 16 {
+                1 => rows_in_groups::<1, 8>(p, v, rows, out),
+                2 => rows_in_groups::<2, 8>(p, v, rows, out),
+                3 | 4 => rows_in_groups::<4, 4>(p, v, rows, out),
+                _ => rows_in_groups::<8, 2>(p, v, rows, out),
+            }
+        }
+    }
+
+    /// Rows in groups of `R`, each group one pass over the value rows with its
+    /// `R x C` accumulators in registers (`C >= hd / 16` chunks, extra ones unused).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows_in_groups<const C: usize, const R: usize>(
+        p: &[f32],
+        v: &[f32],
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        let hd = out.len() / rows.max(1);
+        let total = v.len() / hd;
+        let chunks = hd / 16;
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = R.min(rows - r0);
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            // SAFETY: value row `j < total` has `hd = 16 * chunks` values; `p` has
+            // `rows` rows of `total`, and rows `r0 + r < rows` exist in `out`.
+            unsafe {
+                for j in 0..total {
+                    let vp = v.as_ptr().add(j * hd);
+                    let vj: [__m512; C] = std::array::from_fn(|c| {
+                        if c < chunks {
+                            _mm512_loadu_ps(vp.add(16 * c))
+                        } else {
+                            _mm512_setzero_ps()
+                        }
+                    });
+                    for (r, acc) in acc.iter_mut().enumerate().take(nr) {
+                        let w = _mm512_set1_ps(*p.get_unchecked((r0 + r) * total + j));
+                        for c in 0..chunks.min(C) {
+                            acc[c] = _mm512_fmadd_ps(w, vj[c], acc[c]);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate().take(nr) {
+                    let op = out.as_mut_ptr().add((r0 + r) * hd);
+                    for (c, a) in acc.iter().enumerate().take(chunks) {
+                        _mm512_storeu_ps(op.add(16 * c), *a);
+                    }
+                }
+            }
+            r0 += nr;
+        }
+    }
+
+    /// In place `p = exp(p * scale - max)` (max: the largest `p * scale`, so every
+    /// argument is <= 0); returns the sum. `exp(x) = 2^n e^f`, `n = round(x log2 e)`,
+    /// `f` in [-ln2/2, ln2/2] by a degree-6 polynomial: relative error < 2e-7.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_shifted(p: &mut [f32], scale: f32, max: f32) -> f32 {
+        let main = p.len() / 16 * 16;
+        let (vs, vm) = (_mm512_set1_ps(scale), _mm512_set1_ps(max));
+        let mut sum = _mm512_setzero_ps();
+        // Below -87 e^x is under f32's normal range; the clamp keeps 2^n finite.
+        let lo = _mm512_set1_ps(-87.0);
+        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+        let ln2_hi = _mm512_set1_ps(0.693_145_75);
+        let ln2_lo = _mm512_set1_ps(1.428_606_8e-6);
+        let c = [
+            1.0f32,
+            1.0,
+            0.5,
+            1.0 / 6.0,
+            1.0 / 24.0,
+            1.0 / 120.0,
+            1.0 / 720.0,
+        ]
+        .map(|v| _mm512_set1_ps(v));
+        for i in (0..main).step_by(16) {
+            // SAFETY: `i + 16 <= main <= p.len()`.
+            unsafe {
+                let x = _mm512_max_ps(
+                    _mm512_fmsub_ps(_mm512_loadu_ps(p.as_ptr().add(i)), vs, vm),
+                    lo,
+                );
+                let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    _mm512_mul_ps(x, log2e),
+                );
+                let f = _mm512_fnmadd_ps(n, ln2_lo, _mm512_fnmadd_ps(n, ln2_hi, x));
+                let mut y = c[6];
+                for k in (0..6).rev() {
+                    y = _mm512_fmadd_ps(y, f, c[k]);
+                }
+                let e = _mm512_scalef_ps(y, n);
+                _mm512_storeu_ps(p.as_mut_ptr().add(i), e);
+                sum = _mm512_add_ps(sum, e);
+            }
+        }
+        let mut total = _mm512_reduce_add_ps(sum);
+        for x in &mut p[main..] {
+            *x = (*x * scale - max).exp();
+            total += *x;
+        }
+        total
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,11 +363,15 @@ mod tests {
     fn cache_attention_matches_the_tensor_formula() {
         let dev = Device::Cpu;
         // A short cache (one thread) and a long one (one task per KV head).
-        for (heads, rows, hd, cap, total) in [(3, 4, 64, 40, 29), (4, 4, 64, 700, 613)] {
-            assert_eq!(
-                2 * rows * total * hd * heads >= PARALLEL_MIN_MACS,
-                total > 100
-            );
+        // Head sizes of 1, 4 and 8 registers and one that is not a whole register
+        // (the portable loops); key counts with and without a partial block of 16.
+        for (heads, rows, hd, cap, total) in [
+            (3, 4, 64, 40, 29),
+            (4, 4, 64, 700, 613),
+            (2, 3, 128, 64, 48),
+            (2, 5, 16, 40, 33),
+            (2, 2, 24, 40, 37),
+        ] {
             let q = Tensor::randn(0f32, 1.0, (heads, rows, hd), &dev).unwrap();
             let kc = Tensor::randn(0f32, 1.0, (heads, cap, hd), &dev).unwrap();
             let vc = Tensor::randn(0f32, 1.0, (heads, cap, hd), &dev).unwrap();
@@ -174,6 +395,61 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(diff < 1e-5, "{total} positions: max diff {diff}");
+        }
+    }
+
+    /// The AVX-512 loops against the portable ones they replace.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_loops_match_the_portable_ones() {
+        if Isa::best() != Isa::Avx512 {
+            return;
+        }
+        let vals = |n: usize, k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * k) % 101) as f32 / 25.0 - 2.0)
+                .collect()
+        };
+        for (rows, hd, total) in [(4, 64, 37), (3, 128, 16), (8, 16, 5)] {
+            let (q, k, v) = (
+                vals(rows * hd, 7),
+                vals(total * hd, 11),
+                vals(total * hd, 13),
+            );
+            let mut want = vec![0f32; rows * total];
+            let keys = DenseRows {
+                data: DenseData::F32(&k),
+                cols: hd,
+            };
+            matmul_dense(Isa::Portable, keys, total, &q, rows, &mut want);
+            let mut got = vec![0f32; rows * total];
+            // SAFETY: AVX-512 checked above; hd is 16, 64 or 128.
+            unsafe { avx512::key_scores(&q, &k, hd, &mut got) };
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "scores {a} vs {b}");
+            }
+            let (mut e_fast, mut e_slow) = (want.clone(), want.clone());
+            let max = want.iter().fold(f32::MIN, |m, &x| m.max(x * 0.3));
+            // SAFETY: as above.
+            let s_fast = unsafe { avx512::exp_shifted(&mut e_fast, 0.3, max) };
+            let s_slow = exp_shifted(&mut e_slow, 0.3, max);
+            assert!(
+                (s_fast - s_slow).abs() < 1e-5 * s_slow,
+                "{s_fast} vs {s_slow}"
+            );
+            for (a, b) in e_fast.iter().zip(&e_slow) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.max(1e-30) + 1e-30,
+                    "exp {a} vs {b}"
+                );
+            }
+            let (mut o_fast, mut o_slow) = (vec![0f32; rows * hd], vec![0f32; rows * hd]);
+            // SAFETY: as above.
+            unsafe { avx512::weighted_rows_sum(&e_slow, &v, hd, &mut o_fast) };
+            weighted_rows_sum_body(&e_slow, &v, hd, &mut o_slow);
+            for (a, b) in o_fast.iter().zip(&o_slow) {
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "sum {a} vs {b}");
+            }
         }
     }
 }
