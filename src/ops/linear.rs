@@ -53,24 +53,15 @@ impl Linear {
     pub fn from_qtensor(w: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (rows, cols) = w.shape().dims2()?;
         let weight = match w.dtype() {
-            GgmlDType::Q8_0 => LinearWeight::Packed(Arc::new(PackedMatrix::from_ggml(
-                PackedFormat::Q8_0,
-                &w.data()?,
-                rows,
-                cols,
-            )?)),
-            GgmlDType::Q4_0 => LinearWeight::Packed(Arc::new(PackedMatrix::from_ggml(
-                PackedFormat::Q4_0,
-                &w.data()?,
-                rows,
-                cols,
-            )?)),
-            GgmlDType::Q4_1 => LinearWeight::Packed(Arc::new(PackedMatrix::from_ggml(
-                PackedFormat::Q4_1,
-                &w.data()?,
-                rows,
-                cols,
-            )?)),
+            GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
+                let format = match w.dtype() {
+                    GgmlDType::Q8_0 => PackedFormat::Q8_0,
+                    GgmlDType::Q4_0 => PackedFormat::Q4_0,
+                    _ => PackedFormat::Q4_1,
+                };
+                let packed = PackedMatrix::from_ggml(format, &w.data()?, rows, cols)?;
+                LinearWeight::Packed(Arc::new(packed))
+            }
             GgmlDType::Q4K => LinearWeight::Packed(Arc::new(PackedMatrix::from_ggml_q4k(
                 &w.data()?,
                 rows,
