@@ -611,8 +611,8 @@ fn sentencepiece_gguf_vocabulary_merges_by_score_with_byte_fallback() {
 }
 
 /// K-quant matrices (256-wide blocks, wider than the fixtures' rows) load as
-/// quantized Linears, including stacked gate/up experts: Q4_K repacked for our
-/// kernels, Q6_K re-encoded as Q8_0 for them, Q3_K on candle's.
+/// quantized Linears, including stacked gate/up experts: Q4_K and Q6_K repacked
+/// for our kernels, Q3_K on candle's.
 #[test]
 fn k_quant_gguf_matrices_run_natively() {
     let tmp = tempfile::tempdir().unwrap();

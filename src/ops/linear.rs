@@ -47,9 +47,9 @@ impl Linear {
         }
     }
 
-    /// From a GGML tensor (a GGUF file's): Q8_0, Q4_0, Q4_1 and Q4_K are repacked
-    /// for our kernels, Q5_0, Q5_1, Q5_K and Q6_K re-encoded as Q8_0 for them, float
-    /// types become dense, and Q2_K / Q3_K run on candle's kernels.
+    /// From a GGML tensor (a GGUF file's): Q8_0, Q4_0, Q4_1, Q4_K and Q6_K are
+    /// repacked for our kernels, Q5_0, Q5_1 and Q5_K re-encoded as Q8_0 for them,
+    /// float types become dense, and Q2_K / Q3_K run on candle's kernels.
     pub fn from_qtensor(w: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (rows, cols) = w.shape().dims2()?;
         let weight = match w.dtype() {
@@ -67,11 +67,15 @@ impl Linear {
                 rows,
                 cols,
             )?)),
-            // 5- and 6-bit blocks have no tile kernel of their own; Q8_0 holds them to
-            // within a quarter of their own rounding step (a 32-block's Q8 step is 1/4
-            // of Q6_K's, 1/8 of Q5's), for 1.3-1.5x the bytes, and its kernel does a
-            // 1024x1024 matvec in 13 us where candle's Q6_K takes 30 us.
-            GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K => {
+            GgmlDType::Q6K => LinearWeight::Packed(Arc::new(PackedMatrix::from_ggml_q6k(
+                &w.data()?,
+                rows,
+                cols,
+            )?)),
+            // 5-bit blocks have no tile kernel of their own; Q8_0 holds them to within
+            // an eighth of their own rounding step, for 1.5x the bytes, and runs ~2x
+            // faster than candle's kernels for them.
+            GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => {
                 let data = w
                     .dequantize(&Device::Cpu)?
                     .flatten_all()?
@@ -463,15 +467,17 @@ mod tests {
 
     #[test]
     fn ggml_tensors_become_packed_or_ggml_weights() {
-        // 19 rows: a padded tile. Q4_K's per-block scales and mins are rounded to
-        // f16 (relative 2^-11), so its values agree to ~1e-4 rather than exactly.
+        // 19 rows: a padded tile. Q4_K's and Q6_K's sub-block scales (and Q4_K's mins)
+        // are rounded to f16 (relative 2^-11), so their values agree to ~1e-4 rather
+        // than exactly; Q5_K is re-encoded as Q8_0.
         let (lin, w) = linear(19, 512, DType::F32);
         for (dtype, packed, tol) in [
             (GgmlDType::Q8_0, true, 1e-6),
             (GgmlDType::Q4_0, true, 1e-6),
             (GgmlDType::Q4_1, true, 1e-6),
             (GgmlDType::Q4K, true, 1e-3),
-            (GgmlDType::Q6K, true, 0.02),
+            (GgmlDType::Q6K, true, 1e-3),
+            (GgmlDType::Q5K, true, 0.02),
             (GgmlDType::Q3K, false, 1e-6),
         ] {
             let q = QTensor::quantize(&w, dtype).unwrap();

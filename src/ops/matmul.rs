@@ -248,7 +248,12 @@ mod tests {
                     "{isa:?}: {a} vs {b}"
                 );
             }
-            for format in [PackedFormat::Q8_0, PackedFormat::Q4_0, PackedFormat::Q4_1] {
+            for format in [
+                PackedFormat::Q8_0,
+                PackedFormat::Q4_0,
+                PackedFormat::Q4_1,
+                PackedFormat::Q6,
+            ] {
                 let q = PackedMatrix::quantize(format, &w, rows, cols).unwrap();
                 let mut yq = vec![f32::NAN; n * rows];
                 matmul_packed(isa, &q, &acts, &mut yq);

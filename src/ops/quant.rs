@@ -80,6 +80,12 @@ pub enum PackedFormat {
     /// `x = d q + m`. Holds GGML's Q4_1 exactly and Q4_K with each 32-block's
     /// `d * scale` and `-dmin * min` rounded to f16.
     Q4_1,
+    /// GGML's Q6_K: 6-bit `q + 32` with a scale per 16 values. The low 4 bits as
+    /// Q4_0's nibbles, then two 64-byte groups of high bits: lane `r`, byte `i`,
+    /// bits `2c..2c + 2` hold element `4c + i`'s (first group) or `16 + 4c + i`'s
+    /// (second). The first 16 values of a block use `scales`, the last 16
+    /// `scales_hi`: each 16-block's `d * scale` rounded to f16.
+    Q6,
 }
 
 impl PackedFormat {
@@ -89,7 +95,13 @@ impl PackedFormat {
             PackedFormat::Q8_0 => 128,
             PackedFormat::Q4_0 => 8,
             PackedFormat::Q4_1 => 0,
+            PackedFormat::Q6 => 32,
         }
+    }
+
+    /// Whether the last 16 values of a block have a scale of their own.
+    pub fn has_half_scales(self) -> bool {
+        self == PackedFormat::Q6
     }
 
     /// Whether blocks carry a min (`x = d q + m`) besides the scale.
@@ -102,6 +114,7 @@ impl PackedFormat {
         match self {
             PackedFormat::Q8_0 => BLOCK,
             PackedFormat::Q4_0 | PackedFormat::Q4_1 => BLOCK / 2,
+            PackedFormat::Q6 => BLOCK * 3 / 4,
         }
     }
 }
@@ -113,9 +126,29 @@ pub struct PackedMatrix {
     format: PackedFormat,
     rows: usize,
     cols: usize,
-    quants: Vec<u8>,  // [tiles, blocks, TILE * block_bytes]
-    scales: Vec<f16>, // [tiles, blocks, TILE]
-    mins: Vec<f16>,   // as scales for Q4_1, else empty
+    quants: Vec<u8>,     // [tiles, blocks, TILE * block_bytes]
+    scales: Vec<f16>,    // [tiles, blocks, TILE]
+    mins: Vec<f16>,      // as scales for Q4_1, else empty
+    scales_hi: Vec<f16>, // as scales for Q6 (the blocks' last 16 values), else empty
+}
+
+/// One block's scales and min as stored: `x = d (q - offset) + min` for the first
+/// 16 values, `d_hi` in place of `d` for the last 16 (equal to `d` but in Q6).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockParams {
+    pub d: f16,
+    pub d_hi: f16,
+    pub min: f16,
+}
+
+impl BlockParams {
+    fn single(d: f16) -> Self {
+        Self {
+            d,
+            d_hi: d,
+            min: f16::ZERO,
+        }
+    }
 }
 
 /// One tile of a [`PackedMatrix`], as the kernels read it.
@@ -124,6 +157,7 @@ pub struct Tile<'a> {
     pub quants: &'a [u8],
     pub scales: &'a [f16],
     pub mins: &'a [f16],
+    pub scales_hi: &'a [f16],
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -140,20 +174,16 @@ impl PackedMatrix {
     fn zeroed(format: PackedFormat, rows: usize, cols: usize) -> Self {
         let tiles = rows.div_ceil(TILE);
         let nb = cols / BLOCK;
+        let per_block =
+            |present: bool| vec![f16::ZERO; if present { tiles * nb * TILE } else { 0 }];
         Self {
             format,
             rows,
             cols,
             quants: vec![0u8; tiles * nb * TILE * format.block_bytes()],
-            scales: vec![f16::ZERO; tiles * nb * TILE],
-            mins: vec![
-                f16::ZERO;
-                if format.has_min() {
-                    tiles * nb * TILE
-                } else {
-                    0
-                }
-            ],
+            scales: per_block(true),
+            mins: per_block(format.has_min()),
+            scales_hi: per_block(format.has_half_scales()),
         }
     }
 
@@ -172,8 +202,8 @@ impl PackedMatrix {
         for r in 0..rows {
             let row = &w[r * cols..(r + 1) * cols];
             for (b, xs) in row.chunks_exact(BLOCK).enumerate() {
-                let (d, min) = quantize_block(format, xs, &mut q);
-                m.store_block(r, b, &q, d, min);
+                let p = quantize_block(format, xs, &mut q);
+                m.store_block(r, b, &q, p);
             }
         }
         Ok(m)
@@ -207,10 +237,19 @@ impl PackedMatrix {
                         q[16 + j] = blk[head + j] >> 4;
                     }
                 }
+                PackedFormat::Q6 => {
+                    return Err(Error::InvalidInput(
+                        "Q6 has no 32-value GGML block; use from_ggml_q6k".into(),
+                    ));
+                }
             }
             let d = f16::from_le_bytes([blk[0], blk[1]]);
             let min = f16::from_le_bytes([blk[2], blk[3]]);
-            m.store_block(i / nb, i % nb, &q, d, min);
+            let p = BlockParams {
+                min: if format.has_min() { min } else { f16::ZERO },
+                ..BlockParams::single(d)
+            };
+            m.store_block(i / nb, i % nb, &q, p);
         }
         Ok(m)
     }
@@ -252,13 +291,56 @@ impl PackedMatrix {
                 for (o, &v) in q.iter_mut().zip(src) {
                     *o = if j % 2 == 0 { v & 0x0F } else { v >> 4 };
                 }
-                m.store_block(
-                    r,
-                    s0 + j,
-                    &q,
-                    f16::from_f32(d * scale as f32),
-                    f16::from_f32(-dmin * min as f32),
-                );
+                let p = BlockParams {
+                    min: f16::from_f32(-dmin * min as f32),
+                    ..BlockParams::single(f16::from_f32(d * scale as f32))
+                };
+                m.store_block(r, s0 + j, &q, p);
+            }
+        }
+        Ok(m)
+    }
+
+    /// Repacks GGML `block_q6_K` data (210 bytes per 256 values: 128 bytes of low
+    /// nibbles, 64 of high 2-bit pairs, 16 signed 8-bit scales, f16 `d`) as
+    /// [`PackedFormat::Q6`]: 16-value block `j` gets scale `d * sc_j`.
+    pub fn from_ggml_q6k(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        const SUPER: usize = 256;
+        const BYTES: usize = 210;
+        if !cols.is_multiple_of(SUPER) || data.len() != rows * cols / SUPER * BYTES {
+            return Err(Error::InvalidInput(format!(
+                "Q6_K data of {} bytes does not hold a [{rows}, {cols}] matrix",
+                data.len()
+            )));
+        }
+        let per_row = cols / SUPER;
+        let mut m = Self::zeroed(PackedFormat::Q6, rows, cols);
+        let mut q = [0u8; SUPER];
+        for (i, sb) in data.chunks_exact(BYTES).enumerate() {
+            let (r, b0) = (i / per_row, (i % per_row) * (SUPER / BLOCK));
+            let (ql, qh, sc) = (&sb[..128], &sb[128..192], &sb[192..208]);
+            let d = f16::from_le_bytes([sb[208], sb[209]]).to_f32();
+            // GGML's order: each half of 128 values takes 64 bytes of `ql` and 32 of
+            // `qh`; value `l + 32k` of a half is nibble `k / 2` of byte `l + 32 (k % 2)`
+            // with high bits `2k..2k + 2` of `qh[l]`.
+            for half in 0..2 {
+                let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+                for l in 0..32 {
+                    for k in 0..4 {
+                        let nib = (ql[l + 32 * (k % 2)] >> (4 * (k / 2))) & 0x0F;
+                        let hi = (qh[l] >> (2 * k)) & 3;
+                        q[128 * half + 32 * k + l] = nib | (hi << 4);
+                    }
+                }
+            }
+            for j in 0..SUPER / BLOCK {
+                let block: &[u8; BLOCK] = q[j * BLOCK..(j + 1) * BLOCK].try_into().unwrap();
+                let p = BlockParams {
+                    d: f16::from_f32(d * sc[2 * j] as i8 as f32),
+                    d_hi: f16::from_f32(d * sc[2 * j + 1] as i8 as f32),
+                    min: f16::ZERO,
+                };
+                m.store_block(r, b0 + j, block, p);
             }
         }
         Ok(m)
@@ -270,13 +352,16 @@ impl PackedMatrix {
         ((r / TILE) * nb + b, r % TILE)
     }
 
-    /// Writes row `r`'s block `b` from 32 offset values in natural order (`min`
-    /// is kept only by formats that have one).
-    fn store_block(&mut self, r: usize, b: usize, q: &[u8; BLOCK], d: f16, min: f16) {
+    /// Writes row `r`'s block `b` from 32 offset values in natural order (the min
+    /// and upper-half scale are kept only by formats that have them).
+    fn store_block(&mut self, r: usize, b: usize, q: &[u8; BLOCK], p: BlockParams) {
         let (tb, lane) = self.locate(r, b);
-        self.scales[tb * TILE + lane] = d;
+        self.scales[tb * TILE + lane] = p.d;
         if self.format.has_min() {
-            self.mins[tb * TILE + lane] = min;
+            self.mins[tb * TILE + lane] = p.min;
+        }
+        if self.format.has_half_scales() {
+            self.scales_hi[tb * TILE + lane] = p.d_hi;
         }
         let bytes = &mut self.quants[tb * TILE * self.format.block_bytes()..];
         for i in 0..4 {
@@ -291,12 +376,23 @@ impl PackedMatrix {
                         bytes[c * 64 + lane * 4 + i] = q[4 * c + i] | (q[16 + 4 * c + i] << 4);
                     }
                 }
+                PackedFormat::Q6 => {
+                    let (mut h0, mut h1) = (0u8, 0u8);
+                    for c in 0..4 {
+                        let (a, z) = (q[4 * c + i], q[16 + 4 * c + i]);
+                        bytes[c * 64 + lane * 4 + i] = (a & 0x0F) | ((z & 0x0F) << 4);
+                        h0 |= (a >> 4) << (2 * c);
+                        h1 |= (z >> 4) << (2 * c);
+                    }
+                    bytes[256 + lane * 4 + i] = h0;
+                    bytes[320 + lane * 4 + i] = h1;
+                }
             }
         }
     }
 
-    /// Row `r`'s block `b` as 32 offset values in natural order, and its scale.
-    pub fn block(&self, r: usize, b: usize, q: &mut [u8; BLOCK]) -> f16 {
+    /// Row `r`'s block `b` as 32 offset values in natural order, and its scales and min.
+    pub fn block(&self, r: usize, b: usize, q: &mut [u8; BLOCK]) -> BlockParams {
         let (tb, lane) = self.locate(r, b);
         let bytes = &self.quants[tb * TILE * self.format.block_bytes()..];
         for i in 0..4 {
@@ -306,25 +402,34 @@ impl PackedMatrix {
                         q[4 * k + i] = bytes[k * 64 + lane * 4 + i];
                     }
                 }
-                PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
+                PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q6 => {
+                    let (h0, h1) = if self.format == PackedFormat::Q6 {
+                        (bytes[256 + lane * 4 + i], bytes[320 + lane * 4 + i])
+                    } else {
+                        (0, 0)
+                    };
                     for c in 0..4 {
                         let v = bytes[c * 64 + lane * 4 + i];
-                        q[4 * c + i] = v & 0x0F;
-                        q[16 + 4 * c + i] = v >> 4;
+                        q[4 * c + i] = (v & 0x0F) | (((h0 >> (2 * c)) & 3) << 4);
+                        q[16 + 4 * c + i] = (v >> 4) | (((h1 >> (2 * c)) & 3) << 4);
                     }
                 }
             }
         }
-        self.scales[tb * TILE + lane]
-    }
-
-    /// Row `r`'s value of block `b` at `q = offset`: 0, or the min of formats with one.
-    pub fn block_min(&self, r: usize, b: usize) -> f32 {
-        if !self.format.has_min() {
-            return 0.0;
+        let at = tb * TILE + lane;
+        BlockParams {
+            d: self.scales[at],
+            d_hi: if self.format.has_half_scales() {
+                self.scales_hi[at]
+            } else {
+                self.scales[at]
+            },
+            min: if self.format.has_min() {
+                self.mins[at]
+            } else {
+                f16::ZERO
+            },
         }
-        let (tb, lane) = self.locate(r, b);
-        self.mins[tb * TILE + lane].to_f32()
     }
 
     /// Tile `t`'s quants (`[blocks, TILE * block_bytes]`), scales and mins
@@ -337,7 +442,12 @@ impl PackedMatrix {
             quants: &self.quants[t * qb..(t + 1) * qb],
             scales: &self.scales[s.clone()],
             mins: if self.format.has_min() {
-                &self.mins[s]
+                &self.mins[s.clone()]
+            } else {
+                &[]
+            },
+            scales_hi: if self.format.has_half_scales() {
+                &self.scales_hi[s]
             } else {
                 &[]
             },
@@ -362,7 +472,7 @@ impl PackedMatrix {
 
     /// Bytes a matrix-vector product reads: quants, scales and mins.
     pub fn bytes(&self) -> usize {
-        self.quants.len() + (self.scales.len() + self.mins.len()) * 2
+        self.quants.len() + (self.scales.len() + self.mins.len() + self.scales_hi.len()) * 2
     }
 
     /// Row-major f32 `[rows, cols]`.
@@ -372,18 +482,22 @@ impl PackedMatrix {
         let mut q = [0u8; BLOCK];
         for r in 0..self.rows {
             for b in 0..self.cols / BLOCK {
-                let d = self.block(r, b, &mut q).to_f32();
-                let min = self.block_min(r, b);
-                out.extend(q.iter().map(|&v| (v as i32 - off) as f32 * d + min));
+                let p = self.block(r, b, &mut q);
+                let (d, d_hi, min) = (p.d.to_f32(), p.d_hi.to_f32(), p.min.to_f32());
+                out.extend(q[..16].iter().map(|&v| (v as i32 - off) as f32 * d + min));
+                out.extend(
+                    q[16..]
+                        .iter()
+                        .map(|&v| (v as i32 - off) as f32 * d_hi + min),
+                );
             }
         }
         out
     }
 }
 
-/// Quantizes one block to offset values; returns its f16 scale and min (zero
-/// for formats without one).
-fn quantize_block(format: PackedFormat, xs: &[f32], q: &mut [u8]) -> (f16, f16) {
+/// Quantizes one block to offset values; returns its scales and min.
+fn quantize_block(format: PackedFormat, xs: &[f32], q: &mut [u8]) -> BlockParams {
     let off = format.offset() as f32;
     match format {
         PackedFormat::Q8_0 => {
@@ -393,7 +507,7 @@ fn quantize_block(format: PackedFormat, xs: &[f32], q: &mut [u8]) -> (f16, f16) 
             for (o, &x) in q.iter_mut().zip(xs) {
                 *o = ((x * id).round() + off) as u8;
             }
-            (f16::from_f32(d), f16::ZERO)
+            BlockParams::single(f16::from_f32(d))
         }
         PackedFormat::Q4_0 => {
             let max = xs
@@ -404,7 +518,7 @@ fn quantize_block(format: PackedFormat, xs: &[f32], q: &mut [u8]) -> (f16, f16) 
             for (o, &x) in q.iter_mut().zip(xs) {
                 *o = ((x * id + off + 0.5) as u8).min(15);
             }
-            (f16::from_f32(d), f16::ZERO)
+            BlockParams::single(f16::from_f32(d))
         }
         PackedFormat::Q4_1 => {
             let (min, max) = xs
@@ -415,7 +529,30 @@ fn quantize_block(format: PackedFormat, xs: &[f32], q: &mut [u8]) -> (f16, f16) 
             for (o, &x) in q.iter_mut().zip(xs) {
                 *o = (((x - min) * id + 0.5) as u8).min(15);
             }
-            (f16::from_f32(d), f16::from_f32(min))
+            BlockParams {
+                min: f16::from_f32(min),
+                ..BlockParams::single(f16::from_f32(d))
+            }
+        }
+        PackedFormat::Q6 => {
+            // Per 16 values, as Q6_K: `d = max / -32` (signed value of largest
+            // magnitude), `q = clamp(round(x / d), -32, 31) + 32`.
+            let mut ds = [f16::ZERO; 2];
+            for (h, (xs, q)) in xs.chunks(16).zip(q.chunks_mut(16)).enumerate() {
+                let max = xs
+                    .iter()
+                    .fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+                let d = max / -32.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                for (o, &x) in q.iter_mut().zip(xs) {
+                    *o = ((x * id).round().clamp(-32.0, 31.0) + off) as u8;
+                }
+                ds[h] = f16::from_f32(d);
+            }
+            BlockParams {
+                d_hi: ds[1],
+                ..BlockParams::single(ds[0])
+            }
         }
     }
 }
@@ -429,9 +566,10 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 pub struct QuantizedActs {
     pub n: usize,
     pub cols: usize,
-    pub quants: Vec<i8>,  // [n, cols]
-    pub scales: Vec<f32>, // [n, cols / 32]
-    pub sums: Vec<f32>,   // [n, cols / 32]: scale * sum of the block's quants
+    pub quants: Vec<i8>,   // [n, cols]
+    pub scales: Vec<f32>,  // [n, cols / 32]
+    pub sums: Vec<f32>,    // [n, cols / 32]: scale * sum of the block's quants
+    pub sums_lo: Vec<f32>, // [n, cols / 32]: the same over the block's first 16
 }
 
 impl QuantizedActs {
@@ -443,22 +581,27 @@ impl QuantizedActs {
         self.quants.resize(n * cols, 0);
         self.scales.resize(n * nb, 0.0);
         self.sums.resize(n * nb, 0.0);
+        self.sums_lo.resize(n * nb, 0.0);
         for (i, xs) in x.chunks_exact(BLOCK).enumerate().take(n * nb) {
             let amax = xs.iter().fold(0f32, |m, &v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let q = &mut self.quants[i * BLOCK..(i + 1) * BLOCK];
-            let mut sum = 0i32;
-            for (o, &v) in q.iter_mut().zip(xs) {
+            let (mut sum, mut sum_lo) = (0i32, 0i32);
+            for (j, (o, &v)) in q.iter_mut().zip(xs).enumerate() {
                 // Round to nearest via the f32 mantissa (|v * id| <= 127): `f32::round`
                 // is a libm call here and cost ~2 % of decode. Ties go to even, not
                 // away from zero as in GGML; only exact halves differ.
                 let v = ((v * id + ROUND_MAGIC) - ROUND_MAGIC) as i8;
                 sum += v as i32;
+                if j < 16 {
+                    sum_lo += v as i32;
+                }
                 *o = v;
             }
             self.scales[i] = d;
             self.sums[i] = d * sum as f32;
+            self.sums_lo[i] = d * sum_lo as f32;
         }
     }
 
@@ -489,20 +632,22 @@ mod tests {
 
     /// Row `r`'s scale of block `b`.
     fn scale(m: &PackedMatrix, r: usize, b: usize) -> f32 {
-        m.block(r, b, &mut [0; BLOCK]).to_f32().abs()
+        let p = m.block(r, b, &mut [0; BLOCK]);
+        p.d.to_f32().abs().max(p.d_hi.to_f32().abs())
     }
 
     #[test]
     fn round_trips_stay_within_the_formats_step() {
         // 19 rows: a whole tile and a padded one. Allowed error in steps `d`: half a
-        // step for Q8_0 and Q4_1 (plus the f16 rounding of Q4_1's min); Q4_0's end
-        // opposite the largest magnitude clamps at 7 steps, so up to one step.
+        // step for Q8_0 and Q4_1 (plus the f16 rounding of Q4_1's min); Q4_0's and
+        // Q6's end opposite the largest magnitude clamps a step short, so up to one.
         let (rows, cols) = (19, 96);
         let w = ramp(rows * cols);
         for (format, steps, slack) in [
             (PackedFormat::Q8_0, 0.5, 1e-3),
             (PackedFormat::Q4_0, 1.0, 1e-3),
             (PackedFormat::Q4_1, 0.5, 2e-3),
+            (PackedFormat::Q6, 1.0, 1e-3),
         ] {
             let m = PackedMatrix::quantize(format, &w, rows, cols).unwrap();
             let back = m.dequantize();
@@ -527,10 +672,10 @@ mod tests {
             let mut q = [0u8; BLOCK];
             for r in 0..rows {
                 for b in 0..cols / BLOCK {
-                    let d = m.block(r, b, &mut q);
-                    data.extend_from_slice(&d.to_le_bytes());
+                    let p = m.block(r, b, &mut q);
+                    data.extend_from_slice(&p.d.to_le_bytes());
                     if format.has_min() {
-                        data.extend_from_slice(&f16::from_f32(m.block_min(r, b)).to_le_bytes());
+                        data.extend_from_slice(&p.min.to_le_bytes());
                     }
                     match format {
                         PackedFormat::Q8_0 => {
@@ -539,6 +684,7 @@ mod tests {
                         PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
                             data.extend((0..16).map(|j| q[j] | (q[16 + j] << 4)))
                         }
+                        PackedFormat::Q6 => unreachable!("not a 32-value GGML block"),
                     }
                 }
             }

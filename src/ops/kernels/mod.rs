@@ -314,7 +314,12 @@ mod tests {
                     .collect::<Vec<_>>()
             })
             .collect();
-        for format in [PackedFormat::Q8_0, PackedFormat::Q4_0, PackedFormat::Q4_1] {
+        for format in [
+            PackedFormat::Q8_0,
+            PackedFormat::Q4_0,
+            PackedFormat::Q4_1,
+            PackedFormat::Q6,
+        ] {
             let m = PackedMatrix::quantize(format, &w, rows, COLS).unwrap();
             let wd = m.dequantize();
             for isa in Isa::supported() {
@@ -338,6 +343,7 @@ mod tests {
                                 let tol = match format {
                                     PackedFormat::Q8_0 => 0.02,
                                     PackedFormat::Q4_0 | PackedFormat::Q4_1 => 0.15,
+                                    PackedFormat::Q6 => 0.05,
                                 };
                                 let norm = (COLS as f64).sqrt();
                                 assert!(

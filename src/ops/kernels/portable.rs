@@ -35,13 +35,18 @@ pub fn packed_tile_dots(
             let (xq, dx, sx) = acts.token(t0 + t);
             *v = (0..w.cols() / BLOCK)
                 .map(|b| {
-                    let d = w.block(r, b, &mut q).to_f32();
-                    let isum: i32 = q
-                        .iter()
-                        .zip(&xq[b * BLOCK..(b + 1) * BLOCK])
-                        .map(|(&a, &c)| (a as i32 - off) * c as i32)
-                        .sum();
-                    d * dx[b] * isum as f32 + w.block_min(r, b) * sx[b]
+                    let p = w.block(r, b, &mut q);
+                    let xb = &xq[b * BLOCK..(b + 1) * BLOCK];
+                    let dot = |h: usize| -> f32 {
+                        let isum: i32 = q[16 * h..16 * h + 16]
+                            .iter()
+                            .zip(&xb[16 * h..16 * h + 16])
+                            .map(|(&a, &c)| (a as i32 - off) * c as i32)
+                            .sum();
+                        isum as f32
+                    };
+                    dx[b] * (p.d.to_f32() * dot(0) + p.d_hi.to_f32() * dot(1))
+                        + p.min.to_f32() * sx[b]
                 })
                 .sum();
         }

@@ -85,6 +85,7 @@ pub unsafe fn packed_tile_dots(
         quants,
         scales,
         mins,
+        scales_hi,
     } = w.tile(tile);
     let format = w.format();
     let nb = acts.blocks_per_row();
@@ -96,10 +97,22 @@ pub unsafe fn packed_tile_dots(
     // 255 x 127 x 2 would overflow its i16 pairs), so only Q4_0 carries the offset.
     let off = match format {
         PackedFormat::Q8_0 => 0.0,
-        PackedFormat::Q4_0 | PackedFormat::Q4_1 => format.offset() as f32,
+        PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q6 => format.offset() as f32,
+    };
+    let top = _mm256_set1_epi8(0x30);
+    // Bits `2c..2c + 2` of each byte of `h`, moved to bits 4-5 (Q6's high bits).
+    let high = |h: __m256i, c: usize| {
+        let moved = match c {
+            0 => _mm256_slli_epi16::<4>(h),
+            1 => _mm256_slli_epi16::<2>(h),
+            2 => h,
+            _ => _mm256_srli_epi16::<2>(h),
+        };
+        _mm256_and_si256(moved, top)
     };
     for t in 0..nt {
         let (xq, dx, sx) = acts.token(t0 + t);
+        let sx_lo = &acts.sums_lo[(t0 + t) * nb..(t0 + t + 1) * nb];
         // The tile's two halves of 8 rows, one 32-bit lane per row.
         let mut acc = [_mm256_setzero_ps(); 2];
         for b in 0..nb {
@@ -128,6 +141,36 @@ pub unsafe fn packed_tile_dots(
                                 isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, ones));
                             }
                         }
+                        PackedFormat::Q6 => {
+                            // The two 16-value halves have their own scales: the
+                            // upper half's sum goes to `isum_hi`.
+                            let h0 = _mm256_loadu_si256(wb.add(256 + h * 32) as *const __m256i);
+                            let h1 = _mm256_loadu_si256(wb.add(320 + h * 32) as *const __m256i);
+                            let mut isum_hi = _mm256_setzero_si256();
+                            for c in 0..4 {
+                                let v =
+                                    _mm256_loadu_si256(wb.add(c * 64 + h * 32) as *const __m256i);
+                                let lo = _mm256_or_si256(_mm256_and_si256(v, nibbles), high(h0, c));
+                                let hi = _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16(v, 4), nibbles),
+                                    high(h1, c),
+                                );
+                                // 63 x 127 x 2 fits the i16 pairs.
+                                let p_lo = _mm256_maddubs_epi16(lo, x4(4 * c));
+                                let p_hi = _mm256_maddubs_epi16(hi, x4(16 + 4 * c));
+                                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p_lo, ones));
+                                isum_hi = _mm256_add_epi32(isum_hi, _mm256_madd_epi16(p_hi, ones));
+                            }
+                            let d_hi = _mm256_cvtph_ps(_mm_loadu_si128(
+                                scales_hi.as_ptr().add(b * TILE + h * 8) as *const __m128i,
+                            ));
+                            let v_hi = _mm256_fmsub_ps(
+                                _mm256_cvtepi32_ps(isum_hi),
+                                _mm256_set1_ps(dx[b]),
+                                _mm256_set1_ps(off * (sx[b] - sx_lo[b])),
+                            );
+                            *acc = _mm256_fmadd_ps(d_hi, v_hi, *acc);
+                        }
                         PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
                             for c in 0..4 {
                                 let v =
@@ -146,10 +189,16 @@ pub unsafe fn packed_tile_dots(
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(
                         scales.as_ptr().add(b * TILE + h * 8) as *const __m128i,
                     ));
+                    // Q6's `isum` holds only the lower 16 values.
+                    let sx_isum = if format == PackedFormat::Q6 {
+                        sx_lo[b]
+                    } else {
+                        sx[b]
+                    };
                     let v = _mm256_fmsub_ps(
                         _mm256_cvtepi32_ps(isum),
                         _mm256_set1_ps(dx[b]),
-                        _mm256_set1_ps(off * sx[b]),
+                        _mm256_set1_ps(off * sx_isum),
                     );
                     *acc = _mm256_fmadd_ps(dw, v, *acc);
                     if format.has_min() {

@@ -114,6 +114,10 @@ pub unsafe fn packed_tile_dots(
             (PackedFormat::Q4_1, 2) => tile_n::<2, true, true>(w_tile, acts, t0, out),
             (PackedFormat::Q4_1, 3) => tile_n::<3, true, true>(w_tile, acts, t0, out),
             (PackedFormat::Q4_1, _) => tile_n::<4, true, true>(w_tile, acts, t0, out),
+            (PackedFormat::Q6, 1) => tile_q6::<1>(w_tile, acts, t0, out),
+            (PackedFormat::Q6, 2) => tile_q6::<2>(w_tile, acts, t0, out),
+            (PackedFormat::Q6, 3) => tile_q6::<3>(w_tile, acts, t0, out),
+            (PackedFormat::Q6, _) => tile_q6::<4>(w_tile, acts, t0, out),
         }
     }
 }
@@ -196,6 +200,89 @@ unsafe fn tile_n<const NT: usize, const Q4: bool, const MIN: bool>(
                     let v = _mm512_fmsub_ps(isum, dx, _mm512_set1_ps(off * *xs.add(i)));
                     acc[t] = _mm512_fmadd_ps(dw, v, acc[t]);
                 }
+            }
+        }
+        for t in 0..NT {
+            let mut lanes = [0f32; TILE];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t]);
+            for (o, v) in out.iter_mut().zip(lanes) {
+                o[t] = v;
+            }
+        }
+    }
+}
+
+/// [`tile_n`] for Q6 blocks: the 6-bit values are rebuilt from their nibble and
+/// their 2-bit group (moved to bits 4-5 by a 16-bit shift, whose spill into the
+/// neighbouring byte the mask removes), and the block's two 16-value halves keep
+/// their own accumulators, scales and offset sums.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_q6<const NT: usize>(
+    w: Tile<'_>,
+    acts: &QuantizedActs,
+    t0: usize,
+    out: &mut [[f32; MAX_TOKENS]; TILE],
+) {
+    let nb = acts.blocks_per_row();
+    let cols = acts.cols;
+    let nibbles = _mm512_set1_epi8(0x0F);
+    let top = _mm512_set1_epi8(0x30);
+    let mut acc = [_mm512_setzero_ps(); NT];
+    let (wq, ws, wh) = (w.quants.as_ptr(), w.scales.as_ptr(), w.scales_hi.as_ptr());
+    let (xq, xd) = (acts.quants.as_ptr(), acts.scales.as_ptr());
+    let (xs, xl) = (acts.sums.as_ptr(), acts.sums_lo.as_ptr());
+    // Bits `2c..2c + 2` of each byte of `h`, moved to bits 4-5.
+    let high = |h: __m512i, c: usize| {
+        let moved = match c {
+            0 => _mm512_slli_epi16::<4>(h),
+            1 => _mm512_slli_epi16::<2>(h),
+            2 => h,
+            _ => _mm512_srli_epi16::<2>(h),
+        };
+        _mm512_and_si512(moved, top)
+    };
+    // SAFETY: block `b < nb` of the tile is 384 bytes at `384 b` and 16 f16 scales of
+    // each half at `16 b`; each activation row `t0 + t < acts.n` has 32 bytes, a scale
+    // and two sums per block.
+    unsafe {
+        let x4 = |t: usize, b: usize, i: usize| {
+            _mm512_set1_epi32(std::ptr::read_unaligned(
+                xq.add((t0 + t) * cols + b * 32 + i) as *const i32,
+            ))
+        };
+        for b in 0..nb {
+            let wb = wq.add(b * 384);
+            let h0 = _mm512_loadu_si512(wb.add(256) as *const __m512i);
+            let h1 = _mm512_loadu_si512(wb.add(320) as *const __m512i);
+            let mut s0 = [_mm512_setzero_si512(); NT];
+            let mut s1 = [_mm512_setzero_si512(); NT];
+            for c in 0..4 {
+                let v = _mm512_loadu_si512(wb.add(c * 64) as *const __m512i);
+                let lo = _mm512_or_si512(_mm512_and_si512(v, nibbles), high(h0, c));
+                let hi = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibbles),
+                    high(h1, c),
+                );
+                for t in 0..NT {
+                    s0[t] = _mm512_dpbusd_epi32(s0[t], lo, x4(t, b, 4 * c));
+                    s1[t] = _mm512_dpbusd_epi32(s1[t], hi, x4(t, b, 16 + 4 * c));
+                }
+            }
+            let d0 = _mm512_cvtph_ps(_mm256_loadu_si256(ws.add(b * TILE) as *const __m256i));
+            let d1 = _mm512_cvtph_ps(_mm256_loadu_si256(wh.add(b * TILE) as *const __m256i));
+            for t in 0..NT {
+                let i = (t0 + t) * nb + b;
+                let dx = _mm512_set1_ps(*xd.add(i));
+                let (lo_sum, sum) = (*xl.add(i), *xs.add(i));
+                let v0 =
+                    _mm512_fmsub_ps(_mm512_cvtepi32_ps(s0[t]), dx, _mm512_set1_ps(32.0 * lo_sum));
+                let v1 = _mm512_fmsub_ps(
+                    _mm512_cvtepi32_ps(s1[t]),
+                    dx,
+                    _mm512_set1_ps(32.0 * (sum - lo_sum)),
+                );
+                acc[t] = _mm512_fmadd_ps(d1, v1, _mm512_fmadd_ps(d0, v0, acc[t]));
             }
         }
         for t in 0..NT {
