@@ -165,6 +165,8 @@ fn weighted_rows_sum_body(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use crate::ops::kernels::exp16;
+
     /// Lane `i` of the result is the sum of `v[i]`'s 16 lanes: a transpose-and-add
     /// in 45 instructions instead of 16 separate horizontal sums.
     #[inline]
@@ -301,8 +303,7 @@ mod avx512 {
     }
 
     /// In place `p = exp(p * scale - max)` (max: the largest `p * scale`, so every
-    /// argument is <= 0); returns the sum. `exp(x) = 2^n e^f`, `n = round(x log2 e)`,
-    /// `f` in [-ln2/2, ln2/2] by a degree-6 polynomial: relative error < 2e-7.
+    /// argument is <= 0); returns the sum.
     ///
     /// # Safety
     /// The CPU must support AVX-512 F.
@@ -311,37 +312,11 @@ mod avx512 {
         let main = p.len() / 16 * 16;
         let (vs, vm) = (_mm512_set1_ps(scale), _mm512_set1_ps(max));
         let mut sum = _mm512_setzero_ps();
-        // Below -87 e^x is under f32's normal range; the clamp keeps 2^n finite.
-        let lo = _mm512_set1_ps(-87.0);
-        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
-        let ln2_hi = _mm512_set1_ps(0.693_145_75);
-        let ln2_lo = _mm512_set1_ps(1.428_606_8e-6);
-        let c = [
-            1.0f32,
-            1.0,
-            0.5,
-            1.0 / 6.0,
-            1.0 / 24.0,
-            1.0 / 120.0,
-            1.0 / 720.0,
-        ]
-        .map(|v| _mm512_set1_ps(v));
         for i in (0..main).step_by(16) {
             // SAFETY: `i + 16 <= main <= p.len()`.
             unsafe {
-                let x = _mm512_max_ps(
-                    _mm512_fmsub_ps(_mm512_loadu_ps(p.as_ptr().add(i)), vs, vm),
-                    lo,
-                );
-                let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                    _mm512_mul_ps(x, log2e),
-                );
-                let f = _mm512_fnmadd_ps(n, ln2_lo, _mm512_fnmadd_ps(n, ln2_hi, x));
-                let mut y = c[6];
-                for k in (0..6).rev() {
-                    y = _mm512_fmadd_ps(y, f, c[k]);
-                }
-                let e = _mm512_scalef_ps(y, n);
+                let x = _mm512_fmsub_ps(_mm512_loadu_ps(p.as_ptr().add(i)), vs, vm);
+                let e = exp16(x);
                 _mm512_storeu_ps(p.as_mut_ptr().add(i), e);
                 sum = _mm512_add_ps(sum, e);
             }

@@ -1,5 +1,6 @@
 use candle_core::Tensor;
 
+use super::kernels::silu_mul;
 use super::{Linear, QuantKind};
 use crate::error::Result;
 
@@ -84,9 +85,7 @@ impl Ffn {
             .zip(scratch.h.chunks_exact_mut(ffn))
         {
             let (gate, up) = gu.split_at(ffn);
-            for ((h, &g), &u) in h.iter_mut().zip(gate).zip(up) {
-                *h = g / (1.0 + (-g).exp()) * u;
-            }
+            silu_mul(gate, up, h);
         }
         self.down.forward_f32(&scratch.h, n, ffn, y)
     }

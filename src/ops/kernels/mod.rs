@@ -205,6 +205,24 @@ pub fn packed_rows_dots(
     }
 }
 
+/// `out = silu(gate) * up` (SwiGLU's activation), vectorized with a polynomial
+/// `exp` where the CPU has AVX-512 (libm's scalar `expf` was 7 % of prefill).
+pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    assert!(gate.len() == out.len() && up.len() == out.len());
+    #[cfg(target_arch = "x86_64")]
+    if Isa::best() == Isa::Avx512 {
+        // SAFETY: `Isa::Avx512` is only produced when the CPU has AVX-512 F; the
+        // lengths were checked above.
+        unsafe { x86_avx512::silu_mul(gate, up, out) };
+        return;
+    }
+    portable::silu_mul(gate, up, out);
+}
+
+/// `e^x` for 16 lanes (AVX-512), shared by the softmax and SwiGLU loops.
+#[cfg(target_arch = "x86_64")]
+pub use x86_avx512::exp16;
+
 /// A dense row-major `[rows, cols]` weight matrix borrowed from a tensor.
 #[derive(Debug, Clone, Copy)]
 pub struct DenseRows<'a> {
@@ -396,5 +414,25 @@ mod tests {
     fn portable_path_is_always_available() {
         assert_eq!(Isa::supported()[0], Isa::Portable);
         assert!(Isa::supported().contains(&Isa::best()));
+    }
+
+    #[test]
+    fn silu_mul_matches_the_scalar_formula() {
+        let n = 16 * 5 + 7;
+        let gate: Vec<f32> = (0..n).map(|i| (i as f32 - 40.0) * 0.37).collect();
+        let up = values(n, 9);
+        let mut fast = vec![0f32; n];
+        let mut slow = vec![0f32; n];
+        silu_mul(&gate, &up, &mut fast);
+        portable::silu_mul(&gate, &up, &mut slow);
+        for (a, b) in fast.iter().zip(&slow) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        // Far outside exp's range on both sides: no NaN or infinity.
+        let mut out = [0f32; 16];
+        silu_mul(&[-1e4; 16], &[1.0; 16], &mut out);
+        assert!(out.iter().all(|v| v.abs() < 1e-30));
+        silu_mul(&[1e4; 16], &[1.0; 16], &mut out);
+        assert!(out.iter().all(|&v| v == 1e4));
     }
 }

@@ -70,3 +70,9 @@ pub fn bf16_rows_dots(
         }
     }
 }
+
+pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((h, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *h = g / (1.0 + (-g).exp()) * u;
+    }
+}

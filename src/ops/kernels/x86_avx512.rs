@@ -367,3 +367,61 @@ unsafe fn bf16_n<const NT: usize>(
         out[t] = s;
     }
 }
+
+/// `e^x` for 16 lanes: `2^n e^f` with `n = round(x log2 e)` and `f` in
+/// [-ln2/2, ln2/2] by a degree-6 polynomial; relative error < 2e-7. `x` is
+/// clamped to [-87, 88], inside f32's normal range.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn exp16(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+        _mm512_set1_ps(88.0),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let f = _mm512_fnmadd_ps(
+        n,
+        _mm512_set1_ps(1.428_606_8e-6),
+        _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x),
+    );
+    let c = [
+        1.0f32,
+        1.0,
+        0.5,
+        1.0 / 6.0,
+        1.0 / 24.0,
+        1.0 / 120.0,
+        1.0 / 720.0,
+    ];
+    let mut y = _mm512_set1_ps(c[6]);
+    for k in (0..6).rev() {
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(c[k]));
+    }
+    _mm512_scalef_ps(y, n)
+}
+
+/// `out = silu(gate) * up`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; the three slices have the same length.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let main = out.len() / 16 * 16;
+    let one = _mm512_set1_ps(1.0);
+    for i in (0..main).step_by(16) {
+        // SAFETY: `i + 16 <= main <= len` of all three.
+        unsafe {
+            let g = _mm512_loadu_ps(gate.as_ptr().add(i));
+            let u = _mm512_loadu_ps(up.as_ptr().add(i));
+            let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            let h = _mm512_div_ps(_mm512_mul_ps(g, u), _mm512_add_ps(one, e));
+            _mm512_storeu_ps(out.as_mut_ptr().add(i), h);
+        }
+    }
+    super::portable::silu_mul(&gate[main..], &up[main..], &mut out[main..]);
+}
