@@ -132,6 +132,27 @@ pub struct PackedMatrix {
     scales_hi: Vec<f16>, // as scales for Q6 (the blocks' last 16 values), else empty
 }
 
+/// Values per GGML k-quant super-block.
+const K_SUPER: usize = 256;
+
+/// Super-blocks per row of GGML k-quant data of `bytes` per super-block, after
+/// checking that `data` holds exactly a `[rows, cols]` matrix of them.
+fn super_blocks_per_row(
+    kind: &str,
+    bytes: usize,
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Result<usize> {
+    if !cols.is_multiple_of(K_SUPER) || data.len() != rows * cols / K_SUPER * bytes {
+        return Err(Error::InvalidInput(format!(
+            "{kind} data of {} bytes does not hold a [{rows}, {cols}] matrix",
+            data.len()
+        )));
+    }
+    Ok(cols / K_SUPER)
+}
+
 /// One block's scales and min as stored: `x = d (q - offset) + min` for the first
 /// 16 values, `d_hi` in place of `d` for the last 16 (equal to `d` but in Q6).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -259,19 +280,12 @@ impl PackedMatrix {
     /// of nibbles) as [`PackedFormat::Q4_1`]: block `j` becomes scale
     /// `d * sc_j` and min `-dmin * m_j`.
     pub fn from_ggml_q4k(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        const SUPER: usize = 256;
         const BYTES: usize = 144;
-        if !cols.is_multiple_of(SUPER) || data.len() != rows * cols / SUPER * BYTES {
-            return Err(Error::InvalidInput(format!(
-                "Q4_K data of {} bytes does not hold a [{rows}, {cols}] matrix",
-                data.len()
-            )));
-        }
-        let per_row = cols / SUPER;
+        let per_row = super_blocks_per_row("Q4_K", BYTES, data, rows, cols)?;
         let mut m = Self::zeroed(PackedFormat::Q4_1, rows, cols);
         let mut q = [0u8; BLOCK];
         for (i, sb) in data.chunks_exact(BYTES).enumerate() {
-            let (r, s0) = (i / per_row, (i % per_row) * (SUPER / BLOCK));
+            let (r, s0) = (i / per_row, (i % per_row) * (K_SUPER / BLOCK));
             let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
             let dmin = f16::from_le_bytes([sb[2], sb[3]]).to_f32();
             let (sc, qs) = (&sb[4..16], &sb[16..]);
@@ -305,19 +319,12 @@ impl PackedMatrix {
     /// nibbles, 64 of high 2-bit pairs, 16 signed 8-bit scales, f16 `d`) as
     /// [`PackedFormat::Q6`]: 16-value block `j` gets scale `d * sc_j`.
     pub fn from_ggml_q6k(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        const SUPER: usize = 256;
         const BYTES: usize = 210;
-        if !cols.is_multiple_of(SUPER) || data.len() != rows * cols / SUPER * BYTES {
-            return Err(Error::InvalidInput(format!(
-                "Q6_K data of {} bytes does not hold a [{rows}, {cols}] matrix",
-                data.len()
-            )));
-        }
-        let per_row = cols / SUPER;
+        let per_row = super_blocks_per_row("Q6_K", BYTES, data, rows, cols)?;
         let mut m = Self::zeroed(PackedFormat::Q6, rows, cols);
-        let mut q = [0u8; SUPER];
+        let mut q = [0u8; K_SUPER];
         for (i, sb) in data.chunks_exact(BYTES).enumerate() {
-            let (r, b0) = (i / per_row, (i % per_row) * (SUPER / BLOCK));
+            let (r, b0) = (i / per_row, (i % per_row) * (K_SUPER / BLOCK));
             let (ql, qh, sc) = (&sb[..128], &sb[128..192], &sb[192..208]);
             let d = f16::from_le_bytes([sb[208], sb[209]]).to_f32();
             // GGML's order: each half of 128 values takes 64 bytes of `ql` and 32 of
@@ -333,7 +340,7 @@ impl PackedMatrix {
                     }
                 }
             }
-            for j in 0..SUPER / BLOCK {
+            for j in 0..K_SUPER / BLOCK {
                 let block: &[u8; BLOCK] = q[j * BLOCK..(j + 1) * BLOCK].try_into().unwrap();
                 let p = BlockParams {
                     d: f16::from_f32(d * sc[2 * j] as i8 as f32),
