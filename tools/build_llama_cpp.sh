@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's command-line tools (llama-bench, llama-server, llama-cli,
+# llama-quantize) and fetches its converter (convert_hf_to_gguf.py + gguf-py) from
+# the llama-cpp-python source distribution on PyPI, the same llama.cpp the Python
+# bindings vendor. Everything goes under DEST (default: ../llama.cpp next to this
+# checkout), outside the repository.
+#
+#   tools/build_llama_cpp.sh [DEST]            # then DEST/build/bin/llama-bench ...
+#
+# Needs: curl, python3 with pip (for cmake if it is missing), a C++ compiler.
+set -euo pipefail
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+DEST="${1:-$ROOT/../llama.cpp}"
+mkdir -p "$DEST"
+DEST="$(cd "$DEST" && pwd)"
+
+if [ ! -d "$DEST/src/ggml" ]; then
+    tmp="$(mktemp -d)"
+    # The sdist straight from PyPI's simple index (`pip download` would build its
+    # metadata first, which compiles llama.cpp once more).
+    url="$(curl -fsSL https://pypi.org/simple/llama-cpp-python/ \
+        | grep -o "https://[^\"#]*llama_cpp_python-$VERSION.tar.gz" | head -1)"
+    [ -n "$url" ] || { echo "llama-cpp-python $VERSION not found on PyPI" >&2; exit 1; }
+    curl -fsSL -o "$tmp/llama_cpp_python-$VERSION.tar.gz" "$url"
+    tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
+    rm -rf "$DEST/src"
+    mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$DEST/src"
+    rm -rf "$tmp"
+fi
+
+CMAKE=cmake
+if ! command -v cmake >/dev/null 2>&1; then
+    python3 -m pip install --quiet --target "$DEST/cmake-py" cmake >&2
+    CMAKE="env PYTHONPATH=$DEST/cmake-py python3 -m cmake"
+    [ -x "$DEST/cmake-py/bin/cmake" ] && CMAKE="$DEST/cmake-py/bin/cmake"
+fi
+
+$CMAKE -S "$DEST/src" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
+$CMAKE --build "$DEST/build" -j "${JOBS:-2}" \
+    --target llama-bench llama-server llama-cli llama-quantize >&2
+(cd "$DEST/src" && git rev-parse --short HEAD 2>/dev/null || grep -m1 -o 'LLAMA_BUILD_COMMIT[^)]*' CMakeLists.txt || true) >&2
+echo "$DEST/build/bin"
