@@ -9,6 +9,7 @@ use super::matmul::{
     DenseData, DenseRows, MatmulJob, RowDots, dense_dots, matmul_dense, matmul_packed, packed_dots,
     run_jobs,
 };
+use super::mxfp4::{Mxfp4Matrix, mxfp4_dots};
 use super::quant::{BLOCK, PackedFormat, PackedMatrix, QuantKind, QuantizedActs};
 use crate::error::{Error, Result};
 
@@ -19,6 +20,8 @@ pub enum LinearWeight {
     Dense(Tensor),
     /// Q8_0 / Q4_0 in our packed layout, read by our kernels.
     Packed(Arc<PackedMatrix>),
+    /// MXFP4 (gpt-oss experts, as the Hub and GGUF ship them), read by our kernels.
+    Mxfp4(Arc<Mxfp4Matrix>),
     /// Any other GGML type (Q4_K, Q6_K, ...) through candle's quantized kernels.
     Ggml {
         matmul: QMatMul,
@@ -43,6 +46,14 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
             weight: LinearWeight::Dense(weight),
+            bias,
+        }
+    }
+
+    /// An MXFP4 weight (see [`Mxfp4Matrix`]); the bias stays f32.
+    pub fn from_mxfp4(weight: Mxfp4Matrix, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: LinearWeight::Mxfp4(Arc::new(weight)),
             bias,
         }
     }
@@ -114,7 +125,8 @@ impl Linear {
     /// unquantized (as in llama.cpp).
     pub fn quantize(&self, kind: QuantKind) -> Result<Linear> {
         let (rows, cols) = self.dims();
-        if !cols.is_multiple_of(BLOCK) {
+        // MXFP4 is already 4.25 bits per weight; re-encoding it could only add error.
+        if !cols.is_multiple_of(BLOCK) || matches!(self.weight, LinearWeight::Mxfp4(_)) {
             return Ok(self.clone());
         }
         let w = self.dense_f32()?;
@@ -148,6 +160,7 @@ impl Linear {
             LinearWeight::Packed(p) => {
                 Tensor::from_vec(p.dequantize(), (rows, cols), &Device::Cpu)?
             }
+            LinearWeight::Mxfp4(m) => Tensor::from_vec(m.dequantize(), (rows, cols), &Device::Cpu)?,
             LinearWeight::Ggml { matmul, .. } => match matmul {
                 QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
@@ -179,6 +192,7 @@ impl Linear {
                 (d[0], d[1])
             }
             LinearWeight::Packed(p) => (p.rows(), p.cols()),
+            LinearWeight::Mxfp4(m) => (m.rows(), m.cols()),
             LinearWeight::Ggml { dims, .. } => *dims,
         }
     }
@@ -189,6 +203,7 @@ impl Linear {
         let w = match &self.weight {
             LinearWeight::Dense(w) => bytes(w),
             LinearWeight::Packed(p) => p.bytes(),
+            LinearWeight::Mxfp4(m) => m.bytes(),
             LinearWeight::Ggml { bytes, .. } => *bytes,
         };
         w + self.bias.as_ref().map_or(0, bytes)
@@ -242,6 +257,20 @@ impl Linear {
                 acts.quantize_from(x, n, cols);
                 matmul_packed(isa, p, &acts, y);
             }),
+            LinearWeight::Mxfp4(m) => ACTS.with(|acts| {
+                let mut acts = acts.borrow_mut();
+                acts.quantize_from(x, n, cols);
+                let dots = mxfp4_dots(isa, m, &acts);
+                run_jobs(
+                    n,
+                    cols,
+                    &mut [MatmulJob {
+                        rows,
+                        y,
+                        dots: &dots,
+                    }],
+                );
+            }),
             LinearWeight::Ggml { matmul, .. } => {
                 let xt = Tensor::from_slice(x, (n, cols), &Device::Cpu)?;
                 let yt = matmul.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
@@ -263,7 +292,7 @@ impl Linear {
                 LinearWeight::Dense(w) => {
                     !w.track_op() && w.is_contiguous() && !uses_gemm(w, x.dims()[0])
                 }
-                LinearWeight::Packed(_) => true,
+                LinearWeight::Packed(_) | LinearWeight::Mxfp4(_) => true,
                 LinearWeight::Ggml { .. } => false,
             });
         if !fast {
@@ -295,7 +324,7 @@ impl Linear {
                 let mut acts = acts.borrow_mut();
                 if linears
                     .iter()
-                    .any(|l| matches!(l.weight, LinearWeight::Packed(_)))
+                    .any(|l| matches!(l.weight, LinearWeight::Packed(_) | LinearWeight::Mxfp4(_)))
                 {
                     acts.quantize_from(xs, n, cols);
                 }
@@ -306,6 +335,7 @@ impl Linear {
                     .map(|(l, d)| -> Box<RowDots<'_>> {
                         match (&l.weight, d) {
                             (LinearWeight::Packed(p), _) => Box::new(packed_dots(isa, p, acts)),
+                            (LinearWeight::Mxfp4(m), _) => Box::new(mxfp4_dots(isa, m, acts)),
                             (_, Some(d)) => dense_dots(isa, *d, xs),
                             _ => unreachable!("checked above: dense or packed"),
                         }
@@ -501,6 +531,34 @@ mod tests {
                 .unwrap();
             let err = rel_rms(&y, &y_ref);
             assert!(err < 0.02, "{dtype:?} product: {err}");
+        }
+    }
+
+    #[test]
+    fn mxfp4_weights_run_on_their_kernels_alone_and_with_others() {
+        // 19 rows of 2 blocks in the Hub layout: codes from a ramp, exponents near 2^-3.
+        let (rows, cols) = (19, 64);
+        let blocks: Vec<u8> = (0..rows * 2 * 16).map(|i| (i * 37 % 256) as u8).collect();
+        let scales: Vec<u8> = (0..rows * 2).map(|i| 122 + (i % 5) as u8).collect();
+        let m = Mxfp4Matrix::from_hub(&blocks, &scales, rows, cols).unwrap();
+        let bias = Tensor::arange(0f32, rows as f32, &Device::Cpu).unwrap();
+        let lin = Linear::from_mxfp4(m, Some(bias.clone()));
+        assert_eq!(lin.dims(), (rows, cols));
+        assert_eq!(lin.weight_bytes(), 2 * 2 * 16 * 17 + rows * 4);
+        let q = lin.quantize(QuantKind::Q8_0).unwrap();
+        assert!(matches!(q.weight(), LinearWeight::Mxfp4(_)));
+        let w = lin.dense_f32().unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, cols), &Device::Cpu).unwrap();
+        let want = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let (dense, _) = linear(5, cols, DType::F32);
+        let many = Linear::forward_many(&[&lin, &dense], &x).unwrap();
+        for y in [lin.forward(&x).unwrap(), many[0].clone()] {
+            let err = rel_rms(&y, &want);
+            assert!(err < 0.01, "mxfp4 product: {err}");
         }
     }
 }

@@ -9,6 +9,7 @@ mod ffn;
 pub mod kernels;
 mod linear;
 pub mod matmul;
+pub mod mxfp4;
 mod norm;
 pub mod quant;
 mod rope;
