@@ -7,7 +7,7 @@ use common::{ALL_FIXTURES, fixture, golden, golden_logits};
 use switchyard::model::moe::Routing;
 use switchyard::model::{
     ForwardOptions, LoadOptions, LogitsFor, Model, NoObserver, RoutingObserver, RoutingSite,
-    SequenceInput,
+    SequenceId, SequenceInput,
 };
 
 /// Records `[layer] -> per-token expert ids` for one sequence.
@@ -138,24 +138,45 @@ fn parameter_counts_match_torch_numel() {
     }
 }
 
+/// Every routing site a forward reports: `(sequence, layer, start_position, n_tokens)`.
+#[derive(Default)]
+struct Sites(Vec<(SequenceId, usize, usize, usize)>);
+
+impl RoutingObserver for Sites {
+    fn on_routing(&mut self, site: RoutingSite, routing: &Routing) {
+        self.0.push((
+            site.sequence,
+            site.layer,
+            site.start_position,
+            routing.n_tokens(),
+        ));
+    }
+}
+
 /// Two sequences in one forward (the batched-decoding path), each with its own
-/// cache: prefill together, then decode steps together, same logits as alone.
+/// cache: prefill together, then a decode step together in the other batch
+/// order, same logits as alone, and routing reported under each sequence's id.
 #[test]
 fn batched_sequences_match_golden_logits() {
     let name = "qwen2_moe";
     let model = load(name);
     let g = golden(name);
     let (a, b) = (&g.prompts[0], &g.prompts[1]);
+    let (id_a, id_b) = (SequenceId(7), SequenceId(3));
+    let (len_a, len_b) = (a.input_ids.len() - 1, b.input_ids.len() - 1);
     let mut cache_a = model.new_cache(4);
     let mut cache_b = model.new_cache(4);
+    let mut sites = Sites::default();
     // Prefill all but the last token of each prompt together.
     let mut seqs = [
         SequenceInput {
-            tokens: &a.input_ids[..a.input_ids.len() - 1],
+            id: id_a,
+            tokens: &a.input_ids[..len_a],
             cache: Some(&mut cache_a),
         },
         SequenceInput {
-            tokens: &b.input_ids[..b.input_ids.len() - 1],
+            id: id_b,
+            tokens: &b.input_ids[..len_b],
             cache: Some(&mut cache_b),
         },
     ];
@@ -163,21 +184,23 @@ fn batched_sequences_match_golden_logits() {
         logits: LogitsFor::LastOfEachSequence,
         keep_router_logits: false,
     };
-    model.forward(&mut seqs, &mut NoObserver, opts).unwrap();
-    // One decode step for both: the last prompt token.
+    model.forward(&mut seqs, &mut sites, opts).unwrap();
+    // One decode step for both, b first now: the last prompt token.
     let mut seqs = [
         SequenceInput {
-            tokens: &a.input_ids[a.input_ids.len() - 1..],
-            cache: Some(&mut cache_a),
-        },
-        SequenceInput {
-            tokens: &b.input_ids[b.input_ids.len() - 1..],
+            id: id_b,
+            tokens: &b.input_ids[len_b..],
             cache: Some(&mut cache_b),
         },
+        SequenceInput {
+            id: id_a,
+            tokens: &a.input_ids[len_a..],
+            cache: Some(&mut cache_a),
+        },
     ];
-    let out = model.forward(&mut seqs, &mut NoObserver, opts).unwrap();
+    let out = model.forward(&mut seqs, &mut sites, opts).unwrap();
     let rows = out.logits.to_vec2::<f32>().unwrap();
-    for (row, (prompt, i)) in rows.iter().zip([(a, 0), (b, 1)]) {
+    for (row, (prompt, i)) in rows.iter().zip([(b, 1), (a, 0)]) {
         let golden_last = golden_logits(name, i).pop().unwrap();
         let diff = row
             .iter()
@@ -189,5 +212,17 @@ fn batched_sequences_match_golden_logits() {
             "sequence {i} ({} tokens): {diff}",
             prompt.input_ids.len()
         );
+    }
+    let moe_layers = g.prompts[0].router_topk.iter().flatten().count();
+    for (id, len) in [(id_a, len_a), (id_b, len_b)] {
+        let mut of_id: Vec<(usize, usize)> = sites
+            .0
+            .iter()
+            .filter(|s| s.0 == id)
+            .map(|s| (s.2, s.3))
+            .collect();
+        of_id.dedup();
+        assert_eq!(sites.0.iter().filter(|s| s.0 == id).count(), 2 * moe_layers);
+        assert_eq!(of_id, [(0, len), (len, 1)], "sequence {id}");
     }
 }

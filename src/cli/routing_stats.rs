@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use switchyard::model::{ForwardOptions, LoadOptions, LogitsFor, Model, SequenceInput};
+use switchyard::model::{ForwardOptions, LoadOptions, LogitsFor, Model, SequenceId, SequenceInput};
 use switchyard::trace::{RoutingTrace, consecutive_reuse, load_entropy, uniform_reuse};
 use switchyard::train::VarStore;
 
@@ -54,11 +54,12 @@ pub fn run(args: RoutingStatsArgs) -> anyhow::Result<()> {
     let windows: Vec<&[u32]> = ids.chunks(args.seq_len).filter(|w| w.len() >= 2).collect();
     anyhow::ensure!(!windows.is_empty(), "the text has fewer than 2 tokens");
     let mut trace = RoutingTrace::new(cfg.moe.num_experts);
-    for batch in windows.chunks(16) {
-        trace.new_forward();
+    for (b, batch) in windows.chunks(16).enumerate() {
         let mut seqs: Vec<SequenceInput> = batch
             .iter()
-            .map(|w| SequenceInput {
+            .zip(0..)
+            .map(|(w, i)| SequenceInput {
+                id: SequenceId((b * 16) as u64 + i),
                 tokens: w,
                 cache: None,
             })

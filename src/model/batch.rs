@@ -1,9 +1,12 @@
 //! How the rows of one forward map to sequences. Linear layers and the MoE block
 //! see all rows at once; attention walks the sequences, each with its own cache.
 
+use super::observer::SequenceId;
+
 /// One sequence's rows within the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SequenceRows {
+    pub sequence: SequenceId,
     pub row_start: usize,
     pub n_tokens: usize,
     /// Absolute position of the sequence's first row (its cached length).
@@ -16,9 +19,10 @@ pub struct BatchLayout {
 }
 
 impl BatchLayout {
-    pub fn push(&mut self, n_tokens: usize, start_position: usize) {
+    pub fn push(&mut self, sequence: SequenceId, n_tokens: usize, start_position: usize) {
         let row_start = self.n_rows();
         self.sequences.push(SequenceRows {
+            sequence,
             row_start,
             n_tokens,
             start_position,

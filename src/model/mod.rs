@@ -20,7 +20,7 @@ pub use batch::{BatchLayout, SequenceRows};
 pub use kv_cache::KvCache;
 pub use layer::{DecoderLayer, LayerFfn};
 pub use load::LoadOptions;
-pub use observer::{NoObserver, RoutingObserver, RoutingSite};
+pub use observer::{NoObserver, RoutingObserver, RoutingSite, SequenceId};
 
 use crate::config::{ModelConfig, load_model_config, open_gguf};
 use crate::error::{Error, Result};
@@ -41,6 +41,8 @@ pub struct Model {
 
 /// One sequence of a batched forward.
 pub struct SequenceInput<'a> {
+    /// Reported to the observer with every routing of these tokens.
+    pub id: SequenceId,
     pub tokens: &'a [u32],
     /// The sequence's cache: its length is where `tokens` start, and they are
     /// appended to it. `None` runs the tokens as a whole sequence from position 0.
@@ -127,7 +129,8 @@ impl Model {
         KvCache::new(&self.config, initial_capacity, DType::F32)
     }
 
-    /// Convenience: one sequence, logits of its last token, `[vocab]`.
+    /// Convenience: one sequence (reported as `SequenceId::default()`), logits
+    /// of its last token, `[vocab]`.
     pub fn forward_last(
         &self,
         tokens: &[u32],
@@ -135,6 +138,7 @@ impl Model {
         observer: &mut dyn RoutingObserver,
     ) -> Result<Tensor> {
         let mut seqs = [SequenceInput {
+            id: SequenceId::default(),
             tokens,
             cache: Some(cache),
         }];
@@ -149,12 +153,14 @@ impl Model {
         Ok(out.logits.squeeze(0)?)
     }
 
-    /// Logits of every position of one uncached sequence (scoring, golden checks).
+    /// Logits of every position of one uncached sequence (scoring, golden
+    /// checks), reported as `SequenceId::default()`.
     ///
     /// # Shapes
     /// `tokens: [n] -> [n, vocab]`
     pub fn score(&self, tokens: &[u32], observer: &mut dyn RoutingObserver) -> Result<Tensor> {
         let mut seqs = [SequenceInput {
+            id: SequenceId::default(),
             tokens,
             cache: None,
         }];
@@ -181,7 +187,7 @@ impl Model {
         for seq in seqs.iter() {
             let start = seq.cache.as_ref().map_or(0, |c| c.len());
             self.check_input(seq.tokens, start)?;
-            layout.push(seq.tokens.len(), start);
+            layout.push(seq.id, seq.tokens.len(), start);
             ids.extend_from_slice(seq.tokens);
         }
         let ids_t = Tensor::new(ids.as_slice(), self.device())?;

@@ -72,12 +72,12 @@ pub fn uniform_reuse(num_experts: usize, top_k: usize) -> f64 {
 mod tests {
     use super::*;
     use crate::model::moe::Routing;
-    use crate::model::{RoutingObserver, RoutingSite};
+    use crate::model::{RoutingObserver, RoutingSite, SequenceId};
 
-    fn site(layer: usize, sequence: usize) -> RoutingSite {
+    fn site(layer: usize, sequence: u64) -> RoutingSite {
         RoutingSite {
             layer,
-            sequence,
+            sequence: SequenceId(sequence),
             start_position: 0,
         }
     }
@@ -116,12 +116,12 @@ mod tests {
         // Sequence 1 starts with expert 4 again, but is not a continuation.
         t.on_routing(site(0, 1), &routing(&[4, 5]));
         assert_eq!(consecutive_reuse(&t, 0), Some(0.5));
-        // A decode step continues sequence 0.
+        // A decode step continues sequence 0, in a later forward where it may sit
+        // at another batch index: its id, not its place, joins it to its tokens.
         t.on_routing(site(0, 0), &routing(&[4, 7]));
         assert!((consecutive_reuse(&t, 0).unwrap_or(0.0) - 2.0 / 3.0).abs() < 1e-12);
-        // After new_forward, sequence 0 of the next forward is a new sequence.
-        t.new_forward();
-        t.on_routing(site(0, 0), &routing(&[7, 6]));
+        // A new sequence starting with expert 7 is not a continuation of sequence 0.
+        t.on_routing(site(0, 2), &routing(&[7, 6]));
         assert!((consecutive_reuse(&t, 0).unwrap_or(0.0) - 2.0 / 3.0).abs() < 1e-12);
         assert_eq!(consecutive_reuse(&t, 3), None);
     }

@@ -1,17 +1,16 @@
 use std::collections::BTreeMap;
 
 use crate::model::moe::Routing;
-use crate::model::{RoutingObserver, RoutingSite};
+use crate::model::{RoutingObserver, RoutingSite, SequenceId};
 
 /// Every routing decision of one or more forwards: per layer, per sequence,
-/// the experts of each token in position order.
+/// the experts of each token in position order. A sequence continued through
+/// its KV cache in later forwards keeps its id, so its tokens stay together.
 #[derive(Debug, Clone, Default)]
 pub struct RoutingTrace {
     /// `(layer, sequence) -> [token] -> expert ids`.
-    tokens: BTreeMap<(usize, usize), Vec<Vec<u32>>>,
+    tokens: BTreeMap<(usize, SequenceId), Vec<Vec<u32>>>,
     num_experts: usize,
-    /// Added to the sequence index the model reports (see [`RoutingTrace::new_forward`]).
-    sequence_offset: usize,
 }
 
 impl RoutingTrace {
@@ -20,7 +19,6 @@ impl RoutingTrace {
         Self {
             tokens: BTreeMap::new(),
             num_experts,
-            sequence_offset: 0,
         }
     }
 
@@ -35,10 +33,10 @@ impl RoutingTrace {
         layers
     }
 
-    /// Per sequence, the experts each token of `layer` used.
+    /// Per sequence (in id order), the experts each token of `layer` used.
     pub fn sequences(&self, layer: usize) -> impl Iterator<Item = &[Vec<u32>]> {
         self.tokens
-            .range((layer, 0)..(layer, usize::MAX))
+            .range((layer, SequenceId(0))..=(layer, SequenceId(u64::MAX)))
             .map(|(_, v)| v.as_slice())
     }
 
@@ -47,13 +45,7 @@ impl RoutingTrace {
         self.sequences(layer).map(|s| s.len()).sum()
     }
 
-    /// Call before a forward whose sequences are new (not continuations of the
-    /// previous forward's through a KV cache): they are recorded as new sequences.
-    pub fn new_forward(&mut self) {
-        self.sequence_offset = self.tokens.keys().map(|(_, s)| s + 1).max().unwrap_or(0);
-    }
-
-    fn record(&mut self, layer: usize, sequence: usize, routing: &Routing) {
+    fn record(&mut self, layer: usize, sequence: SequenceId, routing: &Routing) {
         let seq = self.tokens.entry((layer, sequence)).or_default();
         for t in 0..routing.n_tokens() {
             seq.push(routing.experts_of(t).to_vec());
@@ -63,6 +55,6 @@ impl RoutingTrace {
 
 impl RoutingObserver for RoutingTrace {
     fn on_routing(&mut self, site: RoutingSite, routing: &Routing) {
-        self.record(site.layer, self.sequence_offset + site.sequence, routing);
+        self.record(site.layer, site.sequence, routing);
     }
 }

@@ -16,7 +16,9 @@ use super::rng::SplitMix64;
 use super::vars::VarStore;
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::model::{ForwardOptions, LoadOptions, LogitsFor, Model, NoObserver, SequenceInput};
+use crate::model::{
+    ForwardOptions, LoadOptions, LogitsFor, Model, NoObserver, SequenceId, SequenceInput,
+};
 use crate::trace::entropy_bits;
 use crate::weights::StoredDtype;
 
@@ -216,7 +218,9 @@ fn cross_entropy(
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let mut seqs: Vec<SequenceInput> = windows
         .iter()
-        .map(|w| SequenceInput {
+        .zip(0..)
+        .map(|(w, i)| SequenceInput {
+            id: SequenceId(i),
             tokens: &w[..w.len() - 1],
             cache: None,
         })

@@ -185,7 +185,7 @@ fn report(
     observer: &mut dyn RoutingObserver,
 ) {
     let k = routing.top_k;
-    for (sequence, seq) in layout.sequences().iter().enumerate() {
+    for seq in layout.sequences() {
         let rows = seq.row_start * k..(seq.row_start + seq.n_tokens) * k;
         let part = Routing {
             top_k: k,
@@ -194,7 +194,7 @@ fn report(
         };
         let site = RoutingSite {
             layer,
-            sequence,
+            sequence: seq.sequence,
             start_position: seq.start_position,
         };
         observer.on_routing(site, &part);
