@@ -21,6 +21,19 @@ pub struct Attention {
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
     pub config: AttentionConfig,
+    /// This layer's options beyond the shared config (gpt-oss varies them per layer).
+    pub layer: LayerAttention,
+}
+
+/// Per-layer attention options.
+#[derive(Debug, Clone, Default)]
+pub struct LayerAttention {
+    /// gpt-oss's attention sinks: one learned logit per query head that joins the
+    /// softmax (and takes mass away) without a value row. `[num_heads]`.
+    pub sinks: Option<Vec<f32>>,
+    /// Sliding-window attention: a query sees itself and the `window - 1` positions
+    /// before it (transformers' `kv_idx > q_idx - sliding_window`).
+    pub sliding_window: Option<usize>,
 }
 
 /// What one sequence's attention reads besides its hidden states.
@@ -71,6 +84,8 @@ impl Attention {
             None => (k, v),
         };
         let total = k.dim(1)?; // cached + new positions
+        let window = self.layer.sliding_window;
+        let sinks = self.layer.sinks.as_deref();
 
         // Heads that share a KV head are stacked as extra query rows, so the cache
         // is read in place instead of being repeated per head.
@@ -78,13 +93,19 @@ impl Attention {
         let q = q.reshape((nkv, group * n, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         if n == 1 && !q.track_op() && q.dtype() == DType::F32 && k.dtype() == DType::F32 {
-            // Decode: the one new position sees the whole cache (no mask), read in place.
-            let out = attend_cache(&q, &k, &v, scale as f32)?; // [nkv, group, hd]
+            // Decode: the one new position sees the whole cache (or its window, the
+            // newest positions) without a mask, read in place.
+            let seen = window.map_or(total, |w| w.min(total));
+            let (k, v) = (
+                k.narrow(1, total - seen, seen)?,
+                v.narrow(1, total - seen, seen)?,
+            );
+            let out = attend_cache(&q, &k, &v, scale as f32, sinks)?; // [nkv, group, hd]
             return self.o_proj.forward(&out.reshape((1, nh * hd))?);
         }
         let scores = (q.matmul(&k.t()?)? * scale)?; // [nkv, group * n, total]
-        let scores = if n > 1 {
-            let mask = causal_mask(n, total, x.device())?; // [n, total]
+        let scores = if n > 1 || window.is_some_and(|w| w < total) {
+            let mask = causal_mask(n, total, window, x.device())?; // [n, total]
             scores
                 .reshape((nkv, group, n, total))?
                 .broadcast_add(&mask.to_dtype(scores.dtype())?)?
@@ -92,7 +113,17 @@ impl Attention {
         } else {
             scores
         };
-        let probs = softmax_last_dim(&scores)?;
+        let probs = match sinks {
+            None => softmax_last_dim(&scores)?,
+            Some(sinks) => {
+                // One more logit per row (its head's sink), dropped after the softmax.
+                let col = Tensor::from_slice(sinks, (nkv, group, 1, 1), x.device())?
+                    .broadcast_as((nkv, group, n, 1))?
+                    .reshape((nkv, group * n, 1))?
+                    .to_dtype(scores.dtype())?;
+                softmax_last_dim(&Tensor::cat(&[&scores, &col], 2)?)?.narrow(2, 0, total)?
+            }
+        };
         let out = probs.matmul(&v)?; // [nkv, group * n, hd]
         let out = out
             .reshape((nh, n, hd))?
@@ -109,17 +140,20 @@ fn norm(norm: &Option<RmsNorm>, x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `[n, total]`: query `i` (at position `total - n + i`) sees keys up to its own position.
+/// `[n, total]`: query `i` (at position `total - n + i`) sees keys up to its own
+/// position, and with a `window`, only the `window` newest of those.
 fn causal_mask(
     n: usize,
     total: usize,
+    window: Option<usize>,
     device: &candle_core::Device,
 ) -> candle_core::Result<Tensor> {
     let offset = total - n;
+    let window = window.unwrap_or(usize::MAX);
     let mask: Vec<f32> = (0..n)
         .flat_map(|i| {
             (0..total).map(move |j| {
-                if j > offset + i {
+                if j > offset + i || offset + i - j >= window {
                     f32::NEG_INFINITY
                 } else {
                     0.0

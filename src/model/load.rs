@@ -260,6 +260,7 @@ impl Loader<'_> {
             q_norm,
             k_norm,
             config: a.clone(),
+            layer: Default::default(),
         })
     }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use attention::{Attention, AttentionInput};
+pub use attention::{Attention, AttentionInput, LayerAttention};
 pub use batch::{BatchLayout, SequenceRows};
 pub use kv_cache::KvCache;
 pub use layer::{DecoderLayer, LayerFfn};

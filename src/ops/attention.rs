@@ -15,11 +15,30 @@ use crate::error::{Error, Result};
 /// `softmax(q kᵀ * scale) v` per KV head, without a mask (every query row sees
 /// every cached position: decode, where the query is the newest position).
 ///
+/// `sinks` (gpt-oss's attention sinks, one logit per query head, query head
+/// `h * rows + r` for row `r` of KV head `h`) join every row's softmax as one more
+/// logit whose value row is zero: they only take probability mass away.
+///
 /// # Shapes
 /// `q: [n_kv_heads, rows, head_dim]` (contiguous), `k, v: [n_kv_heads, total, head_dim]`
-/// (row-contiguous views of a cache, any head stride) -> `[n_kv_heads, rows, head_dim]`
-pub fn attend_cache(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+/// (row-contiguous views of a cache, any head stride), `sinks: [n_kv_heads * rows]`
+/// -> `[n_kv_heads, rows, head_dim]`
+pub fn attend_cache(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    sinks: Option<&[f32]>,
+) -> Result<Tensor> {
     let (heads, rows, hd) = q.dims3()?;
+    if let Some(s) = sinks
+        && s.len() != heads * rows
+    {
+        return Err(Error::InvalidInput(format!(
+            "{} attention sinks for {heads} x {rows} query rows",
+            s.len()
+        )));
+    }
     let total = k.dim(1)?;
     let q = q.contiguous()?;
     let mut out = vec![0f32; heads * rows * hd];
@@ -34,9 +53,9 @@ pub fn attend_cache(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Te
         let vh = head_rows(vv, vl, h, total, hd)?;
         let mut scores = vec![0f32; rows * total]; // [rows, total]
         key_scores(qh, kh, hd, &mut scores);
-        scores
-            .chunks_exact_mut(total)
-            .for_each(|p| softmax_scaled(p, scale));
+        for (r, p) in scores.chunks_exact_mut(total).enumerate() {
+            softmax_scaled(p, scale, sinks.map(|s| s[h * rows + r]));
+        }
         weighted_rows_sum(&scores, vh, hd, out);
         Ok(())
     };
@@ -103,9 +122,12 @@ fn key_scores(q: &[f32], k: &[f32], hd: usize, scores: &mut [f32]) {
     matmul_dense(Isa::best(), keys, total, q, rows, scores);
 }
 
-/// In place: `p = softmax(p * scale)`.
-fn softmax_scaled(p: &mut [f32], scale: f32) {
-    let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+/// In place: `p = softmax(p * scale)`, with `sink` as one more logit in the
+/// normaliser when given.
+fn softmax_scaled(p: &mut [f32], scale: f32, sink: Option<f32>) {
+    let max = p
+        .iter()
+        .fold(sink.unwrap_or(f32::NEG_INFINITY), |m, &x| m.max(x * scale));
     #[cfg(target_arch = "x86_64")]
     let sum = if Isa::best() == Isa::Avx512 {
         // SAFETY: `Isa::Avx512` is only produced when the CPU has AVX-512 F.
@@ -115,6 +137,7 @@ fn softmax_scaled(p: &mut [f32], scale: f32) {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let sum = exp_shifted(p, scale, max);
+    let sum = sum + sink.map_or(0.0, |s| (s - max).exp());
     let inv = 1.0 / sum;
     p.iter_mut().for_each(|x| *x *= inv);
 }
@@ -355,21 +378,38 @@ mod tests {
                 vc.narrow(1, 0, total).unwrap(),
             );
             let scale = 0.125f32;
-            let got = attend_cache(&q, &k, &v, scale).unwrap();
             let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale as f64).unwrap();
-            let want = candle_nn::ops::softmax_last_dim(&scores)
-                .unwrap()
-                .matmul(&v.contiguous().unwrap())
-                .unwrap();
-            let diff = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(diff < 1e-5, "{total} positions: max diff {diff}");
+            // Without sinks, then with a sink logit per query row appended to the
+            // softmax and dropped after it (transformers' gpt-oss eager attention).
+            let sinks: Vec<f32> = (0..heads * rows).map(|i| i as f32 * 0.7 - 2.0).collect();
+            for sink in [None, Some(sinks.as_slice())] {
+                let got = attend_cache(&q, &k, &v, scale, sink).unwrap();
+                let probs = match sink {
+                    None => candle_nn::ops::softmax_last_dim(&scores).unwrap(),
+                    Some(s) => {
+                        let col = Tensor::from_slice(s, (heads, rows, 1), &dev).unwrap();
+                        let all = Tensor::cat(&[&scores, &col], 2).unwrap();
+                        candle_nn::ops::softmax_last_dim(&all)
+                            .unwrap()
+                            .narrow(2, 0, total)
+                            .unwrap()
+                    }
+                };
+                let want = probs.matmul(&v.contiguous().unwrap()).unwrap();
+                let diff = (got - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff < 1e-5,
+                    "{total} positions, sinks {}: max diff {diff}",
+                    sink.is_some()
+                );
+            }
         }
     }
 

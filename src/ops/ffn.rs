@@ -4,18 +4,75 @@ use super::kernels::silu_mul;
 use super::{Linear, QuantKind};
 use crate::error::Result;
 
-/// SwiGLU feed-forward, `down(silu(gate(x)) * up(x))`: a routed expert, a shared
+/// SwiGLU feed-forward, `down(act(gate(x), up(x)))`: a routed expert, a shared
 /// expert and a dense MLP layer are all this. Gate and up are one fused matrix
-/// (`[2 * ffn, hidden]`, gate rows first) so a token batch reads it in one pass.
+/// (`[2 * ffn, hidden]`, gate rows first) so a token batch reads it in one pass;
+/// either may carry a bias (gpt-oss's experts do).
 #[derive(Debug, Clone)]
 pub struct Ffn {
     gate_up: Linear,
     down: Linear,
+    activation: GluActivation,
+}
+
+/// How the gate and up halves are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum GluActivation {
+    /// `silu(gate) * up`.
+    #[default]
+    SiLU,
+    /// gpt-oss's clamped SwiGLU (transformers `GptOssExperts._apply_gate`):
+    /// `g = min(gate, limit)`, `u = clamp(up, -limit, limit)`,
+    /// `(u + 1) * g * sigmoid(alpha * g)`.
+    Clamped { alpha: f32, limit: f32 },
+}
+
+impl GluActivation {
+    /// `out = act(gate, up)` element-wise.
+    pub fn apply(self, gate: &[f32], up: &[f32], out: &mut [f32]) {
+        match self {
+            GluActivation::SiLU => silu_mul(gate, up, out),
+            GluActivation::Clamped { alpha, limit } => {
+                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+                    let g = g.min(limit);
+                    let u = u.clamp(-limit, limit);
+                    *o = (u + 1.0) * g / (1.0 + (-alpha * g).exp());
+                }
+            }
+        }
+    }
+
+    /// The same on tensors (the differentiable form).
+    fn forward(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            GluActivation::SiLU => (candle_nn::ops::silu(gate)? * up)?,
+            GluActivation::Clamped { alpha, limit } => {
+                let limit = f64::from(limit);
+                let g = gate.minimum(limit)?;
+                let u = up.clamp(-limit, limit)?;
+                let glu = (&g * candle_nn::ops::sigmoid(&(&g * f64::from(alpha))?)?)?;
+                ((u + 1.0)? * glu)?
+            }
+        })
+    }
 }
 
 impl Ffn {
     pub fn new(gate_up: Linear, down: Linear) -> Self {
-        Self { gate_up, down }
+        Self {
+            gate_up,
+            down,
+            activation: GluActivation::SiLU,
+        }
+    }
+
+    /// The same matrices with another gate/up activation.
+    pub fn with_activation(self, activation: GluActivation) -> Self {
+        Self { activation, ..self }
+    }
+
+    pub fn activation(&self) -> GluActivation {
+        self.activation
     }
 
     pub fn gate_up(&self) -> &Linear {
@@ -33,10 +90,10 @@ impl Ffn {
 
     /// Both matrices quantized to `kind`.
     pub fn quantize(&self, kind: QuantKind) -> Result<Ffn> {
-        Ok(Ffn::new(
-            self.gate_up.quantize(kind)?,
-            self.down.quantize(kind)?,
-        ))
+        Ok(
+            Ffn::new(self.gate_up.quantize(kind)?, self.down.quantize(kind)?)
+                .with_activation(self.activation),
+        )
     }
 
     /// [`Ffn::quantize`] when `kind` is set, else a copy.
@@ -58,7 +115,7 @@ impl Ffn {
         let gate_up = self.gate_up.forward(x)?; // [n, 2 * ffn]
         let gate = gate_up.narrow(1, 0, ffn)?;
         let up = gate_up.narrow(1, ffn, ffn)?;
-        let h = (candle_nn::ops::silu(&gate)? * up)?;
+        let h = self.activation.forward(&gate, &up)?;
         self.down.forward(&h)
     }
 
@@ -85,7 +142,7 @@ impl Ffn {
             .zip(scratch.h.chunks_exact_mut(ffn))
         {
             let (gate, up) = gu.split_at(ffn);
-            silu_mul(gate, up, h);
+            self.activation.apply(gate, up, h);
         }
         self.down.forward_f32(&scratch.h, n, ffn, y)
     }
@@ -96,4 +153,46 @@ impl Ffn {
 pub struct FfnScratch {
     gate_up: Vec<f32>, // [n, 2 * ffn]
     h: Vec<f32>,       // [n, ffn]
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    #[test]
+    fn clamped_swiglu_matches_the_gpt_oss_formula_on_slices_and_tensors() {
+        let act = GluActivation::Clamped {
+            alpha: 1.702,
+            limit: 7.0,
+        };
+        let gate = [-20.0f32, -1.0, 0.0, 0.5, 6.9, 7.5, 30.0];
+        let up = [-9.0f32, -7.5, 0.3, 1.0, 7.1, -2.0, 8.0];
+        let mut out = [0f32; 7];
+        act.apply(&gate, &up, &mut out);
+        for i in 0..gate.len() {
+            let g = f64::from(gate[i]).min(7.0);
+            let u = f64::from(up[i]).clamp(-7.0, 7.0);
+            let want = (u + 1.0) * g / (1.0 + (-1.702 * g).exp());
+            assert!(
+                (f64::from(out[i]) - want).abs() < 1e-5 * (1.0 + want.abs()),
+                "{i}"
+            );
+        }
+        // Above the limit the gate saturates: 7.5 and 30 give the same glu.
+        assert_eq!(out[5] / (-2.0 + 1.0), out[6] / (7.0 + 1.0));
+        let dev = &Device::Cpu;
+        let t = act
+            .forward(
+                &Tensor::new(&gate, dev).unwrap(),
+                &Tensor::new(&up, dev).unwrap(),
+            )
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (a, b) in t.iter().zip(&out) {
+            assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
 }

@@ -15,7 +15,7 @@ pub mod quant;
 mod rope;
 
 pub use attention::attend_cache;
-pub use ffn::{Ffn, FfnScratch};
+pub use ffn::{Ffn, FfnScratch, GluActivation};
 pub use linear::{Linear, LinearWeight};
 pub use matmul::{num_threads, on_pool, set_num_threads};
 pub use norm::RmsNorm;
