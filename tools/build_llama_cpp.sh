@@ -40,5 +40,6 @@ $CMAKE -S "$DEST/src" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
 $CMAKE --build "$DEST/build" -j "${JOBS:-2}" \
     --target llama-bench llama-server llama-cli llama-quantize >&2
-(cd "$DEST/src" && git rev-parse --short HEAD 2>/dev/null || grep -m1 -o 'LLAMA_BUILD_COMMIT[^)]*' CMakeLists.txt || true) >&2
+# The sdist carries no git metadata (`llama-bench --version` says "commit unknown");
+# llama-cpp-python 0.3.36 vendors llama.cpp commit 0c1e570.
 echo "$DEST/build/bin"
