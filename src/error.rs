@@ -41,6 +41,10 @@ pub enum Error {
     #[error("tensor {name:?} has unsupported dtype {dtype}")]
     UnsupportedDtype { name: String, dtype: String },
 
+    /// A routing trace that cannot be read or does not fit what it is used with.
+    #[error("{path}: {reason}")]
+    Trace { path: PathBuf, reason: String },
+
     #[error("{0}")]
     InvalidInput(String),
 
@@ -59,6 +63,13 @@ impl Error {
         Error::Io {
             path: path.into(),
             error,
+        }
+    }
+
+    pub(crate) fn trace(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Trace {
+            path: path.into(),
+            reason: reason.into(),
         }
     }
 

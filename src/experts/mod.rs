@@ -2,12 +2,14 @@
 //! expert by id, so that a store backed by disk and an expert cache can replace
 //! the all-resident one without changing the model.
 
+mod outcome;
 mod policy;
 mod replay;
 mod resident;
 
 use std::sync::Arc;
 
+pub use outcome::CacheOutcome;
 pub use policy::{Admission, CachePolicy, Lfu, Lru, PolicyKind};
 pub use replay::{CacheCounts, LayerCall, replay, replay_call, replay_optimal};
 pub use resident::{Admit, Capacity, Lookup, ResidentSet};

@@ -4,6 +4,7 @@
 use std::fmt;
 
 use super::moe::Routing;
+use crate::experts::CacheOutcome;
 
 /// A sequence's identity for its whole life, assigned by the engine. Traces and
 /// the expert cache key on it, never on the sequence's place in one forward's
@@ -19,21 +20,34 @@ impl fmt::Display for SequenceId {
 
 /// Where in the model and in the sequence a routing decision was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RoutingSite {
+pub struct RoutingSite<'a> {
     /// Decoder layer index (dense layers never report).
     pub layer: usize,
     pub sequence: SequenceId,
     /// Absolute position of the first token of this routing in its sequence.
     pub start_position: usize,
+    /// When an expert budget is set: the expert cache's outcome for each distinct
+    /// expert of this layer call, `(expert, outcome)` sorted by expert id. `None`
+    /// when every expert is resident (traces then leave `cache` null).
+    pub cache: Option<&'a [(u32, CacheOutcome)]>,
+}
+
+impl RoutingSite<'_> {
+    /// The cache's outcome for `expert` in this call, if a cache reported one.
+    pub fn cache_outcome(&self, expert: u32) -> Option<CacheOutcome> {
+        let outcomes = self.cache?;
+        let i = outcomes.binary_search_by_key(&expert, |(e, _)| *e).ok()?;
+        outcomes.get(i).map(|(_, o)| *o)
+    }
 }
 
 pub trait RoutingObserver {
-    fn on_routing(&mut self, site: RoutingSite, routing: &Routing);
+    fn on_routing(&mut self, site: RoutingSite<'_>, routing: &Routing);
 }
 
 /// Observes nothing.
 pub struct NoObserver;
 
 impl RoutingObserver for NoObserver {
-    fn on_routing(&mut self, _site: RoutingSite, _routing: &Routing) {}
+    fn on_routing(&mut self, _site: RoutingSite<'_>, _routing: &Routing) {}
 }

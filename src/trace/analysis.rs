@@ -74,11 +74,12 @@ mod tests {
     use crate::model::moe::Routing;
     use crate::model::{RoutingObserver, RoutingSite, SequenceId};
 
-    fn site(layer: usize, sequence: u64) -> RoutingSite {
+    fn site(layer: usize, sequence: u64) -> RoutingSite<'static> {
         RoutingSite {
             layer,
             sequence: SequenceId(sequence),
             start_position: 0,
+            cache: None,
         }
     }
 
@@ -87,6 +88,7 @@ mod tests {
             top_k: 2,
             expert_ids: ids.to_vec(),
             weights: vec![0.5; ids.len()],
+            scores: vec![0.25; ids.len()],
         }
     }
 

@@ -54,7 +54,7 @@ impl RoutingTrace {
 }
 
 impl RoutingObserver for RoutingTrace {
-    fn on_routing(&mut self, site: RoutingSite, routing: &Routing) {
+    fn on_routing(&mut self, site: RoutingSite<'_>, routing: &Routing) {
         self.record(site.layer, site.sequence, routing);
     }
 }

@@ -184,19 +184,13 @@ fn report(
     layout: &BatchLayout,
     observer: &mut dyn RoutingObserver,
 ) {
-    let k = routing.top_k;
     for seq in layout.sequences() {
-        let rows = seq.row_start * k..(seq.row_start + seq.n_tokens) * k;
-        let part = Routing {
-            top_k: k,
-            expert_ids: routing.expert_ids[rows.clone()].to_vec(),
-            weights: routing.weights[rows].to_vec(),
-        };
         let site = RoutingSite {
             layer,
             sequence: seq.sequence,
             start_position: seq.start_position,
+            cache: None,
         };
-        observer.on_routing(site, &part);
+        observer.on_routing(site, &routing.tokens(seq.row_start, seq.n_tokens));
     }
 }

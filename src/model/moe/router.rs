@@ -17,6 +17,9 @@ pub struct Routing {
     pub expert_ids: Vec<u32>,
     /// `[n_tokens * top_k]`: the weight each chosen expert's output is mixed with.
     pub weights: Vec<f32>,
+    /// `[n_tokens * top_k]`: each chosen expert's router probability before any
+    /// selection bias or renormalisation (what a routing trace records as `score`).
+    pub scores: Vec<f32>,
 }
 
 impl Routing {
@@ -31,6 +34,21 @@ impl Routing {
 
     pub fn weights_of(&self, t: usize) -> &[f32] {
         &self.weights[t * self.top_k..(t + 1) * self.top_k]
+    }
+
+    pub fn scores_of(&self, t: usize) -> &[f32] {
+        &self.scores[t * self.top_k..(t + 1) * self.top_k]
+    }
+
+    /// The rows of tokens `start..start + n_tokens` (one sequence of a batch).
+    pub fn tokens(&self, start: usize, n_tokens: usize) -> Routing {
+        let rows = start * self.top_k..(start + n_tokens) * self.top_k;
+        Routing {
+            top_k: self.top_k,
+            expert_ids: self.expert_ids[rows.clone()].to_vec(),
+            weights: self.weights[rows.clone()].to_vec(),
+            scores: self.scores[rows].to_vec(),
+        }
     }
 
     /// Groups the (token, slot) pairs by expert, so each active expert runs once
@@ -59,6 +77,7 @@ pub fn route(logits: &[f32], n_experts: usize, cfg: RouterConfig) -> Routing {
     let n_tokens = logits.len() / n_experts.max(1);
     let mut expert_ids = Vec::with_capacity(n_tokens * cfg.top_k);
     let mut weights = Vec::with_capacity(n_tokens * cfg.top_k);
+    let mut scores = Vec::with_capacity(n_tokens * cfg.top_k);
     let mut probs = vec![0f32; n_experts];
     let mut order: Vec<u32> = Vec::with_capacity(n_experts);
     for row in logits.chunks_exact(n_experts) {
@@ -88,12 +107,14 @@ pub fn route(logits: &[f32], n_experts: usize, cfg: RouterConfig) -> Routing {
         for &e in chosen {
             expert_ids.push(e);
             weights.push(probs[e as usize] / denom);
+            scores.push(probs[e as usize]);
         }
     }
     Routing {
         top_k: cfg.top_k,
         expert_ids,
         weights,
+        scores,
     }
 }
 
@@ -133,6 +154,10 @@ mod tests {
         let s: f32 = r.weights_of(0).iter().sum();
         assert!((s - 1.0).abs() < 1e-6);
         assert_eq!(r.experts_of(0), &[3, 1, 4]);
+        // Scores stay the softmax over all experts, before renormalisation.
+        let z: f32 = logits.iter().map(|x| x.exp()).sum();
+        assert!((r.scores_of(0)[0] - 2f32.exp() / z).abs() < 1e-6);
+        assert!(r.scores_of(0).iter().sum::<f32>() < 1.0);
     }
 
     #[test]
@@ -141,6 +166,7 @@ mod tests {
             top_k: 2,
             expert_ids: vec![3, 1, 1, 0, 3, 2],
             weights: vec![0.5; 6],
+            scores: vec![0.25; 6],
         };
         let g = r.slots_by_expert();
         assert_eq!(
