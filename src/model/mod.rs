@@ -123,10 +123,15 @@ impl Model {
         self.embed.device()
     }
 
-    /// A KV cache sized for this model, allocating `initial_capacity` positions.
-    /// It holds f32 like the activations.
+    /// A KV cache sized for this model, allocating `initial_capacity` positions
+    /// (sliding-window layers: about twice their window). It holds f32 like the activations.
     pub fn new_cache(&self, initial_capacity: usize) -> KvCache {
-        KvCache::new(&self.config, initial_capacity, DType::F32)
+        let windows = self
+            .layers
+            .iter()
+            .map(|l| l.attention.layer.sliding_window)
+            .collect();
+        KvCache::new(&self.config, initial_capacity, DType::F32).with_windows(windows)
     }
 
     /// Convenience: one sequence (reported as `SequenceId::default()`), logits
