@@ -20,7 +20,7 @@ pub use linear::{Linear, LinearWeight};
 pub use matmul::{num_threads, on_pool, set_num_threads};
 pub use norm::RmsNorm;
 pub use quant::QuantKind;
-pub use rope::RopeTable;
+pub use rope::{RopeTable, Yarn};
 
 use candle_core::{D, Result, Tensor};
 
