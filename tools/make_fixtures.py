@@ -25,7 +25,19 @@ for the reference run.  For every fixture it writes `tests/fixtures/<name>/`:
     golden.json          token ids, per-layer router top-k ids/weights, 32-token greedy continuations,
                          parameter counts, the tensor names/shapes written, robustness margins
 
-Fixtures: qwen3_moe, qwen3_moe_fused, mixtral, qwen2_moe, olmoe, qwen3_moe_bf16_sharded.
+Fixtures: qwen3_moe, qwen3_moe_fused, mixtral, qwen2_moe, olmoe, qwen3_moe_bf16_sharded, and (saved in bf16,
+golden outputs computed in float32 on the bf16 values, each with a third, one-token prompt):
+  gpt_oss       as openai/gpt-oss-* ship: experts MXFP4 (`*_blocks` / `*_scales` U8, `quantization_config`),
+                [sliding, full] layers with a window of 4 (shorter than the prompts), attention sinks, router
+                bias, expert biases, clamped SwiGLU (limit 7, weights large enough that it bites: golden.json
+                `swiglu_clamp_fraction`), YaRN with `truncate: false`;
+  gpt_oss_bf16  the same model as transformers 5 saves it unquantized (fused `gate_up_proj` [E, H, 2I] with
+                interleaved gate/up columns), identical golden outputs;
+  flex_olmo     OLMo-2 norms after attention and experts, q/k norms over the whole projections;
+  ernie4_5_moe  MoE layers 1 and 3 (`moe_layer_start_index` / `moe_layer_interval`), a shared expert, a
+                `moe_statics` selection bias that changes the chosen experts (golden.json
+                `selection_bias_changed_fraction`), interleaved rotary.
+`--only NAME...` regenerates some of them.
 transformers 5 keeps MoE experts fused in memory (experts.gate_up_proj [E,2I,H], experts.down_proj
 [E,H,I]) but `save_pretrained` (save_original_format=True, the default) reverts to the Hub layout:
 per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` (Mixtral: `block_sparse_moe.experts.{e}.w1/w2/w3`).
@@ -60,7 +72,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
+    Ernie4_5_MoeConfig,
+    FlexOlmoConfig,
+    GptOssConfig,
     MixtralConfig,
+    Mxfp4Config,
     OlmoeConfig,
     Qwen2MoeConfig,
     Qwen3MoeConfig,
@@ -250,6 +266,137 @@ def olmoe_config(special):
     )
 
 
+# gpt-oss: sliding layers with a window shorter than every prompt but the one-token one, sinks,
+# router bias, clamped SwiGLU (default alpha and limit, see `reinit`), YaRN without truncation.
+GPT_OSS_WINDOW = 4
+
+
+def gpt_oss_config(special):
+    kw = common(special, 1.5e5)
+    kw["rope_parameters"] = {
+        "rope_type": "yarn",
+        "rope_theta": 1.5e5,
+        "factor": 4.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 16,
+    }
+    return GptOssConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=GPT_OSS_WINDOW,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        attention_bias=True,
+        tie_word_embeddings=False,
+        **kw,
+    )
+
+
+def flex_olmo_config(special):
+    return FlexOlmoConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=7,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        intermediate_size=32,
+        tie_word_embeddings=False,
+        **common(special, 5e5),
+    )
+
+
+def ernie4_5_moe_config(special):
+    # MoE layers 1 and 3 (from moe_layer_start_index every moe_layer_interval), dense 0 and 2;
+    # one shared expert. intermediate_size = shared width * kv heads, as llama.cpp's converter
+    # derives the shared expert's width from it.
+    return Ernie4_5_MoeConfig(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        moe_num_experts=8,
+        moe_k=2,
+        moe_intermediate_size=32,
+        moe_num_shared_experts=1,
+        intermediate_size=64,
+        moe_layer_start_index=1,
+        moe_layer_interval=2,
+        use_bias=False,
+        tie_word_embeddings=True,
+        **common(special, 5e5),
+    )
+
+
+# E2M1 magnitudes, code order (transformers' FP4_VALUES[:8]).
+FP4_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def mxfp4_quantize(w):
+    """OCP MXFP4 of `w` [..., rows, cols] along cols: (blocks [..., rows, cols/32, 16] U8 with element 2j
+    in byte j's low nibble and 2j + 1 in its high one, scales [..., rows, cols/32] U8 E8M0, the
+    dequantized values). Scale 2^ceil(log2(amax / 6)), values rounded to the nearest E2M1."""
+    *pre, rows, cols = w.shape
+    b = w.reshape(*pre, rows, cols // 32, 32).float()
+    amax = b.abs().amax(-1).clamp(min=2.0**-100)
+    e = torch.ceil(torch.log2(amax / 6.0))
+    q = b / torch.exp2(e)[..., None]
+    idx = (q.abs()[..., None] - FP4_MAGNITUDES).abs().argmin(-1)
+    codes = (idx + 8 * (q < 0)).to(torch.uint8)
+    deq = FP4_MAGNITUDES[idx] * torch.where(q < 0, -1.0, 1.0) * torch.exp2(e)[..., None]
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales = (e + 127).to(torch.uint8)
+    return blocks.contiguous(), scales.contiguous(), deq.reshape(w.shape)
+
+
+@torch.no_grad()
+def quantize_experts_mxfp4(model):
+    """Replaces every expert matrix by its MXFP4 rounding (the Hub's [E, out, in] row blocks of the
+    transposed [E, in, out] parameters), keeping the packed tensors for `save_mxfp4`."""
+    model._mxfp4 = {}
+    for i, layer in enumerate(model.model.layers):
+        ex = layer.mlp.experts
+        for proj in ("gate_up_proj", "down_proj"):
+            p = getattr(ex, proj)
+            blocks, scales, deq = mxfp4_quantize(p.transpose(1, 2))
+            p.copy_(deq.transpose(1, 2))
+            model._mxfp4[f"model.layers.{i}.mlp.experts.{proj}"] = (blocks, scales)
+
+
+def save_mxfp4(model, out_dir):
+    """bf16 checkpoint with the experts as `{proj}_blocks` / `{proj}_scales` and the Hub's
+    `quantization_config`, as openai/gpt-oss-* ship."""
+    model.to(torch.bfloat16)
+    save_model(model, out_dir)
+    model.to(torch.float32)
+    path = os.path.join(out_dir, "model.safetensors")
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name, (blocks, scales) in model._mxfp4.items():
+        del tensors[name]
+        tensors[f"{name}_blocks"] = blocks
+        tensors[f"{name}_scales"] = scales
+    save_file(dict(sorted(tensors.items())), path, metadata={"format": "pt"})
+    cfg_path = os.path.join(out_dir, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+        "quant_method": "mxfp4",
+    }
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+
+
 def build_model(config, seed):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
@@ -262,12 +409,24 @@ def build_model(config, seed):
 
 @torch.no_grad()
 def reinit(model, seed):
-    """Linear/embedding/expert weights ~ N(0, 0.2); RMSNorm weights 1 + 0.1 N(0,1); biases 0.1 N(0,1)."""
+    """Linear/embedding/expert weights ~ N(0, 0.2); RMSNorm weights 1 + 0.1 N(0,1); biases 0.1 N(0,1).
+
+    Routing-relevant extras are drawn large enough to matter: gpt-oss's router bias ~ N(0, 1) and
+    attention sinks ~ N(0, 1); ERNIE's `moe_statics` selection bias ~ 0.1 N(0, 1) (routing
+    probabilities are ~1/8, so it changes choices)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():  # tied parameters are yielded once
         if name.endswith("norm.weight"):
             p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-        elif name.endswith(".bias"):
+        elif name.endswith("router.bias") or name.endswith(".sinks"):
+            p.copy_(torch.randn(p.shape, generator=g))
+        elif name.endswith("mlp.experts.gate_up_proj") and model.config.model_type == "gpt_oss":
+            # gpt-oss's SwiGLU clamps at swiglu_limit = 7 (the value llama.cpp hard-codes, so the
+            # GGUF fixture needs it too): larger gate/up weights make that clamp bite.
+            p.copy_(0.8 * torch.randn(p.shape, generator=g))
+        elif name.endswith("e_score_correction_bias"):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        elif name.endswith(".bias") or name.endswith("_proj_bias"):
             p.copy_(0.1 * torch.randn(p.shape, generator=g))
         else:
             assert p.dim() >= 2, name
@@ -285,6 +444,21 @@ def moe_layers(model):
     return out
 
 
+def router_of(blk):
+    """The router module of a MoE block (gpt-oss calls it `router`, the others `gate`)."""
+    return blk.router if hasattr(blk, "router") else blk.gate
+
+
+def selection_scores(blk, router_logits):
+    """What the router ranks experts by: softmax probabilities, plus ERNIE's `moe_statics`
+    selection bias (gpt-oss ranks raw logits, which orders experts as their softmax does)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    statics = getattr(router_of(blk), "moe_statics", None)
+    if statics is not None:
+        probs = statics(probs)
+    return probs
+
+
 def count_params(model):
     total = sum(p.numel() for p in model.parameters())
     active = total
@@ -292,8 +466,10 @@ def count_params(model):
         if blk is None:
             continue
         ex = blk.experts
-        per_expert = ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()
-        active -= (blk.gate.num_experts - blk.gate.top_k) * per_expert
+        # Every per-expert tensor (gate_up_proj, down_proj and gpt-oss's biases).
+        per_expert = sum(p[0].numel() for p in ex.parameters())
+        router = router_of(blk)
+        active -= (router.num_experts - router.top_k) * per_expert
     if not model.config.tie_word_embeddings:
         active -= model.model.embed_tokens.weight.numel()
     return total, active
@@ -329,9 +505,27 @@ def run_golden(model, prompts):
 
         return hook
 
+    # gpt-oss: how often the clamped SwiGLU's limit bites (gate above it, up outside +-limit).
+    limit = getattr(model.config, "swiglu_limit", None)
+    swiglu_stats = {"gate": [0, 0], "up": [0, 0]}
+
+    def swiglu_hook(module, args):
+        if recording["on"]:
+            x, idx = args[0], args[1]
+            for e in idx.unique().tolist():
+                rows = (idx == e).any(-1)
+                gu = x[rows] @ module.gate_up_proj[e] + module.gate_up_proj_bias[e]
+                gate, up = gu[..., ::2], gu[..., 1::2]
+                swiglu_stats["gate"][0] += int((gate > limit).sum())
+                swiglu_stats["up"][0] += int((up.abs() > limit).sum())
+                swiglu_stats["gate"][1] += gate.numel()
+                swiglu_stats["up"][1] += up.numel()
+
     for idx, blk in layers:
         if blk is not None:
-            handles.append(blk.gate.register_forward_hook(router_hook(idx)))
+            handles.append(router_of(blk).register_forward_hook(router_hook(idx)))
+            if limit is not None:
+                handles.append(blk.experts.register_forward_pre_hook(swiglu_hook))
     if clip is not None:
         for layer in model.model.layers:
             handles.append(layer.self_attn.q_norm.register_forward_hook(clip_hook("q")))
@@ -340,6 +534,7 @@ def run_golden(model, prompts):
 
     results = []
     logits_out = {}
+    bias_changed = [0, 0]  # tokens whose expert set the selection bias changed, tokens
     greedy_min = float("inf")
     router_min = float("inf")
     rank_gap_min = float("inf")
@@ -359,14 +554,18 @@ def run_golden(model, prompts):
                     weights_all.append(None)
                     continue
                 r_logits, r_scores, r_idx = captured[idx]
-                assert r_idx.shape == (len(ids), blk.gate.top_k)
+                k = router_of(blk).top_k
+                assert r_idx.shape == (len(ids), k)
                 topk_all.append(r_idx.tolist())
                 weights_all.append([[float(w) for w in row] for row in r_scores.float()])
-                # Margins on the routing probabilities (softmax in float32, as the routers do).
-                probs = torch.softmax(r_logits.float(), dim=-1)
+                # Margins on the selection scores (softmax in float32, as the routers do).
+                probs = selection_scores(blk, r_logits)
                 sp, si = torch.sort(probs, dim=-1, descending=True)
-                k = blk.gate.top_k
-                assert torch.equal(si[:, :k], r_idx), "router order differs from sorted probabilities"
+                assert torch.equal(si[:, :k], r_idx), "router order differs from sorted selection scores"
+                if getattr(router_of(blk), "moe_statics", None) is not None:
+                    plain = torch.topk(torch.softmax(r_logits.float(), dim=-1), k, dim=-1).indices
+                    bias_changed[0] += int((plain.sort(-1).values != r_idx.sort(-1).values).any(-1).sum())
+                    bias_changed[1] += len(ids)
                 router_min = min(router_min, float((sp[:, k - 1] - sp[:, k]).min()))
                 rank_gap_min = min(rank_gap_min, float((sp[:, :k] - sp[:, 1 : k + 1]).min()))
 
@@ -390,6 +589,10 @@ def run_golden(model, prompts):
     extra = {}
     if clip is not None:
         extra["clip_fraction"] = {k: v[0] / max(v[1], 1) for k, v in clip_stats.items()}
+    if limit is not None:
+        extra["swiglu_clamp_fraction"] = {k: v[0] / max(v[1], 1) for k, v in swiglu_stats.items()}
+    if bias_changed[1]:
+        extra["selection_bias_changed_fraction"] = bias_changed[0] / bias_changed[1]
     return results, logits_out, greedy_min, router_min, rank_gap_min, extra
 
 
@@ -410,7 +613,7 @@ def saved_tensors(out_dir):
 
 
 @torch.no_grad()
-def check_reload(out_dir, prompts, logits_ref, atol=1e-5):
+def check_reload(out_dir, prompts, logits_ref, atol=1e-5, **load_kw):
     """Reload with from_pretrained (float32) and compare logits, both with the eager reference
     implementations and with transformers' defaults (sdpa attention / grouped_mm experts)."""
     report = {}
@@ -418,7 +621,7 @@ def check_reload(out_dir, prompts, logits_ref, atol=1e-5):
         ("eager", dict(attn_implementation="eager", experts_implementation="eager")),
         ("default", {}),
     ):
-        m = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, **kw).eval()
+        m = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, **kw, **load_kw).eval()
         diff = 0.0
         for pi, ids in enumerate(prompts):
             lg = m(input_ids=torch.tensor([ids])).logits[0].float()
@@ -444,7 +647,7 @@ def write_golden(out_dir, meta, results, logits_out):
 # --------------------------------------------------------------------------------------------------
 
 
-def find_model(name, make_config, base_seed, prompts, round_bf16=False):
+def find_model(name, make_config, base_seed, prompts, round_bf16=False, transform=None):
     for seed in range(base_seed, base_seed + MAX_SEED_TRIES):
         model = build_model(make_config(), seed)
         if round_bf16:
@@ -453,6 +656,8 @@ def find_model(name, make_config, base_seed, prompts, round_bf16=False):
             with torch.no_grad():
                 for p in model.parameters():
                     p.copy_(p.to(torch.bfloat16).to(torch.float32))
+        if transform is not None:
+            transform(model)
         res, logits, gmin, rmin, rgap, extra = run_golden(model, prompts)
         if margins_ok(gmin, rmin, rgap):
             print(f"[{name}] seed {seed}: greedy_min_margin={gmin:.4g} router_min_margin={rmin:.4g} "
@@ -503,12 +708,16 @@ def save_model(model, out_dir, **kw):
 
 
 def make_fixture(name, out_root, tok, special, prompts, make_config, base_seed,
-                 bf16_sharded=False, eos_list=False):
+                 bf16_sharded=False, eos_list=False, mxfp4_experts=False, bf16=False):
+    """`bf16`: saved in bf16 (golden outputs on the bf16-rounded weights, computed in float32), to keep
+    the fixture small. `mxfp4_experts`: gpt-oss as the Hub ships it: bf16 weights, experts as MXFP4 `*_blocks` /
+    `*_scales` U8 tensors (golden outputs computed on exactly those values)."""
     out_dir = os.path.join(out_root, name)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
     seed, model, res, logits, gmin, rmin, rgap, extra = find_model(
-        name, make_config, base_seed, prompts, round_bf16=bf16_sharded
+        name, make_config, base_seed, prompts, round_bf16=bf16_sharded or mxfp4_experts or bf16,
+        transform=quantize_experts_mxfp4 if mxfp4_experts else None,
     )
     meta = base_meta(model, seed, gmin, rmin, rgap, extra, special, tok)
     if eos_list:
@@ -518,12 +727,19 @@ def make_fixture(name, out_root, tok, special, prompts, make_config, base_seed,
         model.to(torch.bfloat16)
         save_model(model, out_dir, max_shard_size="150KB")
         model.to(torch.float32)  # parameters are exactly representable; buffers are not used again
+    elif mxfp4_experts:
+        save_mxfp4(model, out_dir)
+    elif bf16:
+        model.to(torch.bfloat16)
+        save_model(model, out_dir)
+        model.to(torch.float32)
     else:
         save_model(model, out_dir)
     write_tokenizer(tok, out_dir)
     finish_chat_example(out_dir, meta)
     meta["tensors"], meta["tensor_dtypes"] = saved_tensors(out_dir)
-    meta["reload_max_abs_diff"] = check_reload(out_dir, prompts, logits)
+    reload_kw = {"quantization_config": Mxfp4Config(dequantize=True)} if mxfp4_experts else {}
+    meta["reload_max_abs_diff"] = check_reload(out_dir, prompts, logits, **reload_kw)
     write_golden(out_dir, meta, res, logits)
     return model, meta, res, logits
 
@@ -569,10 +785,31 @@ def make_fused_copy(src_name, dst_name, out_root, model, tok, prompts, meta, res
     os.remove(dst)
 
 
+@torch.no_grad()
+def make_bf16_copy(src_name, dst_name, out_root, model, tok, prompts, meta, res, logits):
+    """`src_name` (bf16-exact weights) saved as a plain bf16 checkpoint by save_pretrained: for gpt-oss
+    the experts as transformers 5 writes them, fused `gate_up_proj` [E, H, 2I] (gate and up columns
+    interleaved) and `down_proj` [E, I, H] with their biases. Same golden outputs."""
+    out_dir = os.path.join(out_root, dst_name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    model.to(torch.bfloat16)
+    save_model(model, out_dir)
+    model.to(torch.float32)
+    write_tokenizer(tok, out_dir)
+    meta = dict(meta)
+    meta["tensors"], meta["tensor_dtypes"] = saved_tensors(out_dir)
+    meta["reload_max_abs_diff"] = check_reload(out_dir, prompts, logits)
+    meta["bf16_copy_of"] = src_name
+    write_golden(out_dir, meta, res, logits)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="tests/fixtures", help="output root directory")
+    ap.add_argument("--only", nargs="*", help="families to (re)generate (default: all), e.g. gpt_oss ernie4_5_moe")
     args = ap.parse_args()
+    want = (lambda name: not args.only or name in args.only)
     os.makedirs(args.out, exist_ok=True)
 
     tok = train_tokenizer()
@@ -582,31 +819,47 @@ def main():
     prompts = make_prompts(tok)
     print("special tokens:", special, "prompts:", prompts, flush=True)
 
-    q3, q3_meta, q3_res, q3_logits = make_fixture(
-        "qwen3_moe", args.out, tok, special, prompts, lambda: qwen3_moe_config(special), 1234, eos_list=True
-    )
-    make_fused_copy("qwen3_moe", "qwen3_moe_fused", args.out, q3, tok, prompts, q3_meta, q3_res, q3_logits)
-    make_fixture("mixtral", args.out, tok, special, prompts, lambda: mixtral_config(special), 2345)
-    make_fixture("qwen2_moe", args.out, tok, special, prompts, lambda: qwen2_moe_config(special), 3456)
-    make_fixture("olmoe", args.out, tok, special, prompts, lambda: olmoe_config(special), 4567)
-    make_fixture(
-        "qwen3_moe_bf16_sharded",
-        args.out,
-        tok,
-        special,
-        prompts,
-        lambda: qwen3_moe_config(special, num_experts_per_tok=4, norm_topk_prob=False, tie_word_embeddings=True),
-        5678,
-        bf16_sharded=True,
-    )
+    if want("qwen3_moe"):
+        q3, q3_meta, q3_res, q3_logits = make_fixture(
+            "qwen3_moe", args.out, tok, special, prompts, lambda: qwen3_moe_config(special), 1234, eos_list=True
+        )
+        make_fused_copy("qwen3_moe", "qwen3_moe_fused", args.out, q3, tok, prompts, q3_meta, q3_res, q3_logits)
+    if want("mixtral"):
+        make_fixture("mixtral", args.out, tok, special, prompts, lambda: mixtral_config(special), 2345)
+    if want("qwen2_moe"):
+        make_fixture("qwen2_moe", args.out, tok, special, prompts, lambda: qwen2_moe_config(special), 3456)
+    if want("olmoe"):
+        make_fixture("olmoe", args.out, tok, special, prompts, lambda: olmoe_config(special), 4567)
+    if want("qwen3_moe_bf16_sharded"):
+        make_fixture(
+            "qwen3_moe_bf16_sharded",
+            args.out,
+            tok,
+            special,
+            prompts,
+            lambda: qwen3_moe_config(special, num_experts_per_tok=4, norm_topk_prob=False, tie_word_embeddings=True),
+            5678,
+            bf16_sharded=True,
+        )
+    # The second-wave families also check a one-token prompt.
+    prompts_1 = prompts + [prompts[0][:1]]
+    if want("gpt_oss"):
+        go, go_meta, go_res, go_logits = make_fixture(
+            "gpt_oss", args.out, tok, special, prompts_1, lambda: gpt_oss_config(special), 6789, mxfp4_experts=True
+        )
+        make_bf16_copy("gpt_oss", "gpt_oss_bf16", args.out, go, tok, prompts_1, go_meta, go_res, go_logits)
+    if want("flex_olmo"):
+        make_fixture("flex_olmo", args.out, tok, special, prompts_1, lambda: flex_olmo_config(special), 7890, bf16=True)
+    if want("ernie4_5_moe"):
+        make_fixture("ernie4_5_moe", args.out, tok, special, prompts_1, lambda: ernie4_5_moe_config(special), 8901, bf16=True)
 
     total = 0
     for root, _, files in os.walk(args.out):
         for fn in files:
             total += os.path.getsize(os.path.join(root, fn))
     print(f"total fixture size: {total / 1e6:.3f} MB", flush=True)
-    if total > 5_000_000:
-        sys.exit("fixtures exceed 5 MB")
+    if total > 9_000_000:
+        sys.exit("fixtures exceed 9 MB")
 
 
 if __name__ == "__main__":
