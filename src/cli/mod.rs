@@ -1,12 +1,12 @@
 //! Subcommands, one file each.
 
+mod analyze;
 mod bench;
 #[cfg(feature = "peer-candle")]
 mod bench_peer;
 mod info;
 mod logits;
 mod model_arg;
-mod routing_stats;
 mod run;
 mod train;
 
@@ -35,8 +35,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Train a small MoE model from scratch on text files.
     Train(train::TrainArgs),
-    /// Expert-load entropy and consecutive-token expert reuse of a model on a text.
-    RoutingStats(routing_stats::RoutingStatsArgs),
+    /// Routing analysis of a trace (or of a model on a text): expert load, SRP/SCH
+    /// locality, expert-cache hit rates, cross-layer co-activation; table, JSON, PNG plots.
+    #[command(alias = "routing-stats")]
+    Analyze(analyze::AnalyzeArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -58,7 +60,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Logits(args) => logits::run(args),
         Command::Info(args) => info::run(args),
         Command::Train(args) => train::run(args),
-        Command::RoutingStats(args) => routing_stats::run(args),
+        Command::Analyze(args) => analyze::run(args),
     }
 }
 

@@ -1,11 +1,24 @@
-//! Routing observers and the analyses built on them: a trace recorder, the
-//! Parquet trace writer and reader, expert load entropy and consecutive-token
-//! expert reuse (locality).
+//! Routing traces and what they say: the Parquet trace writer and reader, and
+//! the analyses `switchyard analyze` reports (expert load, local routing
+//! consistency, cache hit-rate curves, cross-layer co-activation) with plots.
 
-mod analysis;
+mod coactivation;
+mod load;
 mod parquet;
-mod recorder;
+mod plot;
+mod report;
+mod routes;
+mod srp;
+mod stack;
 
-pub use analysis::{consecutive_reuse, entropy_bits, load_entropy, loads, uniform_reuse};
+pub use coactivation::{Coactivation, PairStat};
+pub use load::{ExpertLoad, consecutive_reuse, entropy_bits, uniform_reuse};
 pub use parquet::{Trace, TraceMeta, TraceRow, TraceRows, TraceWriter, read_trace};
-pub use recorder::RoutingTrace;
+pub use plot::write_plots;
+pub use report::{
+    CoactivationSummary, HitRates, LayerCurves, LayerSch, LayerSrp, LayerValue, PolicyCurves,
+    SchCurve, SchSummary, SrpSummary, Summary,
+};
+pub use routes::{Routes, SequenceRoutes, TokenExperts};
+pub use srp::{SEGMENT_LENGTHS, SegmentHistogram, Srp};
+pub use stack::{StackPolicy, hit_curve, mean_hit_curve};

@@ -412,24 +412,36 @@ impl Drop for TraceWriter {
 
 impl RoutingObserver for TraceWriter {
     fn on_routing(&mut self, site: RoutingSite<'_>, routing: &Routing) {
-        for t in 0..routing.n_tokens() {
-            let experts = routing.experts_of(t);
-            let weights = routing.weights_of(t);
-            let scores = routing.scores_of(t);
-            for (rank, ((&expert, &weight), &score)) in
-                experts.iter().zip(weights).zip(scores).enumerate()
-            {
-                self.push(TraceRow {
-                    sequence: site.sequence.0,
-                    position: (site.start_position + t) as u32,
-                    layer: site.layer as u32,
-                    rank: rank as u32,
-                    expert,
-                    weight,
-                    score,
-                    cache: site.cache_outcome(expert),
-                });
-            }
+        routing_rows(site, routing, |row| self.push(row));
+    }
+}
+
+/// Records a trace in memory (an analysis of a run that writes no file).
+impl RoutingObserver for TraceRows {
+    fn on_routing(&mut self, site: RoutingSite<'_>, routing: &Routing) {
+        routing_rows(site, routing, |row| self.push(row));
+    }
+}
+
+/// One row per (token, rank) of one sequence's routing in one layer call.
+fn routing_rows(site: RoutingSite<'_>, routing: &Routing, mut push: impl FnMut(TraceRow)) {
+    for t in 0..routing.n_tokens() {
+        let experts = routing.experts_of(t);
+        let weights = routing.weights_of(t);
+        let scores = routing.scores_of(t);
+        for (rank, ((&expert, &weight), &score)) in
+            experts.iter().zip(weights).zip(scores).enumerate()
+        {
+            push(TraceRow {
+                sequence: site.sequence.0,
+                position: (site.start_position + t) as u32,
+                layer: site.layer as u32,
+                rank: rank as u32,
+                expert,
+                weight,
+                score,
+                cache: site.cache_outcome(expert),
+            });
         }
     }
 }
