@@ -31,9 +31,11 @@ fi
 
 CMAKE=cmake
 if ! command -v cmake >/dev/null 2>&1; then
-    python3 -m pip install --quiet --target "$DEST/cmake-py" cmake >&2
-    CMAKE="env PYTHONPATH=$DEST/cmake-py python3 -m cmake"
-    [ -x "$DEST/cmake-py/bin/cmake" ] && CMAKE="$DEST/cmake-py/bin/cmake"
+    [ -x "$DEST/cmake-py/cmake/data/bin/cmake" ] ||
+        python3 -m pip install --quiet --target "$DEST/cmake-py" cmake >&2
+    # The wheel's bin/cmake is a Python entry point that needs the package on
+    # sys.path; the real executable sits inside the package.
+    CMAKE="$DEST/cmake-py/cmake/data/bin/cmake"
 fi
 
 $CMAKE -S "$DEST/src" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
