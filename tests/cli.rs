@@ -220,6 +220,66 @@ fn bench_prints_prefill_decode_and_bandwidth_columns() {
 }
 
 #[test]
+fn bench_profile_breaks_a_decode_step_into_phases_and_layers() {
+    let dir = fixture("qwen3_moe");
+    let layers = switchyard::config::load_model_config(&dir)
+        .unwrap()
+        .num_layers;
+    let (stdout, _) = run_ok(&[
+        "bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "--quant",
+        "q4_0",
+        "--prompt-tokens",
+        "4",
+        "--gen-tokens",
+        "3",
+        "--repeat",
+        "1",
+        "--threads",
+        "2",
+        "--profile",
+    ]);
+    assert!(stdout.contains("decode step profile: 3 steps"), "{stdout}");
+    let phase_us = |name: &str| -> f64 {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no {name:?} row in {stdout}"));
+        row.split('|').nth(2).unwrap().trim().parse().unwrap()
+    };
+    for name in [
+        "norms",
+        "attention q/k/v/o projections",
+        "router",
+        "routed experts (wall)",
+        "lm_head",
+        "sampling",
+    ] {
+        assert!(phase_us(name) > 0.0, "{name}: {stdout}");
+    }
+    // One row per layer, each with time in attention and experts.
+    let layer_rows: Vec<Vec<f64>> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && l[2..].starts_with(|c: char| c.is_ascii_digit()))
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().parse().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(layer_rows.len(), layers, "{stdout}");
+    for (l, row) in layer_rows.iter().enumerate() {
+        assert_eq!(row[0], l as f64);
+        assert!(row[2] > 0.0 && row[5] > 0.0 && row[6] > 0.0, "layer {l}: {row:?}");
+        // The layer's total covers its parts.
+        assert!(row[7] + 0.3 >= row[1] + row[2] + row[3] + row[4] + row[5], "{row:?}");
+    }
+}
+
+#[test]
 fn bench_refuses_an_empty_prompt() {
     let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["bench", "--model", fixture("qwen3_moe").to_str().unwrap()])

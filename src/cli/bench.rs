@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// Also run another engine on the same weights and dtype, in this process.
     #[arg(long)]
     peer: Option<Peer>,
+    /// After the timed runs, one decode run of --gen-tokens steps with phase
+    /// timers on: where a step's time goes, per phase and per layer.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -84,7 +88,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let vocab = model.config().vocab_size;
     let prompt = random_ids(args.prompt_tokens, vocab);
     let ours = measure(&mut Ours { model: &model }, &prompt, &args)?;
-    drop(model);
 
     let dtype_name = format!("{dtype:?}").to_lowercase();
     let quant_name = args.quant.map_or("-".to_string(), |q| q.to_string());
@@ -114,6 +117,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         (None, None) => dtype_name.clone(),
     };
     print_row("switchyard", &weights, &ours, active, bw_gbs);
+    if args.profile {
+        super::bench_profile::run(&model, prompt[0], args.gen_tokens)?;
+    }
+    drop(model);
 
     if let Some(Peer::Candle) = args.peer {
         anyhow::ensure!(
@@ -228,9 +235,7 @@ fn active_bytes_per_token(model: &Model) -> usize {
             .sum::<usize>();
         match layer.moe() {
             Some(moe) => {
-                let experts = model.experts().layer(l);
-                let sum: usize = experts.iter().map(|e| e.weight_bytes()).sum();
-                total += moe.router().weight_bytes() + sum * top_k / experts.len().max(1);
+                total += moe.router().weight_bytes() + layer_expert_bytes(model, l, top_k);
                 if let Some(shared) = moe.shared() {
                     total += shared.ffn.weight_bytes() + shared.gate.weight_bytes();
                 }
@@ -243,6 +248,20 @@ fn active_bytes_per_token(model: &Model) -> usize {
         }
     }
     total
+}
+
+/// Routed-expert weight bytes one decoded token reads: `top_k` average experts per layer.
+pub fn expert_bytes_per_token(model: &Model) -> usize {
+    let top_k = model.config().moe.top_k;
+    (0..model.layers().len())
+        .map(|l| layer_expert_bytes(model, l, top_k))
+        .sum()
+}
+
+fn layer_expert_bytes(model: &Model, layer: usize, top_k: usize) -> usize {
+    let experts = model.experts().layer(layer);
+    let sum: usize = experts.iter().map(|e| e.weight_bytes()).sum();
+    sum * top_k / experts.len().max(1)
 }
 
 fn parse_dtype(s: &str) -> anyhow::Result<DType> {

@@ -4,6 +4,7 @@ mod analyze;
 mod bench;
 #[cfg(feature = "peer-candle")]
 mod bench_peer;
+mod bench_profile;
 mod info;
 mod logits;
 mod model_arg;

@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor};
 use crate::config::{AttentionConfig, QkNorm};
 use crate::error::{Error, Result};
 use crate::model::kv_cache::KvCache;
+use crate::model::profile::{self, Phase};
 use crate::ops::{Linear, RmsNorm, RopeTable, attend_cache, softmax_last_dim};
 
 #[derive(Debug)]
@@ -53,7 +54,11 @@ impl Attention {
         let cfg = &self.config;
         let n = x.dim(0)?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let layer = Some(input.layer);
+        let proj = profile::span(Phase::AttentionProjections, layer);
         let qkv = Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        drop(proj);
+        let core = profile::span(Phase::AttentionCore, layer);
         let [mut q, mut k, mut v]: [Tensor; 3] = qkv
             .try_into()
             .map_err(|_| Error::InvalidInput("q/k/v projection count".into()))?; // [n, nh * hd], [n, nkv * hd] x2
@@ -101,6 +106,8 @@ impl Attention {
                 v.narrow(1, total - seen, seen)?,
             );
             let out = attend_cache(&q, &k, &v, scale as f32, sinks)?; // [nkv, group, hd]
+            drop(core);
+            let _proj = profile::span(Phase::AttentionProjections, layer);
             return self.o_proj.forward(&out.reshape((1, nh * hd))?);
         }
         let scores = (q.matmul(&k.t()?)? * scale)?; // [nkv, group * n, total]
@@ -129,6 +136,8 @@ impl Attention {
             .reshape((nh, n, hd))?
             .transpose(0, 1)?
             .reshape((n, nh * hd))?;
+        drop(core);
+        let _proj = profile::span(Phase::AttentionProjections, layer);
         self.o_proj.forward(&out)
     }
 }

@@ -9,6 +9,7 @@ mod layer;
 mod load;
 pub mod moe;
 mod observer;
+pub mod profile;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +22,7 @@ pub use kv_cache::KvCache;
 pub use layer::{DecoderLayer, LayerFfn};
 pub use load::LoadOptions;
 pub use observer::{NoObserver, RoutingObserver, RoutingSite, SequenceId};
+pub use profile::Phase;
 
 use crate::config::{ModelConfig, load_model_config, open_gguf};
 use crate::error::{Error, Result};
@@ -202,7 +204,9 @@ impl Model {
         let mut router_logits = Vec::new();
 
         for (l, layer) in self.layers.iter().enumerate() {
+            let norm = profile::span(Phase::Norm, Some(l));
             let h = layer.input_norm.forward(&x)?;
+            drop(norm);
             let mut parts = Vec::with_capacity(seqs.len());
             for (seq, rows) in seqs.iter_mut().zip(layout.sequences()) {
                 let input = AttentionInput {
@@ -223,9 +227,14 @@ impl Model {
                 Tensor::cat(&parts, 0)?
             };
             x = (x + attn)?;
+            let norm = profile::span(Phase::Norm, Some(l));
             let h = layer.post_attention_norm.forward(&x)?;
+            drop(norm);
             let ffn = match &layer.ffn {
-                LayerFfn::Dense(ffn) => ffn.forward(&h)?,
+                LayerFfn::Dense(ffn) => {
+                    let _span = profile::span(Phase::DenseFfn, Some(l));
+                    ffn.forward(&h)?
+                }
                 LayerFfn::Moe(block) => block.forward(
                     &h,
                     &layout,
@@ -252,7 +261,11 @@ impl Model {
                 x.index_select(&Tensor::new(last.as_slice(), self.device())?, 0)?
             }
         };
-        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        let norm = profile::span(Phase::Norm, None);
+        let x = self.norm.forward(&x)?;
+        drop(norm);
+        let _span = profile::span(Phase::LmHead, None);
+        let logits = self.lm_head.forward(&x)?;
         Ok(ForwardOutput {
             logits,
             router_logits,

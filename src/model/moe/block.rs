@@ -8,6 +8,7 @@ use crate::error::Result;
 use crate::experts::{ExpertId, ExpertStore};
 use crate::model::batch::BatchLayout;
 use crate::model::observer::{RoutingObserver, RoutingSite};
+use crate::model::profile::{self, Phase};
 use crate::ops::matmul::as_task;
 use crate::ops::{Ffn, FfnScratch, Linear};
 
@@ -69,6 +70,8 @@ impl MoeBlock {
         router_logits: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
         let n_experts = self.num_experts();
+        let layer = Some(self.layer);
+        let router_span = profile::span(Phase::Router, layer);
         let logits = self.router.forward(x)?; // [n_tokens, n_experts]
         let logits_f32 = logits.to_dtype(DType::F32)?;
         let routing = route(
@@ -77,13 +80,17 @@ impl MoeBlock {
             self.config,
         );
         report(self.layer, &routing, layout, observer);
+        drop(router_span);
 
+        let experts_span = profile::span(Phase::Experts, layer);
         let mut out = if logits.track_op() || x.track_op() {
             self.experts_autograd(x, &logits_f32, &routing)?
         } else {
             self.experts_inference(x, &routing)?
         };
+        drop(experts_span);
         if let Some(shared) = &self.shared {
+            let _span = profile::span(Phase::SharedExpert, layer);
             let gate = candle_nn::ops::sigmoid(&shared.gate.forward(x)?)?; // [n_tokens, 1]
             out = (out + shared.ffn.forward(x)?.broadcast_mul(&gate)?)?;
         }
@@ -116,6 +123,7 @@ impl MoeBlock {
                     xe.extend_from_slice(&xs[t * hidden..(t + 1) * hidden]);
                 }
                 let mut ye = vec![0f32; slots.len() * hidden]; // [m, hidden]
+                let _span = profile::span(Phase::ExpertMatvecs, Some(self.layer));
                 as_task(|| ffn.forward_f32(&xe, slots.len(), &mut ye, &mut FfnScratch::default()))?;
                 Ok(ye)
             })
