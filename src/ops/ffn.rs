@@ -1,8 +1,12 @@
+use std::cell::Cell;
+
 use candle_core::Tensor;
 
 use super::kernels::silu_mul;
+use super::linear::with_thread_scratch;
+use super::quant::QuantizedActs;
 use super::{Linear, QuantKind};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// SwiGLU feed-forward, `down(act(gate(x), up(x)))`: a routed expert, a shared
 /// expert and a dense MLP layer are all this. Gate and up are one fused matrix
@@ -136,15 +140,62 @@ impl Ffn {
         scratch.h.resize(n * ffn, 0.0);
         self.gate_up
             .forward_f32(x, n, hidden, &mut scratch.gate_up)?; // [n, 2 * ffn]
+        self.activate(n, scratch);
+        self.down.forward_f32(&scratch.h, n, ffn, y)
+    }
+
+    /// [`Ffn::forward_f32`] on rows `rows` of a MoE layer call's shared input
+    /// (its quantization made once for all experts), on this thread's scratch.
+    ///
+    /// # Shapes
+    /// `input: [n, hidden]`, `rows: [m]` -> `y: [m, hidden]` (overwritten)
+    pub fn forward_rows(&self, input: &FfnInput, rows: &[usize], y: &mut [f32]) -> Result<()> {
+        let hidden = input.cols;
+        if let Some(&bad) = rows.iter().find(|&&r| r >= input.n) {
+            return Err(Error::InvalidInput(format!(
+                "expert input row {bad} of a [{}, {hidden}] layer input",
+                input.n
+            )));
+        }
+        let m = rows.len();
+        let all_in_order = m == input.n && rows.iter().enumerate().all(|(i, &r)| i == r);
+        with_thread_scratch(&SCRATCH, |s| {
+            if !(input.quantized && self.gate_up.reads_quantized()) {
+                let (x, scratch) = (&mut s.x, &mut s.ffn);
+                x.clear();
+                for &r in rows {
+                    x.extend_from_slice(&input.x[r * hidden..(r + 1) * hidden]);
+                }
+                return self.forward_f32(x, m, y, scratch);
+            }
+            let acts = if all_in_order {
+                &input.acts
+            } else {
+                s.acts.gather_rows(&input.acts, rows);
+                &s.acts
+            };
+            let ffn = self.ffn_dim();
+            let scratch = &mut s.ffn;
+            scratch.gate_up.resize(m * 2 * ffn, 0.0);
+            scratch.h.resize(m * ffn, 0.0);
+            self.gate_up.forward_quantized(acts, &mut scratch.gate_up)?; // [m, 2 * ffn]
+            self.activate(m, scratch);
+            self.down.forward_f32(&scratch.h, m, ffn, y)
+        })
+    }
+
+    /// `h = act(gate, up)` per row of `scratch.gate_up`.
+    fn activate(&self, m: usize, scratch: &mut FfnScratch) {
+        let ffn = self.ffn_dim();
         for (gu, h) in scratch
             .gate_up
             .chunks_exact(2 * ffn)
             .zip(scratch.h.chunks_exact_mut(ffn))
+            .take(m)
         {
             let (gate, up) = gu.split_at(ffn);
             self.activation.apply(gate, up, h);
         }
-        self.down.forward_f32(&scratch.h, n, ffn, y)
     }
 }
 
@@ -153,6 +204,51 @@ impl Ffn {
 pub struct FfnScratch {
     gate_up: Vec<f32>, // [n, 2 * ffn]
     h: Vec<f32>,       // [n, ffn]
+}
+
+/// What [`Ffn::forward_rows`] keeps per thread between calls.
+#[derive(Debug, Default)]
+struct RowsScratch {
+    x: Vec<f32>,         // [m, hidden]: gathered rows, for weights that read f32
+    acts: QuantizedActs, // [m, hidden]: gathered quantized rows
+    ffn: FfnScratch,
+}
+
+thread_local! {
+    static SCRATCH: Cell<RowsScratch> = Cell::new(RowsScratch::default());
+}
+
+/// A MoE layer call's input `[n, hidden]`, kept in f32 and (for experts whose
+/// weights read quantized activations) quantized once for all of them: decode
+/// used to quantize the same row once per expert.
+#[derive(Debug, Default)]
+pub struct FfnInput {
+    x: Vec<f32>, // [n, hidden]
+    acts: QuantizedActs,
+    quantized: bool,
+    n: usize,
+    cols: usize,
+}
+
+impl FfnInput {
+    /// Re-fills the input from `x: [n, cols]`, reusing the buffers; `quantize`
+    /// when the experts it feeds read quantized activations.
+    pub fn fill(&mut self, x: &[f32], n: usize, cols: usize, quantize: bool) -> Result<()> {
+        if x.len() != n * cols {
+            return Err(Error::InvalidInput(format!(
+                "expert input of {} values is not [{n}, {cols}]",
+                x.len()
+            )));
+        }
+        self.x.clear();
+        self.x.extend_from_slice(x);
+        self.quantized = quantize;
+        if quantize {
+            self.acts.quantize_from(x, n, cols);
+        }
+        (self.n, self.cols) = (n, cols);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -39,7 +39,21 @@ pub struct Linear {
 
 thread_local! {
     /// Quantized activations, reused across calls on this thread.
-    static ACTS: RefCell<QuantizedActs> = RefCell::new(QuantizedActs::default());
+    static ACTS: Cell<QuantizedActs> = Cell::new(QuantizedActs::default());
+}
+
+/// Runs `f` with this thread's buffer in `key`, taken out of its cell for the
+/// duration: a parallel section inside `f` may run another task on this thread
+/// (rayon steals work while it waits), and that task then finds an empty buffer
+/// of its own instead of one that is in use.
+pub fn with_thread_scratch<T: Default + 'static, R>(
+    key: &'static std::thread::LocalKey<Cell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    let mut buf = key.with(Cell::take);
+    let r = f(&mut buf);
+    key.with(|c| c.set(buf));
+    r
 }
 
 impl Linear {
@@ -252,17 +266,48 @@ impl Linear {
                 with_f32(&yt.contiguous()?, |v| y.copy_from_slice(v))?;
             }
             LinearWeight::Dense(w) => with_dense(w, |m| matmul_dense(isa, m, rows, x, n, y))?,
-            LinearWeight::Packed(p) => ACTS.with(|acts| {
-                let mut acts = acts.borrow_mut();
-                acts.quantize_from(x, n, cols);
-                matmul_packed(isa, p, &acts, y);
-            }),
-            LinearWeight::Mxfp4(m) => ACTS.with(|acts| {
-                let mut acts = acts.borrow_mut();
-                acts.quantize_from(x, n, cols);
-                let dots = mxfp4_dots(isa, m, &acts);
+            LinearWeight::Packed(_) | LinearWeight::Mxfp4(_) => {
+                return with_thread_scratch(&ACTS, |acts| {
+                    acts.quantize_from(x, n, cols);
+                    self.forward_quantized(acts, y)
+                });
+            }
+            LinearWeight::Ggml { matmul, .. } => {
+                let xt = Tensor::from_slice(x, (n, cols), &Device::Cpu)?;
+                let yt = matmul.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
+                y.copy_from_slice(&yt);
+            }
+        }
+        self.add_bias(y)
+    }
+
+    /// Whether the weight multiplies Q8-quantized activations ([`Linear::forward_quantized`]).
+    pub fn reads_quantized(&self) -> bool {
+        matches!(self.weight, LinearWeight::Packed(_) | LinearWeight::Mxfp4(_))
+    }
+
+    /// The product on activations quantized by the caller, so that layers reading
+    /// the same input (a MoE layer's experts) share one quantization of it.
+    ///
+    /// # Shapes
+    /// `acts: [n, in]` -> `y: [n, out]` (overwritten)
+    pub fn forward_quantized(&self, acts: &QuantizedActs, y: &mut [f32]) -> Result<()> {
+        let (rows, cols) = self.dims();
+        if acts.cols != cols || y.len() != acts.n * rows {
+            return Err(Error::InvalidInput(format!(
+                "linear [{rows}, {cols}] applied to quantized [{}, {}] into {}",
+                acts.n,
+                acts.cols,
+                y.len()
+            )));
+        }
+        let isa = Isa::best();
+        match &self.weight {
+            LinearWeight::Packed(p) => matmul_packed(isa, p, acts, y),
+            LinearWeight::Mxfp4(m) => {
+                let dots = mxfp4_dots(isa, m, acts);
                 run_jobs(
-                    n,
+                    acts.n,
                     cols,
                     &mut [MatmulJob {
                         rows,
@@ -270,11 +315,11 @@ impl Linear {
                         dots: &dots,
                     }],
                 );
-            }),
-            LinearWeight::Ggml { matmul, .. } => {
-                let xt = Tensor::from_slice(x, (n, cols), &Device::Cpu)?;
-                let yt = matmul.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
-                y.copy_from_slice(&yt);
+            }
+            LinearWeight::Dense(_) | LinearWeight::Ggml { .. } => {
+                return Err(Error::InvalidInput(format!(
+                    "linear [{rows}, {cols}] does not read quantized activations"
+                )));
             }
         }
         self.add_bias(y)
@@ -320,8 +365,7 @@ impl Linear {
             .map(|g| g.as_ref().map(|(s, l)| dense_matrix(s, l)).transpose())
             .collect::<Result<_>>()?;
         with_f32(&x, |xs| {
-            ACTS.with(|acts| {
-                let mut acts = acts.borrow_mut();
+            with_thread_scratch(&ACTS, |acts| {
                 if linears
                     .iter()
                     .any(|l| matches!(l.weight, LinearWeight::Packed(_) | LinearWeight::Mxfp4(_)))

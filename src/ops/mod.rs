@@ -15,8 +15,8 @@ pub mod quant;
 mod rope;
 
 pub use attention::attend_cache;
-pub use ffn::{Ffn, FfnScratch, GluActivation};
-pub use linear::{Linear, LinearWeight};
+pub use ffn::{Ffn, FfnInput, FfnScratch, GluActivation};
+pub use linear::{Linear, LinearWeight, with_thread_scratch};
 pub use matmul::{num_threads, on_pool, set_num_threads};
 pub use norm::RmsNorm;
 pub use quant::QuantKind;

@@ -10,7 +10,7 @@ use crate::model::batch::BatchLayout;
 use crate::model::observer::{RoutingObserver, RoutingSite};
 use crate::model::profile::{self, Phase};
 use crate::ops::matmul::as_task;
-use crate::ops::{Ffn, FfnScratch, Linear};
+use crate::ops::{Ffn, FfnInput, Linear, with_thread_scratch};
 
 /// Qwen2-MoE's always-on expert, mixed in with weight `sigmoid(gate(x))`.
 #[derive(Debug, Clone)]
@@ -100,45 +100,63 @@ impl MoeBlock {
         Ok(out)
     }
 
-    /// Each active expert once over all its tokens, on plain f32 buffers: rows are
-    /// gathered into one matrix per expert and the weighted outputs added in place,
-    /// so no per-expert tensor or accumulator copy is made. Experts run in parallel,
-    /// one per thread at a time (their matmuls then stay on that thread): a decode
-    /// step pays one fork-join per layer instead of two per expert.
+    /// Each active expert once over all its tokens, on plain f32 buffers: the
+    /// layer's input is quantized once for all experts (decode quantized the same
+    /// row once per expert before), each expert's rows are read from it and its
+    /// outputs written to its own part of one buffer, then mixed in place. Experts
+    /// run in parallel, one per thread at a time (their matmuls then stay on that
+    /// thread): a decode step pays one fork-join per layer instead of two per
+    /// expert. The buffers are this thread's, reused from call to call.
     fn experts_inference(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
         let (n, hidden) = x.dims2()?;
         let k = self.config.top_k;
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?; // [n, hidden]
         let groups = routing.slots_by_expert();
-        let outputs: Vec<Vec<f32>> = groups
-            .par_iter()
-            .map(|(expert, slots)| {
-                let ffn = self.experts.get(ExpertId {
+        let experts: Vec<Arc<Ffn>> = groups
+            .iter()
+            .map(|(expert, _)| {
+                self.experts.get(ExpertId {
                     layer: self.layer as u32,
                     expert: *expert,
-                })?;
-                let mut xe = Vec::with_capacity(slots.len() * hidden); // [m, hidden]
-                for &s in slots {
-                    let t = s as usize / k;
-                    xe.extend_from_slice(&xs[t * hidden..(t + 1) * hidden]);
-                }
-                let mut ye = vec![0f32; slots.len() * hidden]; // [m, hidden]
-                let _span = profile::span(Phase::ExpertMatvecs, Some(self.layer));
-                as_task(|| ffn.forward_f32(&xe, slots.len(), &mut ye, &mut FfnScratch::default()))?;
-                Ok(ye)
+                })
             })
             .collect::<Result<_>>()?;
-        let mut out = vec![0f32; n * hidden];
-        for ((_, slots), ye) in groups.iter().zip(&outputs) {
-            for (&s, y) in slots.iter().zip(ye.chunks_exact(hidden)) {
+        let quantize = experts.iter().any(|e| e.gate_up().reads_quantized());
+        with_thread_scratch(&CALL_SCRATCH, |scratch| {
+            let CallScratch { input, rows, ys } = scratch;
+            input.fill(&xs, n, hidden, quantize)?;
+            // Per group, its tokens' row numbers and its slice of the outputs.
+            rows.clear();
+            rows.extend(
+                groups
+                    .iter()
+                    .flat_map(|(_, slots)| slots.iter().map(|&s| s as usize / k)),
+            );
+            ys.resize(rows.len() * hidden, 0.0); // [n * top_k, hidden]
+            let mut parts = Vec::with_capacity(groups.len());
+            let (mut rows_left, mut ys_left) = (rows.as_slice(), ys.as_mut_slice());
+            for ((_, slots), ffn) in groups.iter().zip(&experts) {
+                let (r, rest) = rows_left.split_at(slots.len());
+                let (y, ys_rest) = std::mem::take(&mut ys_left).split_at_mut(slots.len() * hidden);
+                (rows_left, ys_left) = (rest, ys_rest);
+                parts.push((ffn, r, y));
+            }
+            let input = &*input;
+            parts.into_par_iter().try_for_each(|(ffn, r, y)| {
+                let _span = profile::span(Phase::ExpertMatvecs, Some(self.layer));
+                as_task(|| ffn.forward_rows(input, r, y))
+            })?;
+            let mut out = vec![0f32; n * hidden];
+            let slots = groups.iter().flat_map(|(_, slots)| slots.iter());
+            for (&s, y) in slots.zip(ys.chunks_exact(hidden)) {
                 let t = s as usize / k;
                 let w = routing.weights[s as usize];
                 for (o, &v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(y) {
                     *o += w * v;
                 }
             }
-        }
-        Ok(Tensor::from_vec(out, (n, hidden), x.device())?.to_dtype(x.dtype())?)
+            Ok(Tensor::from_vec(out, (n, hidden), x.device())?.to_dtype(x.dtype())?)
+        })
     }
 
     /// The differentiable form: the mixture as tensor ops so that experts and
@@ -183,6 +201,18 @@ impl MoeBlock {
         }
         Ok(top.flatten_all()?)
     }
+}
+
+/// What [`MoeBlock::experts_inference`] keeps per thread between calls.
+#[derive(Default)]
+struct CallScratch {
+    input: FfnInput,
+    rows: Vec<usize>, // [n * top_k]: input row of each slot, grouped by expert
+    ys: Vec<f32>,     // [n * top_k, hidden]: each slot's expert output
+}
+
+thread_local! {
+    static CALL_SCRATCH: std::cell::Cell<CallScratch> = std::cell::Cell::new(CallScratch::default());
 }
 
 /// Hands each sequence its own slice of the batch's routing.
