@@ -529,10 +529,10 @@ mod tests {
         assert_eq!(q8.weight_bytes(), 16 * 16 * 34 + 16 * 4);
         let q4 = lin.quantize(QuantKind::Q4_0).unwrap();
         assert_eq!(q4.weight_bytes(), 16 * 16 * 18 + 16 * 4);
-        // Q4_K runs as Q4_1: an f16 scale and min per 32 values (GGML's Q4_K packs
-        // 6-bit ones into 144 bytes per 256).
+        // Q4_K at its own size: 144 bytes per 256 values (6-bit scales and mins per
+        // 32, an f16 d and dmin per 256).
         let q4k = lin.quantize(QuantKind::Q4K).unwrap();
-        assert_eq!(q4k.weight_bytes(), 16 * 16 * 20 + 16 * 4);
+        assert_eq!(q4k.weight_bytes(), 16 * 2 * 144 + 16 * 4);
         // Packed rows are stored (and read) in whole tiles of 16.
         let (lin, _) = linear(8, 512, DType::F32);
         let q8 = lin.quantize(QuantKind::Q8_0).unwrap();
@@ -541,15 +541,15 @@ mod tests {
 
     #[test]
     fn ggml_tensors_become_packed_or_ggml_weights() {
-        // 19 rows: a padded tile. Q4_K's and Q6_K's sub-block scales (and Q4_K's mins)
-        // are rounded to f16 (relative 2^-11), so their values agree to ~1e-4 rather
-        // than exactly; Q5_K is re-encoded as Q8_0.
+        // 19 rows: a padded tile. Q6_K's sub-block scales are rounded to f16
+        // (relative 2^-11), so its values agree to ~1e-4 rather than exactly; Q5_K
+        // is re-encoded as Q8_0.
         let (lin, w) = linear(19, 512, DType::F32);
         for (dtype, packed, tol) in [
             (GgmlDType::Q8_0, true, 1e-6),
             (GgmlDType::Q4_0, true, 1e-6),
             (GgmlDType::Q4_1, true, 1e-6),
-            (GgmlDType::Q4K, true, 1e-3),
+            (GgmlDType::Q4K, true, 1e-6),
             (GgmlDType::Q6K, true, 1e-3),
             (GgmlDType::Q5K, true, 0.02),
             (GgmlDType::Q3K, false, 1e-6),

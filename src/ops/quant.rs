@@ -31,7 +31,7 @@ pub enum QuantKind {
     /// 4-bit, 0.5625 bytes per weight.
     Q4_0,
     /// 4-bit k-quant: GGML's Q4_K rounding (256-element super-blocks, a 6-bit scale
-    /// and min per 32), run as [`PackedFormat::Q4_1`] (0.625 bytes per weight).
+    /// and min per 32), run as [`PackedFormat::Q4K`] (0.5625 bytes per weight).
     Q4K,
 }
 
@@ -77,8 +77,8 @@ pub enum PackedFormat {
     /// high ones (GGML's pairing of a block's halves), `q + 8` each.
     Q4_0,
     /// Q4_0's nibbles (`q` in 0..15, no offset) with a scale and a min per block:
-    /// `x = d q + m`. Holds GGML's Q4_1 exactly and Q4_K with each 32-block's
-    /// `d * scale` and `-dmin * min` rounded to f16.
+    /// `x = d q + m`. Holds GGML's Q4_1 exactly (and Q4_K rounding on widths off
+    /// its 256-value super-block).
     Q4_1,
     /// GGML's Q6_K: 6-bit `q + 32` with a scale per 16 values. The low 4 bits as
     /// Q4_0's nibbles, then two 64-byte groups of high bits: lane `r`, byte `i`,
@@ -86,6 +86,12 @@ pub enum PackedFormat {
     /// (second). The first 16 values of a block use `scales`, the last 16
     /// `scales_hi`: each 16-block's `d * scale` rounded to f16.
     Q6,
+    /// GGML's Q4_K at its own size (144 bytes per 256 values): Q4_0's nibbles
+    /// (`q` in 0..15, no offset), and per 256-value super-block and row an f16 `d`
+    /// (in `scales`) and `dmin` (in `mins`) and GGML's 12 bytes of 6-bit block
+    /// scales and mins, as three 64-byte groups (group `g`, lane `r`: bytes
+    /// `4g..4g + 4` of row `r`'s 12). Block `j`: `x = d sc_j q - dmin m_j`.
+    Q4K,
 }
 
 impl PackedFormat {
@@ -94,9 +100,15 @@ impl PackedFormat {
         match self {
             PackedFormat::Q8_0 => 128,
             PackedFormat::Q4_0 => 8,
-            PackedFormat::Q4_1 => 0,
+            PackedFormat::Q4_1 | PackedFormat::Q4K => 0,
             PackedFormat::Q6 => 32,
         }
+    }
+
+    /// Whether scales (and mins) are per 256-value super-block, with 6-bit block
+    /// scales and mins beside them.
+    pub fn has_super_blocks(self) -> bool {
+        self == PackedFormat::Q4K
     }
 
     /// Whether the last 16 values of a block have a scale of their own.
@@ -113,7 +125,7 @@ impl PackedFormat {
     pub fn block_bytes(self) -> usize {
         match self {
             PackedFormat::Q8_0 => BLOCK,
-            PackedFormat::Q4_0 | PackedFormat::Q4_1 => BLOCK / 2,
+            PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q4K => BLOCK / 2,
             PackedFormat::Q6 => BLOCK * 3 / 4,
         }
     }
@@ -127,10 +139,14 @@ pub struct PackedMatrix {
     rows: usize,
     cols: usize,
     quants: Vec<u8>,     // [tiles, blocks, TILE * block_bytes]
-    scales: Vec<f16>,    // [tiles, blocks, TILE]
-    mins: Vec<f16>,      // as scales for Q4_1, else empty
+    scales: Vec<f16>,    // [tiles, blocks, TILE]; Q4K: [tiles, super-blocks, TILE]
+    mins: Vec<f16>,      // as scales for Q4_1 and Q4K, else empty
     scales_hi: Vec<f16>, // as scales for Q6 (the blocks' last 16 values), else empty
+    sub: Vec<u8>,        // Q4K: [tiles, super-blocks, 3 * 64] 6-bit scales and mins, else empty
 }
+
+/// Bytes of a tile's 6-bit scales and mins per super-block (12 per row).
+const SUB_BYTES: usize = 3 * 64;
 
 /// Values per GGML k-quant super-block.
 const K_SUPER: usize = 256;
@@ -153,22 +169,37 @@ fn super_blocks_per_row(
     Ok(cols / K_SUPER)
 }
 
-/// One block's scales and min as stored: `x = d (q - offset) + min` for the first
-/// 16 values, `d_hi` in place of `d` for the last 16 (equal to `d` but in Q6).
+/// One block's scales and min: `x = d (q - offset) + min` for the first 16
+/// values, `d_hi` in place of `d` for the last 16 (equal to `d` but in Q6). Stored
+/// as f16 except in Q4K, whose are products of its f16 and 6-bit factors.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BlockParams {
-    pub d: f16,
-    pub d_hi: f16,
-    pub min: f16,
+    pub d: f32,
+    pub d_hi: f32,
+    pub min: f32,
 }
 
 impl BlockParams {
     fn single(d: f16) -> Self {
         Self {
-            d,
-            d_hi: d,
-            min: f16::ZERO,
+            d: d.to_f32(),
+            d_hi: d.to_f32(),
+            min: 0.0,
         }
+    }
+}
+
+/// Block `j`'s 6-bit scale and min from GGML Q4_K's 12 packed bytes: blocks 0-3
+/// in the low bits of bytes 0-7, blocks 4-7 in bytes 8-11 plus the top bits of
+/// bytes 0-7.
+pub fn q4k_scale_min(sc: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (sc[j] & 63, sc[j + 4] & 63)
+    } else {
+        (
+            (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4),
+            (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+        )
     }
 }
 
@@ -179,6 +210,8 @@ pub struct Tile<'a> {
     pub scales: &'a [f16],
     pub mins: &'a [f16],
     pub scales_hi: &'a [f16],
+    /// Q4K's 6-bit block scales and mins, `[super-blocks, 3 * 64]`; else empty.
+    pub sub: &'a [u8],
 }
 
 impl std::fmt::Debug for PackedMatrix {
@@ -195,16 +228,19 @@ impl PackedMatrix {
     fn zeroed(format: PackedFormat, rows: usize, cols: usize) -> Self {
         let tiles = rows.div_ceil(TILE);
         let nb = cols / BLOCK;
+        let nsb = cols / K_SUPER;
+        let per_scale = if format.has_super_blocks() { nsb } else { nb };
         let per_block =
-            |present: bool| vec![f16::ZERO; if present { tiles * nb * TILE } else { 0 }];
+            |present: bool| vec![f16::ZERO; if present { tiles * per_scale * TILE } else { 0 }];
         Self {
             format,
             rows,
             cols,
             quants: vec![0u8; tiles * nb * TILE * format.block_bytes()],
             scales: per_block(true),
-            mins: per_block(format.has_min()),
+            mins: per_block(format.has_min() || format.has_super_blocks()),
             scales_hi: per_block(format.has_half_scales()),
+            sub: vec![0u8; if format.has_super_blocks() { tiles * nsb * SUB_BYTES } else { 0 }],
         }
     }
 
@@ -217,6 +253,12 @@ impl PackedMatrix {
             return Err(Error::InvalidInput(format!(
                 "cannot quantize a [{rows}, {cols}] matrix to {format:?}: the width must be a multiple of {BLOCK}"
             )));
+        }
+        if format.has_super_blocks() {
+            return Err(Error::InvalidInput(
+                "Q4K is quantized by GGML's k-quant search; repack its blocks with from_ggml_q4k"
+                    .into(),
+            ));
         }
         let mut m = Self::zeroed(format, rows, cols);
         let mut q = [0u8; BLOCK];
@@ -258,10 +300,10 @@ impl PackedMatrix {
                         q[16 + j] = blk[head + j] >> 4;
                     }
                 }
-                PackedFormat::Q6 => {
-                    return Err(Error::InvalidInput(
-                        "Q6 has no 32-value GGML block; use from_ggml_q6k".into(),
-                    ));
+                PackedFormat::Q6 | PackedFormat::Q4K => {
+                    return Err(Error::InvalidInput(format!(
+                        "{format:?} has no 32-value GGML block; use from_ggml_q6k / from_ggml_q4k"
+                    )));
                 }
             }
             let d = f16::from_le_bytes([blk[0], blk[1]]);
@@ -277,39 +319,31 @@ impl PackedMatrix {
 
     /// Repacks GGML `block_q4_K` data (144 bytes per 256 values: f16 `d` and
     /// `dmin`, 12 bytes of 6-bit scales and mins for the 8 blocks of 32, 128 bytes
-    /// of nibbles) as [`PackedFormat::Q4_1`]: block `j` becomes scale
-    /// `d * sc_j` and min `-dmin * m_j`.
+    /// of nibbles) as [`PackedFormat::Q4K`], every byte kept.
     pub fn from_ggml_q4k(data: &[u8], rows: usize, cols: usize) -> Result<Self> {
         const BYTES: usize = 144;
         let per_row = super_blocks_per_row("Q4_K", BYTES, data, rows, cols)?;
-        let mut m = Self::zeroed(PackedFormat::Q4_1, rows, cols);
+        let mut m = Self::zeroed(PackedFormat::Q4K, rows, cols);
         let mut q = [0u8; BLOCK];
         for (i, sb) in data.chunks_exact(BYTES).enumerate() {
-            let (r, s0) = (i / per_row, (i % per_row) * (K_SUPER / BLOCK));
-            let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
-            let dmin = f16::from_le_bytes([sb[2], sb[3]]).to_f32();
-            let (sc, qs) = (&sb[4..16], &sb[16..]);
+            let (r, s) = (i / per_row, i % per_row);
+            let (tile, lane) = (r / TILE, r % TILE);
+            let at = (tile * per_row + s) * TILE + lane;
+            m.scales[at] = f16::from_le_bytes([sb[0], sb[1]]);
+            m.mins[at] = f16::from_le_bytes([sb[2], sb[3]]);
+            let sub = &mut m.sub[(tile * per_row + s) * SUB_BYTES..];
+            for g in 0..3 {
+                sub[g * 64 + lane * 4..g * 64 + lane * 4 + 4]
+                    .copy_from_slice(&sb[4 + 4 * g..8 + 4 * g]);
+            }
+            let qs = &sb[16..];
             for j in 0..8 {
-                // GGML's 6-bit packing: blocks 0-3 in the low bits of bytes 0-7,
-                // blocks 4-7 in bytes 8-11 plus the top bits of bytes 0-7.
-                let (scale, min) = if j < 4 {
-                    (sc[j] & 63, sc[j + 4] & 63)
-                } else {
-                    (
-                        (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4),
-                        (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
-                    )
-                };
                 // Blocks 2k and 2k + 1 share 32 bytes: low and high nibbles.
                 let src = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
                 for (o, &v) in q.iter_mut().zip(src) {
                     *o = if j % 2 == 0 { v & 0x0F } else { v >> 4 };
                 }
-                let p = BlockParams {
-                    min: f16::from_f32(-dmin * min as f32),
-                    ..BlockParams::single(f16::from_f32(d * scale as f32))
-                };
-                m.store_block(r, s0 + j, &q, p);
+                m.store_quants(r, s * (K_SUPER / BLOCK) + j, &q);
             }
         }
         Ok(m)
@@ -343,9 +377,9 @@ impl PackedMatrix {
             for j in 0..K_SUPER / BLOCK {
                 let block: &[u8; BLOCK] = q[j * BLOCK..(j + 1) * BLOCK].try_into().unwrap();
                 let p = BlockParams {
-                    d: f16::from_f32(d * sc[2 * j] as i8 as f32),
-                    d_hi: f16::from_f32(d * sc[2 * j + 1] as i8 as f32),
-                    min: f16::ZERO,
+                    d: f16::from_f32(d * sc[2 * j] as i8 as f32).to_f32(),
+                    d_hi: f16::from_f32(d * sc[2 * j + 1] as i8 as f32).to_f32(),
+                    min: 0.0,
                 };
                 m.store_block(r, b0 + j, block, p);
             }
@@ -360,16 +394,22 @@ impl PackedMatrix {
     }
 
     /// Writes row `r`'s block `b` from 32 offset values in natural order (the min
-    /// and upper-half scale are kept only by formats that have them).
+    /// and upper-half scale are kept only by formats that have them, rounded to f16).
     fn store_block(&mut self, r: usize, b: usize, q: &[u8; BLOCK], p: BlockParams) {
         let (tb, lane) = self.locate(r, b);
-        self.scales[tb * TILE + lane] = p.d;
+        self.scales[tb * TILE + lane] = f16::from_f32(p.d);
         if self.format.has_min() {
-            self.mins[tb * TILE + lane] = p.min;
+            self.mins[tb * TILE + lane] = f16::from_f32(p.min);
         }
         if self.format.has_half_scales() {
-            self.scales_hi[tb * TILE + lane] = p.d_hi;
+            self.scales_hi[tb * TILE + lane] = f16::from_f32(p.d_hi);
         }
+        self.store_quants(r, b, q);
+    }
+
+    /// Writes row `r`'s block `b`'s 32 offset values, in natural order.
+    fn store_quants(&mut self, r: usize, b: usize, q: &[u8; BLOCK]) {
+        let (tb, lane) = self.locate(r, b);
         let bytes = &mut self.quants[tb * TILE * self.format.block_bytes()..];
         for i in 0..4 {
             match self.format {
@@ -378,7 +418,7 @@ impl PackedMatrix {
                         bytes[k * 64 + lane * 4 + i] = q[4 * k + i];
                     }
                 }
-                PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
+                PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q4K => {
                     for c in 0..4 {
                         bytes[c * 64 + lane * 4 + i] = q[4 * c + i] | (q[16 + 4 * c + i] << 4);
                     }
@@ -409,7 +449,7 @@ impl PackedMatrix {
                         q[4 * k + i] = bytes[k * 64 + lane * 4 + i];
                     }
                 }
-                PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q6 => {
+                PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q6 | PackedFormat::Q4K => {
                     let (h0, h1) = if self.format == PackedFormat::Q6 {
                         (bytes[256 + lane * 4 + i], bytes[320 + lane * 4 + i])
                     } else {
@@ -423,18 +463,33 @@ impl PackedMatrix {
                 }
             }
         }
+        if self.format.has_super_blocks() {
+            let nsb = self.cols / K_SUPER;
+            let (tile, s, j) = (r / TILE, b / (K_SUPER / BLOCK), b % (K_SUPER / BLOCK));
+            let at = (tile * nsb + s) * TILE + lane;
+            let sub = &self.sub[(tile * nsb + s) * SUB_BYTES..];
+            let packed: [u8; 12] = std::array::from_fn(|k| sub[(k / 4) * 64 + lane * 4 + k % 4]);
+            let (sc, m) = q4k_scale_min(&packed, j);
+            let d = self.scales[at].to_f32() * f32::from(sc);
+            return BlockParams {
+                d,
+                d_hi: d,
+                min: -self.mins[at].to_f32() * f32::from(m),
+            };
+        }
         let at = tb * TILE + lane;
+        let d = self.scales[at].to_f32();
         BlockParams {
-            d: self.scales[at],
+            d,
             d_hi: if self.format.has_half_scales() {
-                self.scales_hi[at]
+                self.scales_hi[at].to_f32()
             } else {
-                self.scales[at]
+                d
             },
             min: if self.format.has_min() {
-                self.mins[at]
+                self.mins[at].to_f32()
             } else {
-                f16::ZERO
+                0.0
             },
         }
     }
@@ -444,14 +499,25 @@ impl PackedMatrix {
     pub fn tile(&self, t: usize) -> Tile<'_> {
         let nb = self.cols / BLOCK;
         let qb = nb * TILE * self.format.block_bytes();
-        let s = t * nb * TILE..(t + 1) * nb * TILE;
+        let per_scale = if self.format.has_super_blocks() {
+            self.cols / K_SUPER
+        } else {
+            nb
+        };
+        let s = t * per_scale * TILE..(t + 1) * per_scale * TILE;
+        let sub = self.cols / K_SUPER * SUB_BYTES;
         Tile {
             quants: &self.quants[t * qb..(t + 1) * qb],
             scales: &self.scales[s.clone()],
-            mins: if self.format.has_min() {
-                &self.mins[s.clone()]
+            sub: if self.format.has_super_blocks() {
+                &self.sub[t * sub..(t + 1) * sub]
             } else {
                 &[]
+            },
+            mins: if self.mins.is_empty() {
+                &[]
+            } else {
+                &self.mins[s.clone()]
             },
             scales_hi: if self.format.has_half_scales() {
                 &self.scales_hi[s]
@@ -479,7 +545,9 @@ impl PackedMatrix {
 
     /// Bytes a matrix-vector product reads: quants, scales and mins.
     pub fn bytes(&self) -> usize {
-        self.quants.len() + (self.scales.len() + self.mins.len() + self.scales_hi.len()) * 2
+        self.quants.len()
+            + self.sub.len()
+            + (self.scales.len() + self.mins.len() + self.scales_hi.len()) * 2
     }
 
     /// Row-major f32 `[rows, cols]`.
@@ -490,7 +558,7 @@ impl PackedMatrix {
         for r in 0..self.rows {
             for b in 0..self.cols / BLOCK {
                 let p = self.block(r, b, &mut q);
-                let (d, d_hi, min) = (p.d.to_f32(), p.d_hi.to_f32(), p.min.to_f32());
+                let (d, d_hi, min) = (p.d, p.d_hi, p.min);
                 out.extend(q[..16].iter().map(|&v| (v as i32 - off) as f32 * d + min));
                 out.extend(
                     q[16..]
@@ -541,6 +609,7 @@ fn quantize_block(format: PackedFormat, xs: &[f32], q: &mut [u8]) -> BlockParams
                 ..BlockParams::single(f16::from_f32(d))
             }
         }
+        PackedFormat::Q4K => unreachable!("refused by PackedMatrix::quantize"),
         PackedFormat::Q6 => {
             // Per 16 values, as Q6_K: `d = max / -32` (signed value of largest
             // magnitude), `q = clamp(round(x / d), -32, 31) + 32`.
@@ -647,6 +716,28 @@ impl QuantizedActs {
     }
 }
 
+/// GGML `block_q4_K` data of a `[rows, cols]` matrix from a seed: every scale,
+/// min and nibble bit pattern occurs, `d` and `dmin` are small positive f16s.
+#[cfg(test)]
+pub(crate) fn ggml_q4k_test_data(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut byte = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 24) as u8
+    };
+    let mut data = Vec::with_capacity(rows * cols / K_SUPER * 144);
+    for _ in 0..rows * cols / K_SUPER {
+        let d = f16::from_f32(0.002 + f32::from(byte()) * 1e-5);
+        let dmin = f16::from_f32(0.001 + f32::from(byte()) * 1e-5);
+        data.extend_from_slice(&d.to_le_bytes());
+        data.extend_from_slice(&dmin.to_le_bytes());
+        data.extend((0..140).map(|_| byte()));
+    }
+    data
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,7 +751,7 @@ mod tests {
     /// Row `r`'s scale of block `b`.
     fn scale(m: &PackedMatrix, r: usize, b: usize) -> f32 {
         let p = m.block(r, b, &mut [0; BLOCK]);
-        p.d.to_f32().abs().max(p.d_hi.to_f32().abs())
+        p.d.abs().max(p.d_hi.abs())
     }
 
     #[test]
@@ -700,9 +791,9 @@ mod tests {
             for r in 0..rows {
                 for b in 0..cols / BLOCK {
                     let p = m.block(r, b, &mut q);
-                    data.extend_from_slice(&p.d.to_le_bytes());
+                    data.extend_from_slice(&f16::from_f32(p.d).to_le_bytes());
                     if format.has_min() {
-                        data.extend_from_slice(&p.min.to_le_bytes());
+                        data.extend_from_slice(&f16::from_f32(p.min).to_le_bytes());
                     }
                     match format {
                         PackedFormat::Q8_0 => {
@@ -711,13 +802,47 @@ mod tests {
                         PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
                             data.extend((0..16).map(|j| q[j] | (q[16 + j] << 4)))
                         }
-                        PackedFormat::Q6 => unreachable!("not a 32-value GGML block"),
+                        PackedFormat::Q6 | PackedFormat::Q4K => {
+                            unreachable!("not a 32-value GGML block")
+                        }
                     }
                 }
             }
             let r = PackedMatrix::from_ggml(format, &data, rows, cols).unwrap();
             assert_eq!(r.dequantize(), m.dequantize());
         }
+    }
+
+    #[test]
+    fn q4k_keeps_its_144_bytes_per_256_and_dequantizes_as_ggml() {
+        use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+        // 19 rows: a padded tile; 3 super-blocks per row.
+        let (rows, cols) = (19, 768);
+        let data = ggml_q4k_test_data(rows, cols, 5);
+        let m = PackedMatrix::from_ggml_q4k(&data, rows, cols).unwrap();
+        assert_eq!(m.format(), PackedFormat::Q4K);
+        // Whole tiles are stored: 32 rows of 3 super-blocks of 144 bytes.
+        assert_eq!(m.bytes(), 32 * 3 * 144);
+        let storage = QStorage::from_data(
+            std::borrow::Cow::Borrowed(&data),
+            &candle_core::Device::Cpu,
+            GgmlDType::Q4K,
+        )
+        .unwrap();
+        let want = QTensor::new(storage, (rows, cols))
+            .unwrap()
+            .dequantize(&candle_core::Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (i, (a, b)) in m.dequantize().iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "value {i}: {a} vs {b}");
+        }
+        // Truncated data is refused, not read past.
+        assert!(PackedMatrix::from_ggml_q4k(&data[..data.len() - 1], rows, cols).is_err());
+        assert!(PackedMatrix::quantize(PackedFormat::Q4K, &want, rows, cols).is_err());
     }
 
     #[test]

@@ -378,6 +378,52 @@ mod tests {
     }
 
     #[test]
+    fn q4k_kernels_match_naive_reference_on_every_isa() {
+        // Two tiles (the second padded), 3 super-blocks per row (an odd count), every
+        // 6-bit scale and min pattern: the kernels compute dequant(W) · dequant(x).
+        let (rows, cols) = (19, 3 * 256);
+        let m = PackedMatrix::from_ggml_q4k(
+            &crate::ops::quant::ggml_q4k_test_data(rows, cols, 7),
+            rows,
+            cols,
+        )
+        .unwrap();
+        let wd = m.dequantize();
+        let x = values(5 * cols, 8);
+        let mut acts = QuantizedActs::default();
+        acts.quantize_from(&x, 5, cols);
+        let xd: Vec<f32> = (0..5)
+            .flat_map(|t| {
+                let (q, d, _) = acts.token(t);
+                q.iter()
+                    .enumerate()
+                    .map(|(i, &v)| v as f32 * d[i / 32])
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for isa in Isa::supported() {
+            for range in [0..rows, 3..rows, 16..rows, 5..9] {
+                for (t0, nt) in [(0, 4), (4, 1), (1, 3), (2, 2)] {
+                    let mut out = vec![[f32::NAN; MAX_TOKENS]; range.len()];
+                    packed_rows_dots(isa, &m, range.clone(), &acts, t0, nt, &mut out);
+                    for (r, o) in range.clone().zip(&out) {
+                        let want = reference(&wd[r * cols..(r + 1) * cols], &xd, cols);
+                        for i in 0..nt {
+                            let e = want[t0 + i];
+                            assert!(
+                                (o[i] as f64 - e).abs() < 1e-4 * (1.0 + e.abs()),
+                                "{isa:?} row {r} token {}: got {} want {e}",
+                                t0 + i,
+                                o[i]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn bf16_dot_kernels_match_naive_reference() {
         let cols = COLS + 7;
         let w: Vec<bf16> = values(3 * cols, 5)

@@ -45,8 +45,7 @@ pub fn packed_tile_dots(
                             .sum();
                         isum as f32
                     };
-                    dx[b] * (p.d.to_f32() * dot(0) + p.d_hi.to_f32() * dot(1))
-                        + p.min.to_f32() * sx[b]
+                    dx[b] * (p.d * dot(0) + p.d_hi * dot(1)) + p.min * sx[b]
                 })
                 .sum();
         }

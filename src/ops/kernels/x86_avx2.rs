@@ -81,11 +81,17 @@ pub unsafe fn packed_tile_dots(
     nt: usize,
     out: &mut [[f32; MAX_TOKENS]; TILE],
 ) {
+    if w.format() == PackedFormat::Q4K {
+        // SAFETY: forwarded caller guarantees.
+        unsafe { tile_q4k(w.tile(tile), acts, t0, nt, out) };
+        return;
+    }
     let Tile {
         quants,
         scales,
         mins,
         scales_hi,
+        ..
     } = w.tile(tile);
     let format = w.format();
     let nb = acts.blocks_per_row();
@@ -97,7 +103,9 @@ pub unsafe fn packed_tile_dots(
     // 255 x 127 x 2 would overflow its i16 pairs), so only Q4_0 carries the offset.
     let off = match format {
         PackedFormat::Q8_0 => 0.0,
-        PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q6 => format.offset() as f32,
+        PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q6 | PackedFormat::Q4K => {
+            format.offset() as f32
+        }
     };
     let top = _mm256_set1_epi8(0x30);
     // Bits `2c..2c + 2` of each byte of `h`, moved to bits 4-5 (Q6's high bits).
@@ -171,7 +179,7 @@ pub unsafe fn packed_tile_dots(
                             );
                             *acc = _mm256_fmadd_ps(d_hi, v_hi, *acc);
                         }
-                        PackedFormat::Q4_0 | PackedFormat::Q4_1 => {
+                        PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q4K => {
                             for c in 0..4 {
                                 let v =
                                     _mm256_loadu_si256(wb.add(c * 64 + h * 32) as *const __m256i);
@@ -207,6 +215,102 @@ pub unsafe fn packed_tile_dots(
                         ));
                         *acc = _mm256_fmadd_ps(dm, _mm256_set1_ps(sx[b]), *acc);
                     }
+                }
+            }
+        }
+        let mut lanes = [0f32; TILE];
+        // SAFETY: `lanes` holds 16 f32.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[1]);
+        }
+        for (o, v) in out.iter_mut().zip(lanes) {
+            o[t] = v;
+        }
+    }
+}
+
+/// Q4K tiles: per 256-value super-block and half tile, the blocks' integer dots
+/// scaled by their 6-bit scales (activation sums by their 6-bit mins), unpacked
+/// from GGML's 12 bytes per row, then the super-block's `d` and `dmin` once.
+///
+/// # Safety
+/// As [`packed_tile_dots`], with `w` a Q4K tile.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q4k(
+    w: Tile<'_>,
+    acts: &QuantizedActs,
+    t0: usize,
+    nt: usize,
+    out: &mut [[f32; MAX_TOKENS]; TILE],
+) {
+    let nb = acts.blocks_per_row();
+    let ones = _mm256_set1_epi16(1);
+    let nibbles = _mm256_set1_epi8(0x0F);
+    let six = _mm256_set1_epi32(63);
+    let four = _mm256_set1_epi32(0x0F);
+    let two = _mm256_set1_epi32(3);
+    let shift = |v: __m256i, n: u32| _mm256_srlv_epi32(v, _mm256_set1_epi32(n as i32));
+    for t in 0..nt {
+        let (xq, dx, sx) = acts.token(t0 + t);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        for s in 0..nb / 8 {
+            for (h, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: super-block `s < nb / 8` of the tile has 8 blocks of 256 quant
+                // bytes at `256 (8 s + j)`, 192 bytes of 6-bit scales at `192 s` and 16 f16
+                // `d` and `dmin` at `16 s`; the activation block is 32 bytes at `32 b`.
+                unsafe {
+                    let g = |k: usize| {
+                        _mm256_loadu_si256(w.sub.as_ptr().add(s * 192 + k * 64 + h * 32) as *const __m256i)
+                    };
+                    let (g0, g1, g2) = (g(0), g(1), g(2));
+                    let mut acc_d = _mm256_setzero_ps();
+                    let mut acc_m = _mm256_setzero_ps();
+                    for j in 0..8 {
+                        let b = s * 8 + j;
+                        let wb = w.quants.as_ptr().add(b * 256);
+                        let x4 = |i: usize| {
+                            _mm256_set1_epi32(std::ptr::read_unaligned(
+                                xq.as_ptr().add(b * 32 + i) as *const i32
+                            ))
+                        };
+                        let mut isum = _mm256_setzero_si256();
+                        for c in 0..4 {
+                            let v = _mm256_loadu_si256(wb.add(c * 64 + h * 32) as *const __m256i);
+                            let lo = _mm256_and_si256(v, nibbles);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibbles);
+                            // 2 x 15 x 127 x 2 fits the i16 pairs.
+                            let p16 = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, x4(4 * c)),
+                                _mm256_maddubs_epi16(hi, x4(16 + 4 * c)),
+                            );
+                            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, ones));
+                        }
+                        let (sc, mn) = if j < 4 {
+                            let k = 8 * j as u32;
+                            (
+                                _mm256_and_si256(shift(g0, k), six),
+                                _mm256_and_si256(shift(g1, k), six),
+                            )
+                        } else {
+                            let k = 8 * (j - 4) as u32;
+                            let top = |g: __m256i| {
+                                _mm256_slli_epi32(_mm256_and_si256(shift(g, k + 6), two), 4)
+                            };
+                            (
+                                _mm256_or_si256(_mm256_and_si256(shift(g2, k), four), top(g0)),
+                                _mm256_or_si256(_mm256_and_si256(shift(g2, k + 4), four), top(g1)),
+                            )
+                        };
+                        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dx[b]));
+                        acc_d = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sc), v, acc_d);
+                        acc_m = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mn), _mm256_set1_ps(sx[b]), acc_m);
+                    }
+                    let f16x8 = |p: *const half::f16| {
+                        _mm256_cvtph_ps(_mm_loadu_si128(p.add(s * TILE + h * 8) as *const __m128i))
+                    };
+                    let (d, dmin) = (f16x8(w.scales.as_ptr()), f16x8(w.mins.as_ptr()));
+                    *acc = _mm256_fnmadd_ps(dmin, acc_m, _mm256_fmadd_ps(d, acc_d, *acc));
                 }
             }
         }

@@ -118,6 +118,10 @@ pub unsafe fn packed_tile_dots(
             (PackedFormat::Q6, 2) => tile_q6::<2>(w_tile, acts, t0, out),
             (PackedFormat::Q6, 3) => tile_q6::<3>(w_tile, acts, t0, out),
             (PackedFormat::Q6, _) => tile_q6::<4>(w_tile, acts, t0, out),
+            (PackedFormat::Q4K, 1) => tile_q4k::<1>(w_tile, acts, t0, out),
+            (PackedFormat::Q4K, 2) => tile_q4k::<2>(w_tile, acts, t0, out),
+            (PackedFormat::Q4K, 3) => tile_q4k::<3>(w_tile, acts, t0, out),
+            (PackedFormat::Q4K, _) => tile_q4k::<4>(w_tile, acts, t0, out),
         }
     }
 }
@@ -283,6 +287,105 @@ unsafe fn tile_q6<const NT: usize>(
                     _mm512_set1_ps(32.0 * (sum - lo_sum)),
                 );
                 acc[t] = _mm512_fmadd_ps(d1, v1, _mm512_fmadd_ps(d0, v0, acc[t]));
+            }
+        }
+        for t in 0..NT {
+            let mut lanes = [0f32; TILE];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t]);
+            for (o, v) in out.iter_mut().zip(lanes) {
+                o[t] = v;
+            }
+        }
+    }
+}
+
+/// [`tile_n`] for Q4K: per 256-value super-block, each block's integer dots are
+/// scaled by its 16 rows' 6-bit scales (and its activation sums by their 6-bit
+/// mins), unpacked from GGML's 12 bytes per row with shifts and masks, and the
+/// super-block's f16 `d` and `dmin` are applied once to both sums.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_q4k<const NT: usize>(
+    w: Tile<'_>,
+    acts: &QuantizedActs,
+    t0: usize,
+    out: &mut [[f32; MAX_TOKENS]; TILE],
+) {
+    let nb = acts.blocks_per_row();
+    let cols = acts.cols;
+    let nibbles = _mm512_set1_epi8(0x0F);
+    let six = _mm512_set1_epi32(63);
+    let four = _mm512_set1_epi32(0x0F);
+    let two = _mm512_set1_epi32(3);
+    let mut acc = [_mm512_setzero_ps(); NT];
+    let (wq, ws, wm, sub) = (
+        w.quants.as_ptr(),
+        w.scales.as_ptr(),
+        w.mins.as_ptr(),
+        w.sub.as_ptr(),
+    );
+    let (xq, xd, xs) = (
+        acts.quants.as_ptr(),
+        acts.scales.as_ptr(),
+        acts.sums.as_ptr(),
+    );
+    let shift = |v: __m512i, n: u32| _mm512_srlv_epi32(v, _mm512_set1_epi32(n as i32));
+    // SAFETY: super-block `s < nb / 8` of the tile has 8 blocks of 256 quant bytes at
+    // `256 (8 s + j)`, 192 bytes of 6-bit scales at `192 s` and 16 f16 `d` and `dmin` at
+    // `16 s`; each activation row `t0 + t < acts.n` has 32 bytes, a scale and a sum per block.
+    unsafe {
+        let x4 = |t: usize, b: usize, i: usize| {
+            _mm512_set1_epi32(std::ptr::read_unaligned(
+                xq.add((t0 + t) * cols + b * 32 + i) as *const i32,
+            ))
+        };
+        for s in 0..nb / 8 {
+            let g = |k: usize| _mm512_loadu_si512(sub.add(s * 192 + k * 64) as *const __m512i);
+            let (g0, g1, g2) = (g(0), g(1), g(2));
+            let mut acc_d = [_mm512_setzero_ps(); NT];
+            let mut acc_m = [_mm512_setzero_ps(); NT];
+            for j in 0..8 {
+                let b = s * 8 + j;
+                let wb = wq.add(b * 256);
+                let mut s0 = [_mm512_setzero_si512(); NT];
+                let mut s1 = [_mm512_setzero_si512(); NT];
+                for c in 0..4 {
+                    let v = _mm512_loadu_si512(wb.add(c * 64) as *const __m512i);
+                    let lo = _mm512_and_si512(v, nibbles);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibbles);
+                    for t in 0..NT {
+                        s0[t] = _mm512_dpbusd_epi32(s0[t], lo, x4(t, b, 4 * c));
+                        s1[t] = _mm512_dpbusd_epi32(s1[t], hi, x4(t, b, 16 + 4 * c));
+                    }
+                }
+                // Byte `j % 4` of each lane's group word (see `q4k_scale_min`).
+                let (sc, mn) = if j < 4 {
+                    let k = 8 * j as u32;
+                    (
+                        _mm512_and_si512(shift(g0, k), six),
+                        _mm512_and_si512(shift(g1, k), six),
+                    )
+                } else {
+                    let k = 8 * (j - 4) as u32;
+                    let top = |g: __m512i| _mm512_slli_epi32(_mm512_and_si512(shift(g, k + 6), two), 4);
+                    (
+                        _mm512_or_si512(_mm512_and_si512(shift(g2, k), four), top(g0)),
+                        _mm512_or_si512(_mm512_and_si512(shift(g2, k + 4), four), top(g1)),
+                    )
+                };
+                let (sc, mn) = (_mm512_cvtepi32_ps(sc), _mm512_cvtepi32_ps(mn));
+                for t in 0..NT {
+                    let i = (t0 + t) * nb + b;
+                    let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[t], s1[t]));
+                    let v = _mm512_mul_ps(isum, _mm512_set1_ps(*xd.add(i)));
+                    acc_d[t] = _mm512_fmadd_ps(sc, v, acc_d[t]);
+                    acc_m[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(*xs.add(i)), acc_m[t]);
+                }
+            }
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(ws.add(s * TILE) as *const __m256i));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(wm.add(s * TILE) as *const __m256i));
+            for t in 0..NT {
+                acc[t] = _mm512_fnmadd_ps(dmin, acc_m[t], _mm512_fmadd_ps(d, acc_d[t], acc[t]));
             }
         }
         for t in 0..NT {
