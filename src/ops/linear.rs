@@ -283,7 +283,10 @@ impl Linear {
 
     /// Whether the weight multiplies Q8-quantized activations ([`Linear::forward_quantized`]).
     pub fn reads_quantized(&self) -> bool {
-        matches!(self.weight, LinearWeight::Packed(_) | LinearWeight::Mxfp4(_))
+        matches!(
+            self.weight,
+            LinearWeight::Packed(_) | LinearWeight::Mxfp4(_)
+        )
     }
 
     /// The product on activations quantized by the caller, so that layers reading
@@ -519,6 +522,30 @@ mod tests {
             let err = rel_rms(&y, &want);
             assert!(err < *tol, "case {i}: relative rms {err}");
         }
+    }
+
+    #[test]
+    fn a_product_started_while_this_threads_buffer_is_in_use_gets_its_own() {
+        // What a task that rayon steals onto this thread inside a parallel section
+        // sees: the buffer is taken. It used to be a RefCell borrowed across the
+        // section, and the nested product panicked.
+        let (lin, w) = linear(40, 512, DType::F32);
+        let q = lin.quantize(QuantKind::Q8_0).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 512), &Device::Cpu).unwrap();
+        let want = q.forward(&x).unwrap();
+        with_thread_scratch(&ACTS, |outer| {
+            outer.quantize_from(&[0.5; 512], 1, 512);
+            let y = q.forward(&x).unwrap();
+            assert_eq!(y.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+            assert_eq!((outer.n, outer.scales[0]), (1, 0.5 / 127.0));
+        });
+        let dense = x.matmul(&w.t().unwrap()).unwrap();
+        assert!(
+            rel_rms(
+                &(want - lin.bias().unwrap().broadcast_as((2, 40)).unwrap()).unwrap(),
+                &dense
+            ) < 1e-2
+        );
     }
 
     #[test]

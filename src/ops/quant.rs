@@ -240,7 +240,14 @@ impl PackedMatrix {
             scales: per_block(true),
             mins: per_block(format.has_min() || format.has_super_blocks()),
             scales_hi: per_block(format.has_half_scales()),
-            sub: vec![0u8; if format.has_super_blocks() { tiles * nsb * SUB_BYTES } else { 0 }],
+            sub: vec![
+                0u8;
+                if format.has_super_blocks() {
+                    tiles * nsb * SUB_BYTES
+                } else {
+                    0
+                }
+            ],
         }
     }
 
@@ -309,7 +316,7 @@ impl PackedMatrix {
             let d = f16::from_le_bytes([blk[0], blk[1]]);
             let min = f16::from_le_bytes([blk[2], blk[3]]);
             let p = BlockParams {
-                min: if format.has_min() { min } else { f16::ZERO },
+                min: if format.has_min() { min.to_f32() } else { 0.0 },
                 ..BlockParams::single(d)
             };
             m.store_block(i / nb, i % nb, &q, p);
@@ -605,7 +612,7 @@ fn quantize_block(format: PackedFormat, xs: &[f32], q: &mut [u8]) -> BlockParams
                 *o = (((x - min) * id + 0.5) as u8).min(15);
             }
             BlockParams {
-                min: f16::from_f32(min),
+                min: f16::from_f32(min).to_f32(),
                 ..BlockParams::single(f16::from_f32(d))
             }
         }
@@ -626,7 +633,7 @@ fn quantize_block(format: PackedFormat, xs: &[f32], q: &mut [u8]) -> BlockParams
                 ds[h] = f16::from_f32(d);
             }
             BlockParams {
-                d_hi: ds[1],
+                d_hi: ds[1].to_f32(),
                 ..BlockParams::single(ds[0])
             }
         }
@@ -838,7 +845,10 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         for (i, (a, b)) in m.dequantize().iter().zip(&want).enumerate() {
-            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "value {i}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                "value {i}: {a} vs {b}"
+            );
         }
         // Truncated data is refused, not read past.
         assert!(PackedMatrix::from_ggml_q4k(&data[..data.len() - 1], rows, cols).is_err());

@@ -360,7 +360,9 @@ mod tests {
                                 // And the quantization error itself stays small.
                                 let tol = match format {
                                     PackedFormat::Q8_0 => 0.02,
-                                    PackedFormat::Q4_0 | PackedFormat::Q4_1 => 0.15,
+                                    PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q4K => {
+                                        0.15
+                                    }
                                     PackedFormat::Q6 => 0.05,
                                 };
                                 let norm = (COLS as f64).sqrt();

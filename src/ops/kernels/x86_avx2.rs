@@ -261,7 +261,9 @@ unsafe fn tile_q4k(
                 // `d` and `dmin` at `16 s`; the activation block is 32 bytes at `32 b`.
                 unsafe {
                     let g = |k: usize| {
-                        _mm256_loadu_si256(w.sub.as_ptr().add(s * 192 + k * 64 + h * 32) as *const __m256i)
+                        _mm256_loadu_si256(
+                            w.sub.as_ptr().add(s * 192 + k * 64 + h * 32) as *const __m256i
+                        )
                     };
                     let (g0, g1, g2) = (g(0), g(1), g(2));
                     let mut acc_d = _mm256_setzero_ps();
@@ -304,7 +306,8 @@ unsafe fn tile_q4k(
                         };
                         let v = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dx[b]));
                         acc_d = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sc), v, acc_d);
-                        acc_m = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mn), _mm256_set1_ps(sx[b]), acc_m);
+                        acc_m =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(mn), _mm256_set1_ps(sx[b]), acc_m);
                     }
                     let f16x8 = |p: *const half::f16| {
                         _mm256_cvtph_ps(_mm_loadu_si128(p.add(s * TILE + h * 8) as *const __m128i))

@@ -367,7 +367,8 @@ unsafe fn tile_q4k<const NT: usize>(
                     )
                 } else {
                     let k = 8 * (j - 4) as u32;
-                    let top = |g: __m512i| _mm512_slli_epi32(_mm512_and_si512(shift(g, k + 6), two), 4);
+                    let top =
+                        |g: __m512i| _mm512_slli_epi32(_mm512_and_si512(shift(g, k + 6), two), 4);
                     (
                         _mm512_or_si512(_mm512_and_si512(shift(g2, k), four), top(g0)),
                         _mm512_or_si512(_mm512_and_si512(shift(g2, k + 4), four), top(g1)),
