@@ -11,6 +11,7 @@ pub mod experts;
 pub mod generate;
 pub mod model;
 pub mod ops;
+pub mod placement;
 pub mod trace;
 pub mod train;
 pub mod weights;

@@ -8,7 +8,9 @@ mod bench_profile;
 mod info;
 mod logits;
 mod model_arg;
+mod plan;
 mod run;
+mod simulate;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +42,12 @@ enum Command {
     /// locality, expert-cache hit rates, cross-layer co-activation; table, JSON, PNG plots.
     #[command(alias = "routing-stats")]
     Analyze(analyze::AnalyzeArgs),
+    /// Expert placement for expert-parallel serving (SGLang, vLLM) from a routing trace:
+    /// an integer program over load and cross-layer traffic; JSON in their formats.
+    Plan(plan::PlanArgs),
+    /// Replay a trace on a placement beside contiguous, round-robin and EPLB placements:
+    /// per-step device load, tokens and bytes between devices and nodes.
+    Simulate(simulate::SimulateArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -62,6 +70,8 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Info(args) => info::run(args),
         Command::Train(args) => train::run(args),
         Command::Analyze(args) => analyze::run(args),
+        Command::Plan(args) => plan::run(args),
+        Command::Simulate(args) => simulate::run(args),
     }
 }
 

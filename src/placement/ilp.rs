@@ -1,0 +1,540 @@
+//! Placement as an integer program, after MoETuner (arXiv 2502.10144): binary
+//! `x[l][e][d]` puts a copy of expert `e` of MoE layer `l` on device `d`.
+//!
+//! - every expert gets its copies (EPLB's replication rule) on distinct
+//!   devices, every device exactly its slots;
+//! - balance: `z_l >= sum_e load[l][e] / copies[l][e] * x[l][e][d]` for every
+//!   device, minimising `sum_l z_l` (a step waits for the busiest device of
+//!   every layer); this is exact per layer, so it is solved layer by layer;
+//! - traffic: tokens whose rank-0 expert in layer `l` is `i` and that choose
+//!   `j` in layer `l + 1` cross devices when `i` and `j` sit apart:
+//!   `cut[l][i][j] >= x[l][i][d] - x[l+1][j][d]` for all `d`, weight = those
+//!   tokens, cross-node cuts (the same over node sums) `node_weight` times more;
+//! - `both` minimises traffic subject to every layer's load staying within
+//!   `load_slack` of its balance optimum.
+//!
+//! Solved with `good_lp` on microlp (pure Rust). A traffic program over all
+//! layers at once is kept to [`JOINT_MAX_BINARIES`] binaries; past that each
+//! layer is solved with its neighbours fixed, sweeping until nothing improves
+//! or time runs out; past [`LAYER_MAX_BINARIES`] per layer the greedy of
+//! `greedy.rs` is the answer and the plan says so.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use good_lp::{
+    Expression, ProblemVariables, Solution, SolverModel, Variable, WithInitialSolution,
+    WithTimeLimit, microlp, variable,
+};
+
+use super::greedy::{
+    Assignment, copies_per_layer, device_lists, greedy, max_load, pack_layer, proxy_traffic,
+};
+use super::{Capacity, Placement, RoutingCounts, SolverReport, Topology};
+use crate::error::{Error, Result};
+
+/// Above this many `x` binaries the traffic program is solved layer by layer.
+pub const JOINT_MAX_BINARIES: usize = 256;
+/// Above this many binaries in one layer the greedy placement is used.
+pub const LAYER_MAX_BINARIES: usize = 4096;
+/// Sweeps over the layers when solving them one at a time.
+const MAX_SWEEPS: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Minimise the busiest device's load in every layer.
+    Balance,
+    /// Minimise cross-device and cross-node transitions only.
+    Traffic,
+    /// Minimise traffic with every layer's load within --load-slack of its balance optimum.
+    Both,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PlanOptions {
+    pub topology: Topology,
+    pub capacity: Capacity,
+    pub objective: Objective,
+    pub time_limit: Duration,
+    /// A cross-node transition costs this many cross-device ones.
+    pub node_weight: f64,
+    /// `both`: allowed relative excess of a layer's max load over its optimum.
+    pub load_slack: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SolveMethod {
+    Joint,
+    Layerwise,
+    Greedy,
+}
+
+impl SolveMethod {
+    fn name(self) -> &'static str {
+        match self {
+            SolveMethod::Joint => "ilp",
+            SolveMethod::Layerwise => "ilp-layerwise",
+            SolveMethod::Greedy => "greedy",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PlanOutcome {
+    pub placement: Placement,
+    pub method: SolveMethod,
+    pub solver: SolverReport,
+    /// Per MoE layer, over the whole trace.
+    pub max_device_load: Vec<f64>,
+    /// The objective's traffic proxy (None without transition counts).
+    pub cross_device_transitions: Option<f64>,
+    pub cross_node_transitions: Option<f64>,
+}
+
+/// The solver's word on one program.
+#[derive(Debug, Clone, Copy, Default)]
+struct Verdict {
+    proved: bool,
+    gap: f64,
+    objective: f64,
+    bound: f64,
+}
+
+pub fn plan(counts: &RoutingCounts, options: &PlanOptions) -> Result<PlanOutcome> {
+    let start = Instant::now();
+    let cap = options.capacity;
+    if cap.num_experts != counts.num_experts || cap.devices != options.topology.devices {
+        return Err(Error::InvalidInput(format!(
+            "the capacity is for {} experts on {} devices, the counts have {} experts and the \
+             topology {} devices",
+            cap.num_experts, cap.devices, counts.num_experts, options.topology.devices
+        )));
+    }
+    let layers = counts.load.len();
+    let per_layer = cap.num_experts * cap.devices;
+    let mut ctx = Ctx {
+        counts,
+        options,
+        copies: copies_per_layer(counts, cap),
+        deadline: start + options.time_limit,
+        verdicts: Vec::new(),
+    };
+    let traffic_known = counts.transitions.is_some() && layers > 1;
+    let (assign, method, note) = if per_layer > LAYER_MAX_BINARIES {
+        let note = format!(
+            "{per_layer} binaries per layer ({} experts x {} devices) is more than the \
+             {LAYER_MAX_BINARIES} the pure-Rust solver is given: greedy placement",
+            cap.num_experts, cap.devices
+        );
+        (greedy(counts, cap), SolveMethod::Greedy, Some(note))
+    } else {
+        let mut assign = Vec::with_capacity(layers);
+        let mut z_best = Vec::with_capacity(layers);
+        let mut pending = layers;
+        for l in 0..layers {
+            // Balance needs solving for `balance` and `both` only.
+            let packed = pack_layer(&counts.load[l], &ctx.copies[l], cap);
+            if options.objective == Objective::Traffic && traffic_known {
+                z_best.push(f64::INFINITY);
+                assign.push(packed);
+                continue;
+            }
+            let budget = ctx.share(pending + usize::from(traffic_known));
+            pending -= 1;
+            let (layer, z) = ctx.balance(l, packed, budget)?;
+            assign.push(layer);
+            z_best.push(z);
+        }
+        let caps: Vec<f64> = z_best
+            .iter()
+            .map(|z| z * (1.0 + options.load_slack.max(0.0)))
+            .collect();
+        if options.objective == Objective::Balance || !traffic_known {
+            let note = (!traffic_known && options.objective != Objective::Balance)
+                .then(|| "the counts carry no cross-layer transitions: balance only".to_string());
+            (assign, SolveMethod::Joint, note)
+        } else {
+            // The greedy's traffic-aware pass is a better start where it keeps the loads.
+            let g = greedy(counts, cap);
+            let within = (0..layers).all(|l| {
+                max_load(&counts.load[l], &ctx.copies[l], &g[l], cap.devices) <= caps[l] + 1e-9
+            });
+            if within {
+                assign = g;
+            }
+            if layers * per_layer <= JOINT_MAX_BINARIES {
+                let budget = ctx.share(1);
+                ctx.traffic(0..layers, &mut assign, &caps, budget)?;
+                (assign, SolveMethod::Joint, None)
+            } else {
+                ctx.sweep(&mut assign, &caps)?;
+                (assign, SolveMethod::Layerwise, None)
+            }
+        }
+    };
+    let placement = Placement::from_device_lists(cap, &device_lists(&assign, cap))?;
+    let max_device_load = (0..layers)
+        .map(|l| max_load(&counts.load[l], &ctx.copies[l], &assign[l], cap.devices))
+        .collect();
+    let (device, node) = proxy_traffic(counts, &assign, &options.topology);
+    let solver = ctx.report(method, note, start.elapsed().as_secs_f64());
+    Ok(PlanOutcome {
+        placement,
+        method,
+        solver,
+        max_device_load,
+        cross_device_transitions: traffic_known.then_some(device),
+        cross_node_transitions: traffic_known.then_some(node),
+    })
+}
+
+struct Ctx<'a> {
+    counts: &'a RoutingCounts,
+    options: &'a PlanOptions,
+    copies: Vec<Vec<usize>>,
+    deadline: Instant,
+    verdicts: Vec<Verdict>,
+}
+
+impl Ctx<'_> {
+    /// An even share of the time left among `programs` still to solve.
+    fn share(&self, programs: usize) -> Duration {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        (left / programs.max(1) as u32).max(Duration::from_millis(50))
+    }
+
+    fn capacity(&self) -> Capacity {
+        self.options.capacity
+    }
+
+    fn report(&self, method: SolveMethod, note: Option<String>, seconds: f64) -> SolverReport {
+        let solved = !self.verdicts.is_empty();
+        let proved = self.verdicts.iter().all(|v| v.proved);
+        let gap = self.verdicts.iter().map(|v| v.gap).fold(0.0, f64::max);
+        let last = self.verdicts.last();
+        let note = note.or_else(|| {
+            (method == SolveMethod::Layerwise).then(|| {
+                format!(
+                    "{} binaries over all layers is more than {JOINT_MAX_BINARIES}: layers solved \
+                     one at a time with their neighbours fixed; the gap is the largest of {} \
+                     programs'",
+                    self.counts.load.len() * self.capacity().num_experts * self.capacity().devices,
+                    self.verdicts.len()
+                )
+            })
+        });
+        SolverReport {
+            method: method.name().into(),
+            status: match (method, solved, proved) {
+                (SolveMethod::Greedy, _, _) | (_, false, _) => "greedy".into(),
+                (_, true, true) => "optimal".into(),
+                (_, true, false) => "time-limit".into(),
+            },
+            gap: solved.then_some(gap),
+            objective: last.map(|v| v.objective),
+            best_bound: last.map(|v| v.bound),
+            seconds,
+            note,
+        }
+    }
+
+    /// Layer `l`'s balance optimum, starting from `start`; returns the
+    /// placement and its max load (never worse than `start`'s).
+    fn balance(
+        &mut self,
+        l: usize,
+        start: Vec<Vec<usize>>,
+        budget: Duration,
+    ) -> Result<(Vec<Vec<usize>>, f64)> {
+        let n = self.capacity().devices;
+        let (load, copies) = (&self.counts.load[l], &self.copies[l]);
+        let start_z = max_load(load, copies, &start, n);
+        let mut p = Program::new(self, l..l + 1, std::slice::from_ref(&start));
+        let z = p.vars.add(variable().min(0.0).initial(start_z));
+        p.warm.push((z, start_z));
+        p.objective += z;
+        for d in 0..n {
+            p.constraints.push((p.load_expr(self, 0, d) - z).leq(0.0));
+        }
+        // Devices are interchangeable: the heaviest expert's first copy on device 0.
+        if let Some(hot) = (0..load.len()).max_by(|&a, &b| load[a].total_cmp(&load[b])) {
+            p.constraints.push(Expression::from(p.x[0][hot][0]).eq(1.0));
+        }
+        let (layers, verdict) = p.solve(budget)?;
+        let layer = layers.into_iter().next().unwrap_or_default();
+        let z_found = max_load(load, copies, &layer, n);
+        let valid = layer.iter().zip(copies).all(|(d, &c)| d.len() == c);
+        self.verdicts.push(verdict);
+        Ok(if valid && z_found <= start_z {
+            (layer, z_found)
+        } else {
+            (start, start_z)
+        })
+    }
+
+    /// Minimises the traffic of the boundaries touching `window`, the other
+    /// layers of `assign` fixed and every layer's max load at most `caps`.
+    fn traffic(
+        &mut self,
+        window: Range<usize>,
+        assign: &mut Assignment,
+        caps: &[f64],
+        budget: Duration,
+    ) -> Result<()> {
+        let topo = self.options.topology;
+        let before = weighted_traffic(self, assign);
+        let mut p = Program::new(self, window.clone(), &assign[window.clone()]);
+        for (w, l) in window.clone().enumerate() {
+            if caps[l].is_finite() {
+                for d in 0..topo.devices {
+                    let c = caps[l] * (1.0 + 1e-9) + 1e-9;
+                    p.constraints.push(p.load_expr(self, w, d).leq(c));
+                }
+            }
+        }
+        p.add_traffic(self, assign);
+        let (layers, verdict) = p.solve(budget)?;
+        self.verdicts.push(verdict);
+        let mut candidate = assign.clone();
+        for (w, l) in window.enumerate() {
+            candidate[l] = layers[w].clone();
+        }
+        let loads_ok = (0..assign.len()).all(|l| {
+            let z = max_load(
+                &self.counts.load[l],
+                &self.copies[l],
+                &candidate[l],
+                topo.devices,
+            );
+            z <= caps[l] * (1.0 + 1e-6) + 1e-6
+        });
+        if loads_ok && weighted_traffic(self, &candidate) <= before {
+            *assign = candidate;
+        }
+        Ok(())
+    }
+
+    /// Layer-at-a-time traffic passes until one changes nothing or time is up.
+    fn sweep(&mut self, assign: &mut Assignment, caps: &[f64]) -> Result<()> {
+        let layers = assign.len();
+        for pass in 0..MAX_SWEEPS {
+            let before = weighted_traffic(self, assign);
+            for l in 0..layers {
+                let left = (MAX_SWEEPS - pass) * layers - l;
+                if Instant::now() >= self.deadline {
+                    return Ok(());
+                }
+                let budget = self.share(left);
+                self.traffic(l..l + 1, assign, caps, budget)?;
+            }
+            if weighted_traffic(self, assign) >= before - 1e-9 {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn weighted_traffic(ctx: &Ctx<'_>, assign: &Assignment) -> f64 {
+    let (device, node) = proxy_traffic(ctx.counts, assign, &ctx.options.topology);
+    device + ctx.options.node_weight * node
+}
+
+/// One program over the layers of `window`.
+struct Program {
+    window: Range<usize>,
+    vars: ProblemVariables,
+    /// `[window layer][expert][device]`.
+    x: Vec<Vec<Vec<Variable>>>,
+    objective: Expression,
+    constraints: Vec<good_lp::Constraint>,
+    warm: Vec<(Variable, f64)>,
+}
+
+impl Program {
+    /// Variables and the copy and slot constraints, warm-started at `start`.
+    fn new(ctx: &Ctx<'_>, window: Range<usize>, start: &[Vec<Vec<usize>>]) -> Self {
+        let cap = ctx.capacity();
+        let mut vars = ProblemVariables::new();
+        let mut warm = Vec::new();
+        let mut constraints = Vec::new();
+        let mut x = Vec::with_capacity(window.len());
+        for (w, l) in window.clone().enumerate() {
+            let layer: Vec<Vec<Variable>> = (0..cap.num_experts)
+                .map(|e| {
+                    (0..cap.devices)
+                        .map(|d| {
+                            let on = f64::from(u8::from(start[w][e].contains(&d)));
+                            let v = vars.add(variable().binary().initial(on));
+                            warm.push((v, on));
+                            v
+                        })
+                        .collect()
+                })
+                .collect();
+            for (e, xs) in layer.iter().enumerate() {
+                let sum: Expression = xs.iter().sum();
+                constraints.push(sum.eq(ctx.copies[l][e] as f64));
+            }
+            for d in 0..cap.devices {
+                let sum: Expression = layer.iter().map(|xs| xs[d]).sum();
+                constraints.push(sum.eq(cap.slots_per_device as f64));
+            }
+            x.push(layer);
+        }
+        Self {
+            window,
+            vars,
+            x,
+            objective: Expression::from(0.0),
+            constraints,
+            warm,
+        }
+    }
+
+    /// Device `d`'s load in window layer `w`.
+    fn load_expr(&self, ctx: &Ctx<'_>, w: usize, d: usize) -> Expression {
+        let l = self.window.start + w;
+        let mut sum = Expression::from(0.0);
+        for (e, xs) in self.x[w].iter().enumerate() {
+            sum.add_mul(ctx.counts.load[l][e] / ctx.copies[l][e] as f64, xs[d]);
+        }
+        sum
+    }
+
+    /// Traffic terms of every boundary touching the window (module comment);
+    /// a boundary to a fixed layer is linear in `x` and needs no cut variable.
+    fn add_traffic(&mut self, ctx: &Ctx<'_>, assign: &Assignment) {
+        let topo = ctx.options.topology;
+        let e = ctx.counts.num_experts;
+        let node_w = if topo.nodes > 1 {
+            ctx.options.node_weight
+        } else {
+            0.0
+        };
+        let first = self.window.start.saturating_sub(1);
+        let last = (self.window.end + 1).min(assign.len());
+        for b in first..last.saturating_sub(1) {
+            let Some(t) = ctx.counts.transition(b) else {
+                continue;
+            };
+            let (src_free, dst_free) = (self.window.contains(&b), self.window.contains(&(b + 1)));
+            for i in 0..e {
+                for j in 0..e {
+                    let tokens = t[i * e + j];
+                    if tokens == 0.0 {
+                        continue;
+                    }
+                    match (src_free, dst_free) {
+                        (true, true) => self.add_cut(b, (i, j), tokens, node_w, topo),
+                        (true, false) => {
+                            let dst = &assign[b + 1][j];
+                            let share = tokens / ctx.copies[b][i] as f64;
+                            for d in 0..topo.devices {
+                                let apart = !dst.contains(&d);
+                                let node_apart =
+                                    !dst.iter().any(|&x| topo.node_of(x) == topo.node_of(d));
+                                let c = share
+                                    * (f64::from(u8::from(apart))
+                                        + node_w * f64::from(u8::from(node_apart)));
+                                self.objective
+                                    .add_mul(c, self.x[b - self.window.start][i][d]);
+                            }
+                        }
+                        (false, true) => {
+                            let src = &assign[b][i];
+                            let share = tokens / (src.len() * ctx.copies[b + 1][j]) as f64;
+                            for d in 0..topo.devices {
+                                let apart = src.iter().filter(|&&s| s != d).count() as f64;
+                                let node_apart = (src.iter())
+                                    .filter(|&&s| topo.node_of(s) != topo.node_of(d))
+                                    .count()
+                                    as f64;
+                                let c = share * (apart + node_w * node_apart);
+                                self.objective
+                                    .add_mul(c, self.x[b + 1 - self.window.start][j][d]);
+                            }
+                        }
+                        (false, false) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// `cut >= x_i,d - x_j,d` per device (and per node with `node_w > 0`).
+    fn add_cut(
+        &mut self,
+        b: usize,
+        (i, j): (usize, usize),
+        tokens: f64,
+        node_w: f64,
+        topo: Topology,
+    ) {
+        let (wi, wj) = (b - self.window.start, b + 1 - self.window.start);
+        let cut = self.vars.add(variable().min(0.0));
+        self.objective.add_mul(tokens, cut);
+        for d in 0..topo.devices {
+            let diff = Expression::from(self.x[wi][i][d]) - self.x[wj][j][d] - cut;
+            self.constraints.push(diff.leq(0.0));
+        }
+        if node_w > 0.0 {
+            let ncut = self.vars.add(variable().min(0.0));
+            self.objective.add_mul(tokens * node_w, ncut);
+            let per = topo.devices_per_node();
+            for m in 0..topo.nodes {
+                let mut diff = Expression::from(0.0) - ncut;
+                for d in m * per..(m + 1) * per {
+                    diff += self.x[wi][i][d];
+                    diff -= self.x[wj][j][d];
+                }
+                self.constraints.push(diff.leq(0.0));
+            }
+        }
+    }
+
+    /// Solves within `budget`; returns each window layer's `[expert] -> devices`.
+    fn solve(self, budget: Duration) -> Result<(Vec<Vec<Vec<usize>>>, Verdict)> {
+        let Program {
+            vars,
+            x,
+            objective,
+            constraints,
+            warm,
+            ..
+        } = self;
+        let mut model = vars
+            .minimise(objective)
+            .using(microlp)
+            .with_time_limit(budget.as_secs_f64())
+            .with_initial_solution(warm);
+        for c in constraints {
+            model.add_constraint(c);
+        }
+        let solution = model
+            .solve()
+            .map_err(|e| Error::InvalidInput(format!("the placement program failed: {e}")))?;
+        let layers = (x.iter())
+            .map(|layer| {
+                (layer.iter())
+                    .map(|xs| {
+                        (0..xs.len())
+                            .filter(|&d| solution.value(xs[d]) > 0.5)
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        let inner = solution.into_inner();
+        let stats = inner.stats();
+        let verdict = Verdict {
+            proved: inner.gap() == Some(0.0)
+                || matches!(inner.status(), microlp::SolutionStatus::Optimal),
+            gap: inner.gap().unwrap_or(0.0),
+            objective: inner.objective(),
+            bound: stats.best_bound.unwrap_or(inner.objective()),
+        };
+        Ok((layers, verdict))
+    }
+}
