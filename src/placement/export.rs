@@ -189,7 +189,7 @@ pub fn read_plan(path: &Path, shape: PlanShape<'_>) -> Result<Placement> {
         )));
     }
     let physical = map.first().map_or(0, Vec::len);
-    if physical % shape.devices != 0 || physical < shape.num_experts {
+    if !physical.is_multiple_of(shape.devices) || physical < shape.num_experts {
         return Err(bad(format!(
             "{physical} physical experts per layer do not fit {} experts on {} devices",
             shape.num_experts, shape.devices

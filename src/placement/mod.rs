@@ -38,7 +38,7 @@ impl Topology {
                 "need at least one device and one node (got {devices} devices on {nodes} nodes)"
             )));
         }
-        if devices % nodes != 0 {
+        if !devices.is_multiple_of(nodes) {
             return Err(Error::InvalidInput(format!(
                 "{devices} devices do not split evenly over {nodes} nodes"
             )));
@@ -76,7 +76,7 @@ impl Capacity {
             )));
         }
         let physical = num_experts + redundant;
-        if physical % devices != 0 {
+        if !physical.is_multiple_of(devices) {
             return Err(Error::InvalidInput(format!(
                 "{num_experts} experts + {redundant} redundant = {physical} physical experts \
                  do not split evenly over {devices} devices"
