@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
+use switchyard::experts::ExpertId;
 use switchyard::model::{LoadOptions, Model, NoObserver};
 use switchyard::ops::{QuantKind, bandwidth};
 use switchyard::weights::GgufFile;
@@ -259,9 +260,17 @@ pub fn expert_bytes_per_token(model: &Model) -> usize {
 }
 
 fn layer_expert_bytes(model: &Model, layer: usize, top_k: usize) -> usize {
-    let experts = model.experts().layer(layer);
-    let sum: usize = experts.iter().map(|e| e.weight_bytes()).sum();
-    sum * top_k / experts.len().max(1)
+    let experts = model.experts();
+    let n = experts.num_experts(layer);
+    let sum: usize = (0..n as u32)
+        .map(|expert| {
+            experts.expert_bytes(ExpertId {
+                layer: layer as u32,
+                expert,
+            })
+        })
+        .sum();
+    sum * top_k / n.max(1)
 }
 
 fn parse_dtype(s: &str) -> anyhow::Result<DType> {

@@ -14,8 +14,8 @@ use super::attention::Attention;
 use super::layer::{DecoderLayer, LayerFfn};
 use super::moe::{MoeBlock, RouterConfig, SharedExpert};
 use crate::config::{ModelConfig, QkNorm};
-use crate::error::{Error, Result};
-use crate::experts::ExpertStore;
+use crate::error::Result;
+use crate::experts::{ExpertDims, ExpertLayout, ExpertProvider, ExpertStore};
 use crate::ops::{Ffn, Linear, QuantKind, RmsNorm, RopeTable};
 use crate::weights::TensorSource;
 
@@ -69,15 +69,12 @@ pub(super) fn build(
         loader.quantized_output(loader.linear("lm_head", cfg.vocab_size, h, false)?)?
     };
     let mut layers = Vec::with_capacity(cfg.num_layers);
+    let layout = loader.expert_layout()?;
     let mut experts = Vec::with_capacity(cfg.num_layers);
     for l in 0..cfg.num_layers {
-        experts.push(if cfg.moe.sparse_layers[l] {
-            loader.quantized_ffns(loader.experts(l)?)?
-        } else {
-            Vec::new()
-        });
+        experts.push(loader.quantized_ffns(loader.experts(&layout, l)?)?);
     }
-    let experts = Arc::new(ExpertStore::new(experts));
+    let experts: Arc<dyn ExpertProvider> = Arc::new(ExpertStore::new(experts));
     for l in 0..cfg.num_layers {
         layers.push(loader.layer(l, &experts)?);
         bar.inc(1);
@@ -175,33 +172,42 @@ impl Loader<'_> {
     }
 
     fn moe_prefix(&self, l: usize) -> Result<String> {
-        let candidates: Vec<String> = self
-            .wiring
-            .moe_modules
-            .iter()
-            .map(|m| format!("model.layers.{l}.{m}"))
-            .collect();
-        candidates
-            .iter()
-            .find(|p| self.src.contains(&format!("{p}.gate.weight")))
-            .cloned()
-            .ok_or_else(|| Error::MissingTensor {
-                name: format!("{}.gate.weight", candidates[0]),
-                hint: " (the MoE router of this layer)".to_string(),
-            })
+        self.wiring.experts.moe_prefix(self.src, l)
     }
 
-    /// Routed experts, from per-expert matrices (Hub layout) or from the fused
-    /// 3-D `experts.gate_up_proj` `[E, 2 * ffn, hidden]` / `experts.down_proj`
-    /// `[E, hidden, ffn]` that transformers 5 uses.
-    fn experts(&self, l: usize) -> Result<Vec<Ffn>> {
-        let prefix = self.moe_prefix(l)?;
+    /// Where every MoE layer's experts are in the source.
+    fn expert_layout(&self) -> Result<ExpertLayout> {
         let m = &self.cfg.moe;
-        let (h, ffn, n) = (self.cfg.hidden_size, m.expert_ffn, m.num_experts);
-        let fused = format!("{prefix}.experts.gate_up_proj");
-        if self.src.contains(&fused) {
-            let gate_up = self.tensor(&fused, &[n, 2 * ffn, h])?;
-            let down = self.tensor(&format!("{prefix}.experts.down_proj"), &[n, h, ffn])?;
+        let layers = (0..self.cfg.num_layers)
+            .map(|l| {
+                m.sparse_layers[l]
+                    .then(|| self.wiring.experts.layer(self.src, l))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(ExpertLayout {
+            layers,
+            dims: ExpertDims {
+                hidden: self.cfg.hidden_size,
+                ffn: m.expert_ffn,
+                num_experts: m.num_experts,
+            },
+            dtype: self.dtype,
+        })
+    }
+
+    /// Routed experts of layer `l` (none for a dense layer).
+    fn experts(&self, layout: &ExpertLayout, l: usize) -> Result<Vec<Ffn>> {
+        let n = layout.num_experts(l);
+        let Some(Some(layer)) = layout.layers.get(l) else {
+            return Ok(Vec::new());
+        };
+        if layer.fused {
+            // One read of the fused tensors for the whole layer, not one per expert.
+            let dims = layout.dims;
+            let names = layer.tensor_names(0);
+            let gate_up = self.tensor(&names[0], &[n, 2 * dims.ffn, dims.hidden])?;
+            let down = self.tensor(&names[1], &[n, dims.hidden, dims.ffn])?;
             return (0..n)
                 .map(|e| {
                     Ok(Ffn::new(
@@ -212,13 +218,7 @@ impl Loader<'_> {
                 .collect();
         }
         (0..n)
-            .map(|e| {
-                self.ffn(
-                    &format!("{prefix}.experts.{e}"),
-                    self.wiring.expert_projections,
-                    ffn,
-                )
-            })
+            .map(|e| layer.load(self.src, layout.dims, e, self.dtype))
             .collect()
     }
 
@@ -264,7 +264,7 @@ impl Loader<'_> {
         })
     }
 
-    fn layer(&self, l: usize, experts: &Arc<ExpertStore>) -> Result<DecoderLayer> {
+    fn layer(&self, l: usize, experts: &Arc<dyn ExpertProvider>) -> Result<DecoderLayer> {
         let h = self.cfg.hidden_size;
         let m = &self.cfg.moe;
         let p = format!("model.layers.{l}");

@@ -26,7 +26,7 @@ pub use profile::Phase;
 
 use crate::config::{ModelConfig, load_model_config, open_gguf};
 use crate::error::{Error, Result};
-use crate::experts::ExpertStore;
+use crate::experts::ExpertProvider;
 use crate::ops::{Linear, RmsNorm, RopeTable};
 use crate::weights::{GgufFile, SafetensorsFiles, TensorSource};
 
@@ -38,7 +38,7 @@ pub struct Model {
     norm: RmsNorm,
     lm_head: Linear,
     rope: RopeTable,
-    experts: Arc<ExpertStore>,
+    experts: Arc<dyn ExpertProvider>,
 }
 
 /// One sequence of a batched forward.
@@ -101,7 +101,7 @@ impl Model {
         &self.layers
     }
 
-    pub fn experts(&self) -> &Arc<ExpertStore> {
+    pub fn experts(&self) -> &Arc<dyn ExpertProvider> {
         &self.experts
     }
 

@@ -7,15 +7,13 @@ mod qwen2_moe;
 mod qwen3_moe;
 
 use crate::config::Arch;
+use crate::experts::ExpertNaming;
 
 /// How one architecture names its MoE tensors under `model.layers.{l}.`.
 #[derive(Debug)]
 pub struct Wiring {
-    /// Module holding the router and experts; alternatives in the order tried
-    /// (transformers 5 renamed some of them).
-    pub moe_modules: &'static [&'static str],
-    /// Per-expert projection names: gate, up, down.
-    pub expert_projections: [&'static str; 3],
+    /// Router module and routed experts' tensor names (data `experts/` reads).
+    pub experts: ExpertNaming,
 }
 
 pub fn wiring(arch: Arch) -> &'static Wiring {

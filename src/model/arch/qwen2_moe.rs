@@ -2,8 +2,8 @@
 //! Its attention and MoE options come from the config (see `config::hf`).
 
 use super::Wiring;
+use crate::experts::ExpertNaming;
 
 pub(super) const WIRING: Wiring = Wiring {
-    moe_modules: &["mlp"],
-    expert_projections: ["gate_proj", "up_proj", "down_proj"],
+    experts: ExpertNaming::QWEN,
 };

@@ -4,8 +4,8 @@ use candle_core::{D, DType, Tensor};
 use rayon::prelude::*;
 
 use super::router::{RouterConfig, Routing, route};
-use crate::error::Result;
-use crate::experts::{ExpertId, ExpertStore};
+use crate::error::{Error, Result};
+use crate::experts::{CallExperts, ExpertProvider};
 use crate::model::batch::BatchLayout;
 use crate::model::observer::{RoutingObserver, RoutingSite};
 use crate::model::profile::{self, Phase};
@@ -26,7 +26,7 @@ pub struct MoeBlock {
     layer: usize,
     router: Linear, // [n_experts, hidden]
     config: RouterConfig,
-    experts: Arc<ExpertStore>,
+    experts: Arc<dyn ExpertProvider>,
     shared: Option<SharedExpert>,
 }
 
@@ -35,7 +35,7 @@ impl MoeBlock {
         layer: usize,
         router: Linear,
         config: RouterConfig,
-        experts: Arc<ExpertStore>,
+        experts: Arc<dyn ExpertProvider>,
         shared: Option<SharedExpert>,
     ) -> Self {
         Self {
@@ -79,14 +79,27 @@ impl MoeBlock {
             n_experts,
             self.config,
         );
-        report(self.layer, &routing, layout, observer);
+        let groups = routing.slots_by_expert();
+        let distinct: Vec<u32> = groups.iter().map(|(e, _)| *e).collect();
+        let experts = self
+            .experts
+            .experts_for_call(self.layer as u32, &distinct)?;
+        if experts.ffns.len() != distinct.len() {
+            return Err(Error::InvalidInput(format!(
+                "layer {}: the expert provider returned {} experts for {} asked",
+                self.layer,
+                experts.ffns.len(),
+                distinct.len()
+            )));
+        }
+        report(self.layer, &routing, layout, &experts, observer);
         drop(router_span);
 
         let experts_span = profile::span(Phase::Experts, layer);
         let mut out = if logits.track_op() || x.track_op() {
-            self.experts_autograd(x, &logits_f32, &routing)?
+            self.experts_autograd(x, &logits_f32, &routing, &groups, &experts)?
         } else {
-            self.experts_inference(x, &routing)?
+            self.experts_inference(x, &routing, &groups, &experts)?
         };
         drop(experts_span);
         if let Some(shared) = &self.shared {
@@ -107,20 +120,17 @@ impl MoeBlock {
     /// run in parallel, one per thread at a time (their matmuls then stay on that
     /// thread): a decode step pays one fork-join per layer instead of two per
     /// expert. The buffers are this thread's, reused from call to call.
-    fn experts_inference(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
+    fn experts_inference(
+        &self,
+        x: &Tensor,
+        routing: &Routing,
+        groups: &[(u32, Vec<u32>)],
+        call: &CallExperts,
+    ) -> Result<Tensor> {
         let (n, hidden) = x.dims2()?;
         let k = self.config.top_k;
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?; // [n, hidden]
-        let groups = routing.slots_by_expert();
-        let experts: Vec<Arc<Ffn>> = groups
-            .iter()
-            .map(|(expert, _)| {
-                self.experts.get(ExpertId {
-                    layer: self.layer as u32,
-                    expert: *expert,
-                })
-            })
-            .collect::<Result<_>>()?;
+        let experts = &call.ffns;
         let quantize = experts.iter().any(|e| e.gate_up().reads_quantized());
         with_thread_scratch(&CALL_SCRATCH, |scratch| {
             let CallScratch { input, rows, ys } = scratch;
@@ -135,7 +145,7 @@ impl MoeBlock {
             ys.resize(rows.len() * hidden, 0.0); // [n * top_k, hidden]
             let mut parts = Vec::with_capacity(groups.len());
             let (mut rows_left, mut ys_left) = (rows.as_slice(), ys.as_mut_slice());
-            for ((_, slots), ffn) in groups.iter().zip(&experts) {
+            for ((_, slots), ffn) in groups.iter().zip(experts) {
                 let (r, rest) = rows_left.split_at(slots.len());
                 let (y, ys_rest) = std::mem::take(&mut ys_left).split_at_mut(slots.len() * hidden);
                 (rows_left, ys_left) = (rest, ys_rest);
@@ -161,14 +171,17 @@ impl MoeBlock {
 
     /// The differentiable form: the mixture as tensor ops so that experts and
     /// router receive gradients.
-    fn experts_autograd(&self, x: &Tensor, logits: &Tensor, routing: &Routing) -> Result<Tensor> {
+    fn experts_autograd(
+        &self,
+        x: &Tensor,
+        logits: &Tensor,
+        routing: &Routing,
+        groups: &[(u32, Vec<u32>)],
+        experts: &CallExperts,
+    ) -> Result<Tensor> {
         let weights = self.mixing_weights(logits, routing)?; // [n_tokens * top_k]
         let mut out = x.zeros_like()?;
-        for (expert, slots) in routing.slots_by_expert() {
-            let ffn = self.experts.get(ExpertId {
-                layer: self.layer as u32,
-                expert,
-            })?;
+        for ((_, slots), ffn) in groups.iter().zip(&experts.ffns) {
             let tokens: Vec<u32> = slots.iter().map(|s| s / self.config.top_k as u32).collect();
             let tokens = Tensor::new(tokens.as_slice(), x.device())?;
             let slots = Tensor::new(slots.as_slice(), x.device())?;
@@ -220,6 +233,7 @@ fn report(
     layer: usize,
     routing: &Routing,
     layout: &BatchLayout,
+    experts: &CallExperts,
     observer: &mut dyn RoutingObserver,
 ) {
     for seq in layout.sequences() {
@@ -227,7 +241,7 @@ fn report(
             layer,
             sequence: seq.sequence,
             start_position: seq.start_position,
-            cache: None,
+            cache: experts.outcomes.as_deref(),
         };
         observer.on_routing(site, &routing.tokens(seq.row_start, seq.n_tokens));
     }
