@@ -302,8 +302,12 @@ fn quantized_gguf_runs_natively_and_matches_its_dequantized_weights() {
         let dense = Model::from_source(&cfg, &Dequantized(src), &LoadOptions::default()).unwrap();
         let pairs = [
             (
-                native.experts().layer(0)[0].gate_up().clone(),
-                dense.experts().layer(0)[0].gate_up().clone(),
+                native.experts().experts_for_call(0, &[0]).unwrap().ffns[0]
+                    .gate_up()
+                    .clone(),
+                dense.experts().experts_for_call(0, &[0]).unwrap().ffns[0]
+                    .gate_up()
+                    .clone(),
             ),
             (
                 native.layers()[0].attention.q_proj.clone(),
