@@ -159,8 +159,7 @@ fn chat_prompt_renders_like_transformers() {
     let messages: Vec<switchyard::generate::ChatMessage> =
         serde_json::from_value(g["chat_example"]["messages"].clone()).unwrap();
     let rendered = engine
-        .chat_template
-        .as_ref()
+        .chat_template()
         .unwrap()
         .render(&messages, true)
         .unwrap();

@@ -115,15 +115,15 @@ fn route_text(args: &AnalyzeArgs, text: &Path) -> anyhow::Result<Routes> {
     let mut ids = engine.tokenizer()?.encode(&content, false)?;
     ids.truncate(args.max_tokens);
     anyhow::ensure!(args.seq_len >= 2, "--seq-len must be at least 2");
-    let cfg = engine.model.config().clone();
+    let cfg = engine.config().clone();
     let random;
     let model: &Model = match args.random_init {
         Some(seed) => {
-            let vars = VarStore::init(&cfg, seed, engine.model.device())?;
+            let vars = VarStore::init(&cfg, seed, engine.model().device())?;
             random = Model::from_source(&cfg, &vars.frozen(), &LoadOptions::default())?;
             &random
         }
-        None => &engine.model,
+        None => engine.model(),
     };
     let windows: Vec<&[u32]> = ids.chunks(args.seq_len).filter(|w| w.len() >= 2).collect();
     anyhow::ensure!(

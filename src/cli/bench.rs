@@ -12,8 +12,9 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
-use switchyard::experts::ExpertId;
-use switchyard::model::{LoadOptions, Model, NoObserver};
+use switchyard::Engine;
+use switchyard::generate::{SamplingParams, SchedulerOptions, SequenceRequest, StepEvent};
+use switchyard::model::{LoadOptions, NoObserver};
 use switchyard::ops::{QuantKind, bandwidth};
 use switchyard::weights::GgufFile;
 
@@ -82,13 +83,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         quant: args.quant,
     };
     let start = Instant::now();
-    let model = Model::load(&args.model, &opts)
+    let engine = Engine::load(&args.model, &opts)
         .with_context(|| format!("loading {}", args.model.display()))?;
     eprintln!("loaded in {:.1} s", start.elapsed().as_secs_f64());
-    let active = active_bytes_per_token(&model);
-    let vocab = model.config().vocab_size;
+    let active = engine.active_bytes_per_token();
+    let vocab = engine.config().vocab_size;
     let prompt = random_ids(args.prompt_tokens, vocab);
-    let ours = measure(&mut Ours { model: &model }, &prompt, &args)?;
+    let ours = measure(&mut Ours { engine: &engine }, &prompt, &args)?;
 
     let dtype_name = format!("{dtype:?}").to_lowercase();
     let quant_name = args.quant.map_or("-".to_string(), |q| q.to_string());
@@ -119,9 +120,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     print_row("switchyard", &weights, &ours, active, bw_gbs);
     if args.profile {
-        super::bench_profile::run(&model, prompt[0], args.gen_tokens)?;
+        super::bench_profile::run(&engine, prompt[0], args.gen_tokens)?;
     }
-    drop(model);
+    drop(engine);
 
     if let Some(Peer::Candle) = args.peer {
         anyhow::ensure!(
@@ -153,23 +154,41 @@ fn peer_candle(_: &BenchArgs, _: DType, _: &[u32]) -> anyhow::Result<Measured> {
 }
 
 struct Ours<'a> {
-    model: &'a Model,
+    engine: &'a Engine,
+}
+
+/// A greedy sequence that never stops early: the prompt's step yields the first
+/// token, then `gen_tokens` decode steps.
+pub fn greedy_request(prompt: &[u32], gen_tokens: usize) -> SequenceRequest {
+    SequenceRequest {
+        prompt: prompt.to_vec(),
+        max_tokens: gen_tokens + 1,
+        sampling: SamplingParams::default(),
+        stop_ids: Vec::new(),
+        top_logprobs: None,
+    }
+}
+
+/// One scheduler step; a sequence's failure is this run's error.
+pub fn step(scheduler: &mut switchyard::generate::Scheduler<'_>) -> anyhow::Result<()> {
+    for event in scheduler.step(&mut NoObserver) {
+        if let StepEvent::Failed { error, .. } = event {
+            return Err(error.into());
+        }
+    }
+    Ok(())
 }
 
 impl Runner for Ours<'_> {
     fn run_once(&mut self, prompt: &[u32], gen_tokens: usize) -> anyhow::Result<(f64, f64)> {
-        let mut cache = self.model.new_cache(prompt.len() + gen_tokens);
+        let mut scheduler = self.engine.scheduler(SchedulerOptions::single_sequence());
+        scheduler.add(greedy_request(prompt, gen_tokens))?;
         let start = Instant::now();
-        let mut logits = self
-            .model
-            .forward_last(prompt, &mut cache, &mut NoObserver)?;
+        step(&mut scheduler)?;
         let prefill = start.elapsed().as_secs_f64();
         let start = Instant::now();
-        for _ in 0..gen_tokens {
-            let next = logits.argmax(0)?.to_scalar::<u32>()?;
-            logits = self
-                .model
-                .forward_last(&[next], &mut cache, &mut NoObserver)?;
+        while !scheduler.is_idle() {
+            step(&mut scheduler)?;
         }
         Ok((prefill, start.elapsed().as_secs_f64()))
     }
@@ -221,56 +240,6 @@ fn print_row(engine: &str, weights: &str, m: &Measured, active: usize, bw_gbs: f
         100.0 * gbs / bw_gbs,
         m.peak_rss_bytes as f64 / (1u64 << 30) as f64
     );
-}
-
-/// Weight bytes one decoded token reads: attention, router, `top_k` average
-/// experts and any shared expert per layer, and the output projection.
-fn active_bytes_per_token(model: &Model) -> usize {
-    let top_k = model.config().moe.top_k;
-    let mut total = model.lm_head().weight_bytes();
-    for (l, layer) in model.layers().iter().enumerate() {
-        let a = &layer.attention;
-        total += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
-            .iter()
-            .map(|p| p.weight_bytes())
-            .sum::<usize>();
-        match layer.moe() {
-            Some(moe) => {
-                total += moe.router().weight_bytes() + layer_expert_bytes(model, l, top_k);
-                if let Some(shared) = moe.shared() {
-                    total += shared.ffn.weight_bytes() + shared.gate.weight_bytes();
-                }
-            }
-            None => {
-                if let switchyard::model::LayerFfn::Dense(ffn) = &layer.ffn {
-                    total += ffn.weight_bytes();
-                }
-            }
-        }
-    }
-    total
-}
-
-/// Routed-expert weight bytes one decoded token reads: `top_k` average experts per layer.
-pub fn expert_bytes_per_token(model: &Model) -> usize {
-    let top_k = model.config().moe.top_k;
-    (0..model.layers().len())
-        .map(|l| layer_expert_bytes(model, l, top_k))
-        .sum()
-}
-
-fn layer_expert_bytes(model: &Model, layer: usize, top_k: usize) -> usize {
-    let experts = model.experts();
-    let n = experts.num_experts(layer);
-    let sum: usize = (0..n as u32)
-        .map(|expert| {
-            experts.expert_bytes(ExpertId {
-                layer: layer as u32,
-                expert,
-            })
-        })
-        .sum();
-    sum * top_k / n.max(1)
 }
 
 fn parse_dtype(s: &str) -> anyhow::Result<DType> {

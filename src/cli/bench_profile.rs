@@ -4,32 +4,31 @@
 
 use std::time::Instant;
 
-use switchyard::model::{Model, NoObserver, Phase, profile};
+use switchyard::Engine;
+use switchyard::generate::SchedulerOptions;
+use switchyard::model::{Phase, profile};
 
-use super::bench::expert_bytes_per_token;
+use super::bench::{greedy_request, step};
 
 /// Decodes `gen_tokens` greedy steps from a one-token prompt with profiling on,
 /// then prints the breakdown.
-pub fn run(model: &Model, first: u32, gen_tokens: usize) -> anyhow::Result<()> {
-    let mut cache = model.new_cache(gen_tokens + 1);
-    let mut logits = model.forward_last(&[first], &mut cache, &mut NoObserver)?;
+pub fn run(engine: &Engine, first: u32, gen_tokens: usize) -> anyhow::Result<()> {
+    let mut scheduler = engine.scheduler(SchedulerOptions::single_sequence());
+    scheduler.add(greedy_request(&[first], gen_tokens))?;
+    step(&mut scheduler)?;
     profile::set_enabled(true);
     let result = (|| -> anyhow::Result<()> {
-        for _ in 0..gen_tokens {
+        while !scheduler.is_idle() {
             let start = Instant::now();
-            let next = {
-                let _span = profile::span(Phase::Sampling, None);
-                logits.argmax(0)?.to_scalar::<u32>()?
-            };
-            logits = model.forward_last(&[next], &mut cache, &mut NoObserver)?;
+            step(&mut scheduler)?;
             profile::record_step(start.elapsed());
         }
         Ok(())
     })();
     profile::set_enabled(false);
     result?;
-    let p = profile::snapshot(model.layers().len());
-    print(&p, expert_bytes_per_token(model));
+    let p = profile::snapshot(engine.config().num_layers);
+    print(&p, engine.expert_bytes_per_token());
     Ok(())
 }
 

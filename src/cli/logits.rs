@@ -27,7 +27,7 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     let engine = load_engine_with(&args.model, args.quant)?;
     let ids = parse_ids(&args.prompt_ids)?;
     anyhow::ensure!(!ids.is_empty(), "--prompt-ids is empty");
-    let logits = engine.model.score(&ids, &mut NoObserver)?;
+    let logits = engine.score(&ids, &mut NoObserver)?;
     let logits = logits.to_dtype(candle_core::DType::F32)?;
     // Write next to the target, then rename: a failed run never leaves half a file.
     let tmp = args.out.with_extension("npy.tmp");

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use switchyard::generate::{Flow, GenerateOptions, SamplingParams, generate};
+use switchyard::generate::{Flow, GenerateOptions, SamplingParams};
 use switchyard::model::NoObserver;
 use switchyard::ops::QuantKind;
 
@@ -69,30 +69,31 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut stream = if args.json {
         None
     } else {
-        engine.tokenizer.as_ref().map(|t| t.stream())
+        engine.tokenizer().ok().map(|t| t.stream())
     };
-    let stats = generate(&engine.model, &prompt, &opts, &mut NoObserver, &mut |id| {
-        ids.push(id);
-        if let Some(stream) = stream.as_mut()
-            && let Some(text) = stream.push(id)?
-        {
-            // A closed stdout (e.g. piped into `head`) ends generation quietly.
-            if out
-                .write_all(text.as_bytes())
-                .and_then(|_| out.flush())
-                .is_err()
+    let stats = engine
+        .generate(&prompt, &opts, &mut NoObserver, &mut |id| {
+            ids.push(id);
+            if let Some(stream) = stream.as_mut()
+                && let Some(text) = stream.push(id)?
             {
-                return Ok(Flow::Stop);
+                // A closed stdout (e.g. piped into `head`) ends generation quietly.
+                if out
+                    .write_all(text.as_bytes())
+                    .and_then(|_| out.flush())
+                    .is_err()
+                {
+                    return Ok(Flow::Stop);
+                }
             }
-        }
-        Ok(Flow::Continue)
-    })
-    .context("generation failed")?;
+            Ok(Flow::Continue)
+        })
+        .context("generation failed")?;
 
     if args.json {
-        let text = match &engine.tokenizer {
-            Some(t) => t.decode(&ids, true)?,
-            None => String::new(),
+        let text = match engine.tokenizer() {
+            Ok(t) => t.decode(&ids, true)?,
+            Err(_) => String::new(),
         };
         let json = serde_json::json!({ "token_ids": ids, "text": text });
         writeln!(out, "{json}")?;
