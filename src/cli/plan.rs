@@ -42,10 +42,13 @@ pub struct PlanArgs {
     /// A cross-node transition costs this many cross-device ones.
     #[arg(long, default_value_t = 4.0)]
     node_weight: f64,
-    /// With --objective both: how far above its optimum a layer's max load may go
-    /// for less traffic (0.02 = 2 %).
-    #[arg(long, default_value_t = 0.0)]
+    /// With --objective both: how far above the lowest reached a layer's per-step max
+    /// load may go for less traffic (0.03 = 3 %; never above EPLB's).
+    #[arg(long, default_value_t = 0.03)]
     load_slack: f64,
+    /// Tokens per step whose busiest device the search balances (simulate's --batch).
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
     /// Output file (JSON).
     #[arg(long)]
     out: PathBuf,
@@ -64,7 +67,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
                 path.display()
             );
             (
-                RoutingCounts::from_routes(&routes),
+                RoutingCounts::from_routes(&routes, args.batch)?,
                 path.display().to_string(),
             )
         }
@@ -120,7 +123,25 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let loads: Vec<String> = (outcome.max_device_load.iter())
         .map(|x| format!("{x:.0}"))
         .collect();
-    eprintln!("max device load per layer: {}", loads.join(" "));
+    eprintln!(
+        "max device load per layer, whole trace: {}",
+        loads.join(" ")
+    );
+    let per_step = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!(
+        "max device load per layer, mean per step of {}: {} (EPLB greedy: {})",
+        args.batch,
+        per_step(&outcome.step_max_load),
+        per_step(&outcome.eplb_step_max_load)
+    );
+    if let Some(m) = s.local_search_moves {
+        eprintln!("local search: {m} swaps after the program (no bound of its own)");
+    }
     if let (Some(d), Some(n)) = (
         outcome.cross_device_transitions,
         outcome.cross_node_transitions,

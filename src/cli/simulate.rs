@@ -71,7 +71,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         batch_tokens: args.batch,
         token_bytes: hidden.map(|h| h as u64 * args.activation_bytes),
     };
-    let load = RoutingCounts::from_routes(&routes).load;
+    let load = RoutingCounts::from_routes(&routes, args.batch)?.load;
     let mut rows = vec![Row {
         placement: "plan".into(),
         report: simulate(&routes, &plan, &topology, options)?,

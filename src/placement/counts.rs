@@ -16,6 +16,10 @@ pub struct RoutingCounts {
     pub moe_layers: Vec<usize>,
     /// `[moe_layers][num_experts]`: tokens routed to each expert.
     pub load: Vec<Vec<f64>>,
+    /// `[moe_layers][steps * num_experts]`: the same per step of the replay
+    /// (`simulate`'s steps: consecutive tokens, sequences in order), entry
+    /// `s * E + e`. One step holding everything where the source has no order.
+    pub step_load: Vec<Vec<f64>>,
     /// `[moe_layers - 1][num_experts * num_experts]`: entry `i * E + j` of
     /// boundary `b` counts tokens whose rank-0 expert in MoE layer `b` is `i`
     /// and that choose `j` in layer `b + 1` (MoETuner's cross-layer
@@ -25,16 +29,27 @@ pub struct RoutingCounts {
 }
 
 impl RoutingCounts {
-    pub fn from_routes(routes: &Routes) -> Self {
+    /// Counts of `routes`, per-step loads in steps of `batch_tokens`.
+    pub fn from_routes(routes: &Routes, batch_tokens: usize) -> Result<Self> {
+        if batch_tokens == 0 {
+            return Err(Error::InvalidInput(
+                "a step needs at least one token".into(),
+            ));
+        }
         let e = routes.meta.num_experts;
         let n_moe = routes.meta.moe_layers.len();
+        let n_steps = routes.n_tokens().div_ceil(batch_tokens).max(1);
         let mut load = vec![vec![0.0; e]; n_moe];
+        let mut step_load = vec![vec![0.0; n_steps * e]; n_moe];
         let mut transitions = vec![vec![0.0; e * e]; n_moe.saturating_sub(1)];
+        let mut seen = 0;
         for seq in &routes.sequences {
             for (li, layer) in seq.layers.iter().enumerate() {
                 for (t, experts) in layer.tokens().enumerate() {
+                    let step = (seen + t) / batch_tokens;
                     for &x in experts {
                         load[li][x as usize] += 1.0;
+                        step_load[li][step * e + x as usize] += 1.0;
                     }
                     let (Some(next), Some(&top)) = (seq.layers.get(li + 1), experts.first()) else {
                         continue;
@@ -44,14 +59,16 @@ impl RoutingCounts {
                     }
                 }
             }
+            seen += seq.n_tokens();
         }
-        Self {
+        Ok(Self {
             num_experts: e,
             num_layers: routes.meta.num_layers,
             moe_layers: routes.meta.moe_layers.clone(),
             load,
+            step_load,
             transitions: Some(transitions),
-        }
+        })
     }
 
     /// SGLang's expert-distribution recorder output (`logical_count`, shape
@@ -122,13 +139,21 @@ impl RoutingCounts {
         if moe_layers.is_empty() {
             return Err(bad("\"logical_count\" counts no token in any layer".into()));
         }
+        let load: Vec<Vec<f64>> = moe_layers.iter().map(|&l| rows[l].clone()).collect();
         Ok(Self {
             num_experts,
             num_layers: rows.len(),
-            load: moe_layers.iter().map(|&l| rows[l].clone()).collect(),
+            step_load: load.clone(),
+            load,
             moe_layers,
             transitions: None,
         })
+    }
+
+    pub fn num_steps(&self) -> usize {
+        self.step_load
+            .first()
+            .map_or(0, |r| r.len() / self.num_experts.max(1))
     }
 
     /// The transition counts of boundary `b` (MoE layer `b` to `b + 1`), if known.
@@ -165,8 +190,12 @@ mod tests {
                 ],
             }],
         };
-        let c = RoutingCounts::from_routes(&routes);
+        let c = RoutingCounts::from_routes(&routes, 1).unwrap();
         assert_eq!(c.load, vec![vec![1.0, 1.0, 2.0], vec![2.0, 2.0, 0.0]]);
+        // One token per step: token 0 in step 0, token 1 in step 1.
+        assert_eq!(c.num_steps(), 2);
+        assert_eq!(c.step_load[0], vec![1.0, 0.0, 1.0, 0.0, 1.0, 1.0]);
+        assert_eq!(c.step_load[1], vec![1.0, 1.0, 0.0, 1.0, 1.0, 0.0]);
         let t = c.transition(0).unwrap();
         // token 0: 2 -> {0, 1}; token 1: 1 -> {1, 0}.
         assert_eq!(t, &[0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]);

@@ -45,6 +45,10 @@ pub struct SolverReport {
     pub seconds: f64,
     /// Why a fallback or a time limit was taken.
     pub note: Option<String>,
+    /// Swaps the local search took after the program (it has no bound of its
+    /// own: `gap` is the program's).
+    #[serde(default)]
+    pub local_search_moves: Option<usize>,
 }
 
 /// Switchyard's plan file.
@@ -226,6 +230,7 @@ mod tests {
                 best_bound: Some(12.0),
                 seconds: 0.1,
                 note: None,
+                local_search_moves: Some(3),
             },
             source: "t.parquet".into(),
         }

@@ -12,6 +12,7 @@ mod counts;
 mod export;
 mod greedy;
 mod ilp;
+mod local;
 mod simulate;
 
 pub use baseline::{Baseline, contiguous, eplb, replica_counts, round_robin};
