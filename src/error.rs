@@ -45,6 +45,14 @@ pub enum Error {
     #[error("{path}: {reason}")]
     Trace { path: PathBuf, reason: String },
 
+    /// An expert read on demand (`--expert-memory`) that failed mid-run.
+    #[error("reading expert {expert} of layer {layer}: {reason}")]
+    ExpertRead {
+        layer: u32,
+        expert: u32,
+        reason: String,
+    },
+
     #[error("{0}")]
     InvalidInput(String),
 

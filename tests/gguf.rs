@@ -12,10 +12,12 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
 use common::{fixture, golden, golden_logits, perplexity, texts};
 use switchyard::Engine;
+use switchyard::config::ByteSize;
+use switchyard::experts::{ExpertMemory, PolicyKind, Prefetch};
 use switchyard::generate::{ChatMessage, TextTokenizer};
 use switchyard::model::moe::Routing;
 use switchyard::model::{LoadOptions, Model, RoutingObserver, RoutingSite};
-use switchyard::ops::LinearWeight;
+use switchyard::ops::{LinearWeight, QuantKind};
 use switchyard::weights::{GgufFile, GgufSource, GgufValue, TensorSource};
 
 fn gguf_fixture(file: &str) -> PathBuf {
@@ -715,4 +717,108 @@ fn per_expert_gguf_tensors_load_like_merged_ones() {
         let d = diff(&run(&split, &p.input_ids).0, &run(&merged, &p.input_ids).0);
         assert_eq!(d.max_abs, 0.0);
     }
+}
+
+/// The smallest `--expert-memory` a model accepts: `top_k` of its largest experts.
+fn minimum_expert_memory(model: &Model) -> u64 {
+    let experts = model.experts();
+    let largest = (0..model.layers().len() as u32)
+        .map(|layer| experts.expert_bytes(switchyard::experts::ExpertId { layer, expert: 0 }))
+        .max()
+        .unwrap();
+    (model.config().moe.top_k * largest) as u64
+}
+
+fn under_smallest_budget(path: &Path, quant: Option<QuantKind>, prefetch: Prefetch) -> Model {
+    let resident = Model::load(
+        path,
+        &LoadOptions {
+            quant,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let opts = LoadOptions {
+        quant,
+        expert_memory: Some(ExpertMemory {
+            budget: ByteSize::Bytes(minimum_expert_memory(&resident)),
+            policy: PolicyKind::Lru,
+            prefetch,
+        }),
+        ..LoadOptions::default()
+    };
+    Model::load(path, &opts).unwrap()
+}
+
+/// Experts sliced out of merged `ffn_*_exps` tensors with positioned reads, as
+/// stored (f16, Q8_0, Q4_0) or re-quantized (`--quant`), under a budget that
+/// evicts at every layer call, with and without prefetch: the same bits as
+/// the all-resident model.
+#[test]
+fn gguf_logits_under_expert_eviction_are_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    // (file, its golden records, --quant)
+    let mut cases: Vec<(PathBuf, &str, Option<QuantKind>)> =
+        ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"]
+            .iter()
+            .map(|&n| (gguf_fixture(&format!("{n}-f16.gguf")), n, None))
+            .collect();
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        let path = tmp.path().join(format!("{dtype:?}.gguf"));
+        requantize(&gguf_fixture("qwen3_moe-f16.gguf"), dtype, &path);
+        cases.push((path, "qwen3_moe", None));
+    }
+    cases.push((
+        gguf_fixture("qwen3_moe-f16.gguf"),
+        "qwen3_moe",
+        Some(QuantKind::Q8_0),
+    ));
+    for (path, golden_name, quant) in &cases {
+        let resident = Model::load(
+            path,
+            &LoadOptions {
+                quant: *quant,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        let name = path.file_stem().unwrap().to_string_lossy();
+        for prefetch in [Prefetch::Off, Prefetch::NextLayer] {
+            let cached = under_smallest_budget(path, *quant, prefetch);
+            for p in &golden(golden_name).prompts {
+                assert_eq!(
+                    run(&cached, &p.input_ids).0,
+                    run(&resident, &p.input_ids).0,
+                    "{name} {quant:?} {prefetch}"
+                );
+            }
+            let report = cached.experts().cache_report().unwrap();
+            assert!(report.counts.evictions > 0, "{name}: {report:?}");
+            assert!(report.peak_resident_bytes as u64 <= report.budget_bytes);
+        }
+    }
+}
+
+#[test]
+fn gguf_truncated_after_load_fails_the_run_naming_file_and_expert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("model.gguf");
+    std::fs::copy(gguf_fixture("qwen3_moe-f16.gguf"), &path).unwrap();
+    let model = under_smallest_budget(&path, None, Prefetch::NextLayer);
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let ids: Vec<u32> = (0..16).collect();
+    let err = model
+        .score(&ids, &mut switchyard::model::NoObserver)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.gguf") && err.contains("reading expert"),
+        "{err}"
+    );
 }

@@ -5,6 +5,7 @@ use clap::Args;
 use switchyard::model::NoObserver;
 use switchyard::ops::QuantKind;
 
+use super::expert_memory::{ExpertMemoryArgs, print_summary};
 use super::model_arg::{load_engine_with, parse_ids};
 
 #[derive(Debug, Args)]
@@ -21,10 +22,12 @@ pub struct LogitsArgs {
     /// Output .npy file: float32, shape [seq, vocab].
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    experts: ExpertMemoryArgs,
 }
 
 pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
-    let engine = load_engine_with(&args.model, args.quant)?;
+    let engine = load_engine_with(&args.model, args.quant, args.experts.memory())?;
     let ids = parse_ids(&args.prompt_ids)?;
     anyhow::ensure!(!ids.is_empty(), "--prompt-ids is empty");
     let logits = engine.score(&ids, &mut NoObserver)?;
@@ -36,5 +39,6 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("wrote {:?} logits to {}", logits.dims(), args.out.display());
+    print_summary(engine.model().experts().as_ref(), ids.len());
     Ok(())
 }

@@ -5,6 +5,7 @@ mod bench;
 #[cfg(feature = "peer-candle")]
 mod bench_peer;
 mod bench_profile;
+mod expert_memory;
 mod info;
 mod logits;
 mod model_arg;

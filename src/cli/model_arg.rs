@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use switchyard::Engine;
+use switchyard::experts::ExpertMemory;
 use switchyard::model::LoadOptions;
 use switchyard::ops::QuantKind;
 
@@ -32,14 +33,20 @@ pub fn resolve(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 pub fn load_engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
-    load_engine_with(dir, None)
+    load_engine_with(dir, None, None)
 }
 
-/// [`load_engine`] with the matrices quantized at load (`--quant`).
-pub fn load_engine_with(dir: &std::path::Path, quant: Option<QuantKind>) -> anyhow::Result<Engine> {
+/// [`load_engine`] with the matrices quantized at load (`--quant`) and the
+/// routed experts under an expert cache (`--expert-memory`).
+pub fn load_engine_with(
+    dir: &std::path::Path,
+    quant: Option<QuantKind>,
+    expert_memory: Option<ExpertMemory>,
+) -> anyhow::Result<Engine> {
     let opts = LoadOptions {
         progress: true,
         quant,
+        expert_memory,
         ..LoadOptions::default()
     };
     Engine::load(dir, &opts).with_context(|| format!("loading model from {}", dir.display()))

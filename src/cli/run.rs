@@ -7,6 +7,7 @@ use switchyard::generate::{Flow, GenerateOptions, SamplingParams};
 use switchyard::model::NoObserver;
 use switchyard::ops::QuantKind;
 
+use super::expert_memory::{ExpertMemoryArgs, print_summary, summary_json};
 use super::model_arg::{load_engine_with, parse_ids, resolve};
 
 #[derive(Debug, Args)]
@@ -37,16 +38,18 @@ pub struct RunArgs {
     top_k: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Print {"token_ids":[...],"text":"..."} instead of streaming text.
+    /// Print {"token_ids":[...],"text":"...","expert_cache":...} instead of streaming text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    experts: ExpertMemoryArgs,
 }
 
 const DEFAULT_PROMPT: &str = "The";
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let dir = resolve(args.model)?;
-    let engine = load_engine_with(&dir, args.quant)?;
+    let engine = load_engine_with(&dir, args.quant, args.experts.memory())?;
     let prompt = match (&args.prompt_ids, &args.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, text) => {
@@ -95,7 +98,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(t) => t.decode(&ids, true)?,
             Err(_) => String::new(),
         };
-        let json = serde_json::json!({ "token_ids": ids, "text": text });
+        let tokens = stats.prompt_tokens + stats.generated_tokens;
+        let expert_cache = summary_json(engine.model().experts().as_ref(), tokens);
+        let json =
+            serde_json::json!({ "token_ids": ids, "text": text, "expert_cache": expert_cache });
         writeln!(out, "{json}")?;
     } else if stream.is_none() {
         writeln!(out, "{}", serde_json::to_string(&ids)?)?;
@@ -108,6 +114,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         stats.generated_tokens,
         stats.prefill_tokens_per_s(),
         stats.decode_tokens_per_s()
+    );
+    print_summary(
+        engine.model().experts().as_ref(),
+        stats.prompt_tokens + stats.generated_tokens,
     );
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! the model. Expert tensor naming lives here too (`naming`), as data the
 //! architecture files fill in.
 
+mod cache;
 mod naming;
 mod outcome;
 mod policy;
@@ -12,6 +13,7 @@ mod replay;
 mod resident;
 mod store;
 
+pub use cache::{CacheReport, ExpertCache, ExpertMemory, ExpertReads, Prefetch, PrefetchCounts};
 pub use naming::{ExpertDims, ExpertLayout, ExpertNaming, LayerExperts};
 pub use outcome::CacheOutcome;
 pub use policy::{Admission, CachePolicy, Lfu, Lru, PolicyKind};

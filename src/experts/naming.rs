@@ -128,11 +128,11 @@ impl LayerExperts {
         let names = self.tensor_names(e);
         if self.fused {
             // transformers 5 stores all experts in one tensor; an expert is a slice of it.
-            let gate_up = src.load(&names[0], &[n, 2 * ffn, h], dtype)?;
-            let down = src.load(&names[1], &[n, h, ffn], dtype)?;
+            let gate_up = src.load_index(&names[0], &[n, 2 * ffn, h], e, dtype)?;
+            let down = src.load_index(&names[1], &[n, h, ffn], e, dtype)?;
             return Ok(Ffn::new(
-                Linear::new(gate_up.get(e)?, None),
-                Linear::new(down.get(e)?, None),
+                Linear::new(gate_up, None),
+                Linear::new(down, None),
             ));
         }
         Ok(Ffn::new(

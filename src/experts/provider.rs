@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use super::{CacheOutcome, ExpertId};
+use super::{CacheOutcome, CacheReport, ExpertId};
 use crate::error::Result;
 use crate::ops::Ffn;
 
@@ -33,6 +33,26 @@ pub trait ExpertProvider: Send + Sync + fmt::Debug {
 
     /// The experts of one call of `layer`; `experts` are distinct and ascending.
     fn experts_for_call(&self, layer: u32, experts: &[u32]) -> Result<CallExperts>;
+
+    /// The most experts one call may ask for. The block computes a wider layer
+    /// call in groups of at most this many, dropping each group's experts
+    /// before asking for the next, so a budgeted cache never holds more.
+    fn max_experts_per_call(&self) -> usize {
+        usize::MAX
+    }
+
+    /// A prediction that `layer`'s next call uses `experts` (distinct,
+    /// ascending): a cache may start reading them in the background.
+    fn prefetch(&self, _layer: u32, _experts: &[u32]) {}
+
+    /// Hit rate, optimal hit rate and bytes read since the cache was opened
+    /// or last reset; `None` when every expert is resident.
+    fn cache_report(&self) -> Option<CacheReport> {
+        None
+    }
+
+    /// Empties an expert cache and zeroes its counters (before a measured run).
+    fn reset_cache(&self) {}
 
     /// All routed experts' bytes together (what `--expert-memory 25%` is of).
     fn total_expert_bytes(&self, num_layers: usize) -> u64 {

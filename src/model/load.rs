@@ -12,10 +12,13 @@ use super::Model;
 use super::arch::{Wiring, wiring};
 use super::attention::Attention;
 use super::layer::{DecoderLayer, LayerFfn};
-use super::moe::{MoeBlock, RouterConfig, SharedExpert};
+use super::moe::{MoeBlock, NextRouter, RouterConfig, SharedExpert};
 use crate::config::{ModelConfig, QkNorm};
-use crate::error::Result;
-use crate::experts::{ExpertDims, ExpertLayout, ExpertProvider, ExpertStore};
+use crate::error::{Error, Result};
+use crate::experts::{
+    ExpertCache, ExpertDims, ExpertLayout, ExpertMemory, ExpertProvider, ExpertReads, ExpertStore,
+    Prefetch,
+};
 use crate::ops::{Ffn, Linear, QuantKind, RmsNorm, RopeTable};
 use crate::weights::TensorSource;
 
@@ -28,6 +31,9 @@ pub struct LoadOptions {
     /// Quantize expert, attention and output matrices at load. Embeddings, norms,
     /// routers and the shared-expert gate keep `dtype`.
     pub quant: Option<QuantKind>,
+    /// Read routed experts on demand into an expert cache of this budget
+    /// instead of all at load; the checkpoint stays open for the engine's lifetime.
+    pub expert_memory: Option<ExpertMemory>,
 }
 
 impl Default for LoadOptions {
@@ -36,6 +42,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             progress: false,
             quant: None,
+            expert_memory: None,
         }
     }
 }
@@ -70,16 +77,39 @@ pub(super) fn build(
     };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     let layout = loader.expert_layout()?;
-    let mut experts = Vec::with_capacity(cfg.num_layers);
-    for l in 0..cfg.num_layers {
-        experts.push(loader.quantized_ffns(loader.experts(&layout, l)?)?);
-    }
-    let experts: Arc<dyn ExpertProvider> = Arc::new(ExpertStore::new(experts));
+    let experts: Arc<dyn ExpertProvider> = match opts.expert_memory {
+        None => {
+            let mut experts = Vec::with_capacity(cfg.num_layers);
+            for l in 0..cfg.num_layers {
+                experts.push(loader.quantized_ffns(loader.experts(&layout, l)?)?);
+            }
+            Arc::new(ExpertStore::new(experts))
+        }
+        Some(memory) => {
+            let reopened = src.reopen_for_reads()?.ok_or_else(|| {
+                Error::InvalidInput(
+                    "--expert-memory needs a checkpoint on disk to read experts from".into(),
+                )
+            })?;
+            let reads = ExpertReads {
+                layout,
+                quant: opts.quant,
+                top_k: cfg.moe.top_k,
+            };
+            Arc::new(ExpertCache::open(reopened, reads, memory)?)
+        }
+    };
     for l in 0..cfg.num_layers {
         layers.push(loader.layer(l, &experts)?);
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if opts
+        .expert_memory
+        .is_some_and(|m| m.prefetch == Prefetch::NextLayer)
+    {
+        wire_next_routers(&mut layers);
+    }
     let norm = loader.norm("model.norm.weight", h)?;
     let rope = RopeTable::new(
         cfg.attention.head_dim,
@@ -96,6 +126,27 @@ pub(super) fn build(
         rope,
         experts,
     })
+}
+
+/// Hands each MoE block the router of the next MoE layer, for prefetching.
+fn wire_next_routers(layers: &mut [DecoderLayer]) {
+    let routers: Vec<Option<NextRouter>> = layers
+        .iter()
+        .enumerate()
+        .map(|(l, layer)| {
+            layer.moe().map(|b| NextRouter {
+                layer: l,
+                router: b.router().clone(),
+                config: b.config(),
+            })
+        })
+        .collect();
+    for (l, layer) in layers.iter_mut().enumerate() {
+        let next = routers[l + 1..].iter().flatten().next();
+        if let (LayerFfn::Moe(block), Some(next)) = (&mut layer.ffn, next) {
+            block.set_next_router(next.clone());
+        }
+    }
 }
 
 fn progress_bar(enabled: bool, len: usize) -> ProgressBar {

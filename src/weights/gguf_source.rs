@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 
 use super::TensorSource;
 use super::gguf::{GgufFile, GgufTensorInfo, decode, to_qtensor};
-use super::source::load_stacked;
+use super::source::{Reopened, load_stacked};
 use crate::error::{Error, Result};
 use crate::ops::Linear;
 
@@ -174,9 +174,8 @@ impl GgufSource {
     fn piece(&self, hf: &str, shape: &[usize]) -> Result<Piece<'_>> {
         let loc = self.resolve(self.locate(hf)?);
         let info = self.file.require(&loc.name)?;
-        let all = self.file.bytes(&loc.name)?;
         let (bytes, stored_shape) = match loc.expert {
-            None => (all, info.shape.clone()),
+            None => (self.file.bytes(&loc.name)?, info.shape.clone()),
             Some(e) => {
                 let [n, rows, cols] = info.shape[..] else {
                     return Err(self.bad(
@@ -192,8 +191,7 @@ impl GgufSource {
                         self.bad(&loc.name, format!("has {n} experts, expert {e} requested"))
                     );
                 }
-                let per_expert = all.len() / n;
-                (&all[e * per_expert..(e + 1) * per_expert], vec![rows, cols])
+                (self.file.part_bytes(&loc.name, e, n)?, vec![rows, cols])
             }
         };
         let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
@@ -207,9 +205,9 @@ impl GgufSource {
         let bytes = match self.heads_to_unpermute(&loc.name) {
             Some(heads) => {
                 let rows = shape.first().copied().unwrap_or(0);
-                Cow::Owned(self.unpermute_rows(&loc.name, bytes, rows, heads)?)
+                Cow::Owned(self.unpermute_rows(&loc.name, &bytes, rows, heads)?)
             }
-            None => Cow::Borrowed(bytes),
+            None => bytes,
         };
         Ok(Piece {
             info,
@@ -306,6 +304,14 @@ impl TensorSource for GgufSource {
 
     fn contains(&self, name: &str) -> bool {
         gguf_location(name).is_some_and(|loc| self.file.contains(&self.resolve(loc).name))
+    }
+
+    fn reopen_for_reads(&self) -> Result<Option<Reopened>> {
+        let (file, stats) = self.file.with_positioned_reads()?;
+        Ok(Some(Reopened {
+            source: Box::new(GgufSource::new(file, self.permuted_qk)),
+            stats,
+        }))
     }
 
     /// Quantized GGUF matrices stay quantized (Q8_0 / Q4_0 on our kernels, other

@@ -1,14 +1,15 @@
 //! Memory-mapped safetensors checkpoints: one file, or many shards listed by
 //! `model.safetensors.index.json` (or else every `model*.safetensors` in the directory).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use super::backing::{Backing, ReadStats};
 use crate::error::{Error, Result};
 
 /// Element type as stored on disk.
@@ -54,7 +55,8 @@ impl TensorMeta {
 
 pub struct SafetensorsFiles {
     paths: Vec<PathBuf>,
-    maps: Vec<Mmap>,
+    /// One per path.
+    files: Vec<Backing>,
     tensors: HashMap<String, TensorMeta>,
 }
 
@@ -66,15 +68,13 @@ impl SafetensorsFiles {
     }
 
     pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
-        let mut maps = Vec::with_capacity(paths.len());
+        let mut files = Vec::with_capacity(paths.len());
         let mut tensors = HashMap::new();
         for (file_idx, path) in paths.iter().enumerate() {
-            let file = File::open(path).map_err(|e| Error::io(path, e))?;
-            // SAFETY: the map is read-only and lives as long as `self`; a checkpoint
-            // modified on disk while loaded is outside what any loader can defend against.
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let backing = Backing::map(path)?;
+            let map = backing.mapped().unwrap_or_default();
             let (header_len, metadata) =
-                SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
+                SafeTensors::read_metadata(map).map_err(|e| Error::Safetensors {
                     path: path.clone(),
                     reason: e.to_string(),
                 })?;
@@ -106,13 +106,30 @@ impl SafetensorsFiles {
                     });
                 }
             }
-            maps.push(map);
+            files.push(backing);
         }
         Ok(Self {
             paths: paths.to_vec(),
-            maps,
+            files,
             tensors,
         })
+    }
+
+    /// The same files opened again for positioned reads (no map), sharing one
+    /// read counter: what an expert provider reads experts from after the build.
+    pub fn with_positioned_reads(&self) -> Result<(Self, Arc<ReadStats>)> {
+        let stats = Arc::new(ReadStats::default());
+        let files = self
+            .paths
+            .iter()
+            .map(|p| Backing::reads(p, stats.clone()))
+            .collect::<Result<_>>()?;
+        let reopened = Self {
+            paths: self.paths.clone(),
+            files,
+            tensors: self.tensors.clone(),
+        };
+        Ok((reopened, stats))
     }
 
     pub fn paths(&self) -> &[PathBuf] {
@@ -131,10 +148,14 @@ impl SafetensorsFiles {
         self.tensors.keys().map(String::as_str)
     }
 
-    /// The raw little-endian bytes of a tensor, straight from the map.
-    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+    /// The raw little-endian bytes of a tensor (borrowed from the map, or read).
+    pub fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let meta = self.require(name)?;
-        Ok(&self.maps[meta.file][meta.start..meta.end])
+        self.range(meta, meta.start, meta.end)
+    }
+
+    fn range(&self, meta: &TensorMeta, start: usize, end: usize) -> Result<Cow<'_, [u8]>> {
+        self.files[meta.file].range(&self.paths[meta.file], start, end)
     }
 
     fn require(&self, name: &str) -> Result<&TensorMeta> {
@@ -161,9 +182,41 @@ impl SafetensorsFiles {
                 found: meta.shape.clone(),
             });
         }
-        let bytes = &self.maps[meta.file][meta.start..meta.end];
+        let bytes = self.range(meta, meta.start, meta.end)?;
         let tensor =
-            Tensor::from_raw_buffer(bytes, meta.dtype.candle(), &meta.shape, &Device::Cpu)?;
+            Tensor::from_raw_buffer(&bytes, meta.dtype.candle(), &meta.shape, &Device::Cpu)?;
+        Ok(tensor.to_dtype(dtype)?)
+    }
+
+    /// Slice `index` along the first dimension of a tensor of `shape`, reading
+    /// only that slice's bytes (one expert of a fused expert tensor).
+    pub fn load_index(
+        &self,
+        name: &str,
+        shape: &[usize],
+        index: usize,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let meta = self.require(name)?;
+        if meta.shape != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: meta.shape.clone(),
+            });
+        }
+        let (n, inner) = shape.split_first().ok_or_else(|| {
+            Error::InvalidInput(format!("tensor {name:?} is a scalar, it has no slices"))
+        })?;
+        if index >= *n {
+            return Err(Error::InvalidInput(format!(
+                "tensor {name:?} has {n} slices along its first dimension, slice {index} requested"
+            )));
+        }
+        let slice_bytes = (meta.end - meta.start) / n;
+        let start = meta.start + index * slice_bytes;
+        let bytes = self.range(meta, start, start + slice_bytes)?;
+        let tensor = Tensor::from_raw_buffer(&bytes, meta.dtype.candle(), inner, &Device::Cpu)?;
         Ok(tensor.to_dtype(dtype)?)
     }
 }

@@ -1,7 +1,17 @@
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 
+use super::backing::ReadStats;
 use crate::error::Result;
 use crate::ops::Linear;
+
+/// A checkpoint opened again for positioned reads after the build.
+pub struct Reopened {
+    pub source: Box<dyn TensorSource + Send + Sync>,
+    /// Bytes and time its reads have taken.
+    pub stats: Arc<ReadStats>,
+}
 
 /// Anything the model can be built from: a checkpoint on disk, or freshly
 /// initialised trainable variables.
@@ -10,6 +20,25 @@ pub trait TensorSource {
     fn load(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor>;
     /// Whether the source has (or will provide) a tensor of that name.
     fn contains(&self, name: &str) -> bool;
+
+    /// Slice `index` along the first dimension of the tensor `name` of `shape`
+    /// (one expert of a fused expert tensor). File sources read only the slice.
+    fn load_index(
+        &self,
+        name: &str,
+        shape: &[usize],
+        index: usize,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        Ok(self.load(name, shape, dtype)?.get(index)?)
+    }
+
+    /// The same checkpoint opened again for positioned reads (no map), to be
+    /// kept for the engine's lifetime by an expert provider reading experts on
+    /// demand; `None` for a source that is not a file.
+    fn reopen_for_reads(&self) -> Result<Option<Reopened>> {
+        Ok(None)
+    }
 
     /// A `[out, cols]` weight stacked from row blocks (`parts`: name and rows, e.g.
     /// gate then up), as a [`Linear`]. By default the parts are loaded in `dtype`
@@ -50,6 +79,24 @@ impl TensorSource for super::SafetensorsFiles {
 
     fn contains(&self, name: &str) -> bool {
         SafetensorsFiles::contains(self, name)
+    }
+
+    fn load_index(
+        &self,
+        name: &str,
+        shape: &[usize],
+        index: usize,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        SafetensorsFiles::load_index(self, name, shape, index, dtype)
+    }
+
+    fn reopen_for_reads(&self) -> Result<Option<Reopened>> {
+        let (files, stats) = self.with_positioned_reads()?;
+        Ok(Some(Reopened {
+            source: Box::new(files),
+            stats,
+        }))
     }
 }
 

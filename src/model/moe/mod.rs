@@ -4,5 +4,5 @@
 mod block;
 mod router;
 
-pub use block::{MoeBlock, SharedExpert};
+pub use block::{MoeBlock, NextRouter, SharedExpert};
 pub use router::{RouterConfig, Routing, route};

@@ -9,15 +9,16 @@
 
 mod parse;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use super::backing::{Backing, ReadStats};
+use crate::error::{Error, Result};
 use candle_core::quantized::{GgmlDType, QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{DType, Device, Tensor};
-use memmap2::Mmap;
-
-use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 
@@ -128,7 +129,7 @@ impl GgufTensorInfo {
 }
 pub struct GgufFile {
     path: PathBuf,
-    map: Mmap,
+    backing: Backing,
     version: u32,
     metadata: BTreeMap<String, GgufValue>,
     tensors: HashMap<String, GgufTensorInfo>,
@@ -148,21 +149,33 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Maps the file and validates header, metadata and every tensor's extent.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only and lives as long as `self`; a file
-        // modified on disk while loaded is outside what any loader can defend against.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let parsed = parse::parse(&map).map_err(|reason| Error::Gguf {
-            path: path.to_path_buf(),
-            reason,
-        })?;
+        let backing = Backing::map(path)?;
+        let parsed =
+            parse::parse(backing.mapped().unwrap_or_default()).map_err(|reason| Error::Gguf {
+                path: path.to_path_buf(),
+                reason,
+            })?;
         Ok(Self {
             path: path.to_path_buf(),
-            map,
+            backing,
             version: parsed.version,
             metadata: parsed.metadata,
             tensors: parsed.tensors,
         })
+    }
+
+    /// The tensor table over positioned reads of the same file (no map, no
+    /// metadata): what an expert provider reads experts from after the build.
+    pub fn with_positioned_reads(&self) -> Result<(Self, Arc<ReadStats>)> {
+        let stats = Arc::new(ReadStats::default());
+        let reopened = Self {
+            path: self.path.clone(),
+            backing: Backing::reads(&self.path, stats.clone())?,
+            version: self.version,
+            metadata: BTreeMap::new(),
+            tensors: self.tensors.clone(),
+        };
+        Ok((reopened, stats))
     }
 
     /// Whether `path` looks like a GGUF file: a `.gguf` extension or the magic bytes.
@@ -243,16 +256,25 @@ impl GgufFile {
         })
     }
 
-    /// The raw encoded bytes of a tensor, straight from the map.
-    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+    /// The raw encoded bytes of a tensor (borrowed from the map, or read).
+    pub fn bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let info = self.require(name)?;
-        Ok(&self.map[info.start..info.end])
+        self.backing.range(&self.path, info.start, info.end)
+    }
+
+    /// Part `index` of `parts` equal parts of a tensor's bytes (one expert of
+    /// a merged `ffn_*_exps` tensor), reading only that part.
+    pub fn part_bytes(&self, name: &str, index: usize, parts: usize) -> Result<Cow<'_, [u8]>> {
+        let info = self.require(name)?;
+        let len = info.size_in_bytes() / parts.max(1);
+        let start = info.start + index * len;
+        self.backing.range(&self.path, start, start + len)
     }
 
     /// A GGUF-named tensor decoded to `dtype` (quantized types through f32).
     pub fn load(&self, name: &str, dtype: DType) -> Result<Tensor> {
         let info = self.require(name)?;
-        Ok(decode(self.bytes(name)?, info.dtype, &info.shape, dtype)?)
+        Ok(decode(&self.bytes(name)?, info.dtype, &info.shape, dtype)?)
     }
 }
 

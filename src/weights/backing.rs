@@ -1,0 +1,119 @@
+//! The bytes behind one checkpoint file: memory-mapped while the model is
+//! built, or positioned reads (`pread`) once an expert provider reads experts
+//! on demand for the engine's lifetime. Reads, unlike a map, turn a file
+//! truncated or replaced after load into an error naming it instead of SIGBUS,
+//! and they are counted.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+/// Bytes read and time spent in positioned reads, shared by every file of
+/// one reopened checkpoint.
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    bytes: AtomicU64,
+    nanos: AtomicU64,
+    reads: AtomicU64,
+}
+
+/// A snapshot of [`ReadStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadTotals {
+    pub bytes: u64,
+    pub nanos: u64,
+    /// Positioned reads issued (one per contiguous range).
+    pub reads: u64,
+}
+
+impl ReadStats {
+    pub fn totals(&self) -> ReadTotals {
+        ReadTotals {
+            bytes: self.bytes.load(Ordering::Relaxed),
+            nanos: self.nanos.load(Ordering::Relaxed),
+            reads: self.reads.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub(crate) enum Backing {
+    Mapped(Mmap),
+    Reads { file: File, stats: Arc<ReadStats> },
+}
+
+impl Backing {
+    pub(crate) fn map(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only and lives as long as `self`; it is used only
+        // while the model is built, and a checkpoint modified on disk during that
+        // is outside what any loader can defend against.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Ok(Backing::Mapped(map))
+    }
+
+    pub(crate) fn reads(path: &Path, stats: Arc<ReadStats>) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        Ok(Backing::Reads { file, stats })
+    }
+
+    /// The whole mapped file (for parsing headers); `None` for a read backing.
+    pub(crate) fn mapped(&self) -> Option<&[u8]> {
+        match self {
+            Backing::Mapped(map) => Some(map),
+            Backing::Reads { .. } => None,
+        }
+    }
+
+    /// Bytes `start..end` of the file at `path`: borrowed from the map, or read
+    /// with one `pread` into a fresh buffer.
+    pub(crate) fn range(&self, path: &Path, start: usize, end: usize) -> Result<Cow<'_, [u8]>> {
+        match self {
+            Backing::Mapped(map) => map.get(start..end).map(Cow::Borrowed).ok_or_else(|| {
+                truncated(path, start, end, format!("the map has {} bytes", map.len()))
+            }),
+            Backing::Reads { file, stats } => {
+                let t = Instant::now();
+                let mut buf = vec![0u8; end.saturating_sub(start)];
+                file.read_exact_at(&mut buf, start as u64).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        let now = file
+                            .metadata()
+                            .map_or("unknown".to_string(), |m| m.len().to_string());
+                        truncated(
+                            path,
+                            start,
+                            end,
+                            format!("the file now has {now} bytes (truncated after load?)"),
+                        )
+                    } else {
+                        Error::io(path, e)
+                    }
+                })?;
+                stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                stats
+                    .nanos
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                stats.reads.fetch_add(1, Ordering::Relaxed);
+                Ok(Cow::Owned(buf))
+            }
+        }
+    }
+}
+
+fn truncated(path: &Path, start: usize, end: usize, why: String) -> Error {
+    Error::io(
+        PathBuf::from(path),
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("cannot read bytes {start}..{end}: {why}"),
+        ),
+    )
+}

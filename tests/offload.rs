@@ -1,0 +1,357 @@
+//! Experts read on demand under `--expert-memory`: logits bit-identical to the
+//! all-resident model under a budget that evicts at every layer call, the
+//! budget never exceeded, the live counting equal to the replay simulator's,
+//! and a checkpoint truncated after load failing the run with a clear error.
+
+mod common;
+
+use std::path::Path;
+
+use common::{ALL_FIXTURES, fixture, golden};
+use switchyard::config::{ByteSize, load_model_config};
+use switchyard::experts::{
+    Capacity, ExpertCache, ExpertDims, ExpertLayout, ExpertMemory, ExpertNaming, ExpertProvider,
+    ExpertReads, LayerCall, PolicyKind, Prefetch, replay,
+};
+use switchyard::model::{LoadOptions, Model, NoObserver};
+use switchyard::ops::QuantKind;
+use switchyard::weights::{SafetensorsFiles, TensorSource};
+
+fn load(dir: &Path, quant: Option<QuantKind>, memory: Option<ExpertMemory>) -> Model {
+    let opts = LoadOptions {
+        quant,
+        expert_memory: memory,
+        ..LoadOptions::default()
+    };
+    Model::load(dir, &opts).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+fn minimum_budget(dir: &Path, quant: Option<QuantKind>) -> u64 {
+    let resident = load(dir, quant, None);
+    let experts = resident.experts();
+    let top_k = resident.config().moe.top_k;
+    let largest = (0..resident.layers().len())
+        .map(|l| {
+            experts.expert_bytes(switchyard::experts::ExpertId {
+                layer: l as u32,
+                expert: 0,
+            })
+        })
+        .max()
+        .unwrap();
+    (top_k * largest) as u64
+}
+
+fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
+    model
+        .score(ids, &mut NoObserver)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Every fixture, float and `--quant`, under both policies: the same bits.
+#[test]
+fn logits_under_eviction_at_every_call_are_bit_identical() {
+    for name in ALL_FIXTURES {
+        let dir = fixture(name);
+        for quant in [None, Some(QuantKind::Q8_0), Some(QuantKind::Q4_0)] {
+            let resident = load(&dir, quant, None);
+            let budget = minimum_budget(&dir, quant);
+            for policy in [PolicyKind::Lru, PolicyKind::Lfu { half_life: None }] {
+                let memory = ExpertMemory {
+                    budget: ByteSize::Bytes(budget),
+                    policy,
+                    prefetch: Prefetch::Off,
+                };
+                let cached = load(&dir, quant, Some(memory));
+                for p in &golden(name).prompts {
+                    assert_eq!(
+                        logits(&cached, &p.input_ids),
+                        logits(&resident, &p.input_ids),
+                        "{name} {quant:?} {policy}"
+                    );
+                }
+                let report = cached.experts().cache_report().unwrap();
+                assert_eq!(report.budget_bytes, budget);
+                assert!(report.peak_resident_bytes as u64 <= budget, "{report:?}");
+                assert!(report.counts.evictions > 0, "{name}: {report:?}");
+                assert!(report.counts.hit_rate() < 1.0);
+                assert!(report.optimal.hits >= report.counts.hits, "{report:?}");
+                assert!(report.read.bytes > 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn budget_below_one_decode_step_states_the_minimum() {
+    let dir = fixture("qwen3_moe");
+    let minimum = minimum_budget(&dir, None);
+    let opts = LoadOptions {
+        expert_memory: Some(ExpertMemory {
+            budget: ByteSize::Bytes(minimum - 1),
+            policy: PolicyKind::Lru,
+            prefetch: Prefetch::Off,
+        }),
+        ..LoadOptions::default()
+    };
+    let err = Model::load(&dir, &opts).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("minimum of {minimum} bytes")) && err.contains("top_k = 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_percentage_is_of_all_routed_experts_bytes() {
+    let dir = fixture("qwen3_moe");
+    let resident = load(&dir, None, None);
+    let total = resident
+        .experts()
+        .total_expert_bytes(resident.layers().len());
+    let cached = load(
+        &dir,
+        None,
+        Some(ExpertMemory {
+            budget: "50%".parse().unwrap(),
+            policy: PolicyKind::Lru,
+            prefetch: Prefetch::Off,
+        }),
+    );
+    let report = cached.experts().cache_report().unwrap();
+    assert_eq!(report.total_expert_bytes, total);
+    assert_eq!(report.budget_bytes, total / 2);
+}
+
+/// Copies a fixture to a temporary directory, loads it under the smallest
+/// budget, then truncates its weights file: the next forward must fail with an
+/// error naming the file and the expert, not panic.
+#[test]
+fn checkpoint_truncated_after_load_fails_the_run_naming_file_and_expert() {
+    let src = fixture("qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let budget = minimum_budget(&src, None);
+    let model = load(
+        tmp.path(),
+        None,
+        Some(ExpertMemory {
+            budget: ByteSize::Bytes(budget),
+            policy: PolicyKind::Lru,
+            prefetch: Prefetch::Off,
+        }),
+    );
+    let weights = tmp.path().join("model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let ids: Vec<u32> = (0..16).collect();
+    let err = model.score(&ids, &mut NoObserver).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+    assert!(err.contains("reading expert"), "{err}");
+    assert!(err.contains("truncated"), "{err}");
+}
+
+/// An expert cache over the `qwen3_moe` fixture with room for `capacity` experts.
+fn fixture_cache(capacity: usize, policy: PolicyKind) -> (ExpertCache, usize) {
+    let dir = fixture("qwen3_moe");
+    let cfg = load_model_config(&dir).unwrap();
+    let files = SafetensorsFiles::open_dir(&dir).unwrap();
+    let layers = (0..cfg.num_layers)
+        .map(|l| cfg.moe.sparse_layers[l].then(|| ExpertNaming::QWEN.layer(&files, l).unwrap()))
+        .collect();
+    let layout = ExpertLayout {
+        layers,
+        dims: ExpertDims {
+            hidden: cfg.hidden_size,
+            ffn: cfg.moe.expert_ffn,
+            num_experts: cfg.moe.num_experts,
+        },
+        dtype: candle_core::DType::F32,
+    };
+    // gate-up and down, f32.
+    let expert_bytes = 3 * cfg.hidden_size * cfg.moe.expert_ffn * 4;
+    let reads = ExpertReads {
+        layout,
+        quant: None,
+        top_k: cfg.moe.top_k,
+    };
+    let memory = ExpertMemory {
+        budget: ByteSize::Bytes((capacity * expert_bytes + expert_bytes / 2) as u64),
+        policy,
+        prefetch: Prefetch::Off,
+    };
+    let reopened = TensorSource::reopen_for_reads(&files).unwrap().unwrap();
+    let cache = ExpertCache::open(reopened, reads, memory).unwrap();
+    assert_eq!(cache.capacity(), capacity);
+    (cache, expert_bytes)
+}
+
+fn random_calls() -> impl proptest::strategy::Strategy<Value = Vec<LayerCall>> {
+    use proptest::prelude::*;
+    // The fixture's MoE layers are 0 and 2, with 8 experts each.
+    prop::collection::vec(
+        (
+            prop::sample::select(vec![0u32, 2]),
+            prop::collection::vec(0u32..8, 1..3),
+        ),
+        1..40,
+    )
+    .prop_map(|v| v.into_iter().map(|(l, e)| LayerCall::new(l, e)).collect())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// Under random routing the resident bytes never pass the budget, every
+    /// call is served whole, and the live cache counts exactly as the replay
+    /// simulator does on the same calls.
+    #[test]
+    fn budget_is_never_exceeded_and_counts_match_replay(
+        calls in random_calls(),
+        capacity in 2usize..6,
+        lfu in proptest::bool::ANY,
+    ) {
+        let policy = if lfu { PolicyKind::Lfu { half_life: None } } else { PolicyKind::Lru };
+        let (cache, expert_bytes) = fixture_cache(capacity, policy);
+        for call in &calls {
+            let got = cache.experts_for_call(call.layer, &call.experts).unwrap();
+            proptest::prop_assert_eq!(got.ffns.len(), call.experts.len());
+            proptest::prop_assert!(cache.resident_bytes() <= cache.budget_bytes() as usize);
+            proptest::prop_assert!(cache.resident_bytes() <= capacity * expert_bytes);
+        }
+        let report = cache.cache_report().unwrap();
+        let replayed = replay(&calls, Capacity::Global(capacity), policy);
+        proptest::prop_assert_eq!(report.counts, replayed);
+        proptest::prop_assert!(report.optimal.hits >= report.counts.hits);
+        // One read per miss: each expert's three matrices, f32 as stored.
+        proptest::prop_assert_eq!(report.read.bytes, report.counts.misses * expert_bytes as u64);
+    }
+}
+
+#[test]
+fn reset_empties_the_cache_and_its_counters() {
+    let (cache, _) = fixture_cache(2, PolicyKind::Lru);
+    cache.experts_for_call(0, &[1, 2]).unwrap();
+    cache.experts_for_call(0, &[1, 2]).unwrap();
+    assert_eq!(cache.cache_report().unwrap().counts.hits, 2);
+    cache.reset_cache();
+    assert_eq!(cache.resident_bytes(), 0);
+    cache.experts_for_call(0, &[1, 2]).unwrap();
+    let report = cache.cache_report().unwrap();
+    assert_eq!((report.counts.hits, report.counts.misses), (0, 2));
+}
+
+fn switchyard(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .output()
+        .expect("binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `run --json` under a budget: the same tokens as all-resident, the summary
+/// line on stderr and its fields in the JSON.
+#[test]
+fn run_under_a_budget_generates_the_same_tokens_and_reports_the_cache() {
+    let dir = fixture("qwen3_moe");
+    let dir = dir.to_str().unwrap();
+    let base = [
+        "run",
+        "--model",
+        dir,
+        "--prompt-ids",
+        "1,2,3,4",
+        "--max-tokens",
+        "6",
+        "--json",
+    ];
+    let (ok, resident, _) = switchyard(&base);
+    assert!(ok);
+    let resident: serde_json::Value = serde_json::from_str(&resident).unwrap();
+    assert!(resident["expert_cache"].is_null());
+    let mut args = base.to_vec();
+    args.extend(["--expert-memory", "25%", "--expert-cache", "lfu"]);
+    let (ok, cached, stderr) = switchyard(&args);
+    assert!(ok, "{stderr}");
+    let cached: serde_json::Value = serde_json::from_str(&cached).unwrap();
+    assert_eq!(cached["token_ids"], resident["token_ids"]);
+    let cache = &cached["expert_cache"];
+    assert_eq!(cache["policy"], "lfu");
+    let (hit, optimal) = (
+        cache["hit_rate"].as_f64().unwrap(),
+        cache["optimal_hit_rate"].as_f64().unwrap(),
+    );
+    assert!(hit <= optimal && optimal < 1.0, "{cache}");
+    assert!(cache["read_bytes"].as_u64().unwrap() > 0);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("expert cache: hit "))
+        .unwrap_or_else(|| panic!("no summary line in {stderr}"));
+    assert!(
+        line.contains("% (optimal ") && line.contains("MiB/token"),
+        "{line}"
+    );
+}
+
+#[test]
+fn bad_budget_strings_list_the_accepted_forms() {
+    let dir = fixture("qwen3_moe");
+    for bad in ["4 apples", "0%", "-1GiB"] {
+        let flag = format!("--expert-memory={bad}");
+        let (ok, _, stderr) = switchyard(&[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            "1",
+            &flag,
+        ]);
+        assert!(!ok);
+        assert!(
+            stderr.contains("accepted forms") && stderr.contains("25%"),
+            "{bad}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let (ok, _, stderr) = switchyard(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "1",
+        "--out",
+        "/dev/null",
+        "--expert-memory",
+        "1KiB",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("below the minimum"), "{stderr}");
+    let (ok, _, stderr) = switchyard(&[
+        "run",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "1",
+        "--expert-memory",
+        "50%",
+        "--expert-cache",
+        "fifo",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("lru, lfu"), "{stderr}");
+}
