@@ -355,3 +355,51 @@ fn bad_budget_strings_list_the_accepted_forms() {
     assert!(!ok);
     assert!(stderr.contains("lru, lfu"), "{stderr}");
 }
+
+/// The demo model (trained, so its routing is predictable) at a quarter of its
+/// experts' bytes: next-layer prefetch keeps the logits' bits, predicts most of
+/// the next layer's experts, and serves more lookups from memory than demand
+/// reads alone.
+#[test]
+fn next_layer_prefetch_keeps_logits_and_raises_the_hit_rate() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    let text = std::fs::read_to_string(dir.join("heldout.txt")).unwrap();
+    let tokenizer = switchyard::generate::TextTokenizer::from_dir(&dir).unwrap();
+    let ids: Vec<u32> = tokenizer.encode(&text[..2000], true).unwrap()[..96].to_vec();
+    // Token by token, as decode runs: one layer call per token and layer.
+    let decode = |model: &Model| {
+        let mut cache = model.new_cache(ids.len());
+        ids.iter()
+            .map(|&id| {
+                model
+                    .forward_last(&[id], &mut cache, &mut NoObserver)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let expected = decode(&load(&dir, None, None));
+    let mut hit_rates = Vec::new();
+    for prefetch in [Prefetch::Off, Prefetch::NextLayer] {
+        let memory = ExpertMemory {
+            budget: "25%".parse().unwrap(),
+            policy: PolicyKind::Lru,
+            prefetch,
+        };
+        let cached = load(&dir, None, Some(memory));
+        assert!(decode(&cached) == expected, "{prefetch}: logits differ");
+        let report = cached.experts().cache_report().unwrap();
+        assert!(report.peak_resident_bytes as u64 <= report.budget_bytes);
+        match (prefetch, report.prefetch) {
+            (Prefetch::Off, None) => {}
+            (Prefetch::NextLayer, Some(p)) => {
+                assert!(p.reads > 0 && p.hits > 0, "{p:?}");
+                assert!(p.precision() > 0.5 && p.recall() > 0.5, "{p:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        hit_rates.push(report.counts.hit_rate());
+    }
+    assert!(hit_rates[1] > hit_rates[0] + 0.05, "{hit_rates:?}");
+}

@@ -122,7 +122,8 @@ struct CacheState {
     counts: CacheCounts,
     /// Every layer call as the cache saw it: the optimal yardstick replays it.
     calls: Vec<LayerCall>,
-    /// Experts read on demand, and the time spent reading and converting them.
+    /// Experts read on demand; time spent reading and converting experts
+    /// (on demand and prefetched).
     loads: u64,
     load_nanos: u64,
     prefetch: PrefetchCounts,
@@ -190,7 +191,8 @@ pub struct CacheReport {
     pub optimal: CacheCounts,
     /// Positioned reads of expert bytes since the last reset, prefetches included.
     pub read: ReadTotals,
-    /// Experts read on demand and the time spent reading plus converting them.
+    /// Experts read on demand, and the time spent reading plus converting
+    /// every expert read (prefetched ones too).
     pub loads: u64,
     pub load_nanos: u64,
     pub resident_bytes: usize,
@@ -205,8 +207,8 @@ impl CacheReport {
         self.read.bytes as f64 / tokens.max(1) as f64
     }
 
-    /// Time converting what was read on demand into the kernels' layout (bf16
-    /// to f32, `--quant`, GGUF blocks into tiles), as a share of the read time.
+    /// Time converting what was read into the kernels' layout (bf16 to f32,
+    /// `--quant`, GGUF blocks into tiles), as a share of the read time.
     pub fn repack_over_read(&self) -> f64 {
         let repack = self.load_nanos.saturating_sub(self.read.nanos);
         repack as f64 / self.read.nanos.max(1) as f64
@@ -414,8 +416,10 @@ impl Shared {
     /// The I/O thread's work: read a prefetched expert (its bytes were counted
     /// when it was admitted) and hand it over.
     fn read_prefetched(&self, id: ExpertId) {
+        let t = Instant::now();
         let result = read_expert(self.source.as_ref(), &self.reads, id);
         let mut st = self.state();
+        st.load_nanos += t.elapsed().as_nanos() as u64;
         st.pending.remove(&id);
         match result {
             Ok(ffn) => {
