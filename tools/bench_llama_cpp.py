@@ -5,7 +5,7 @@ decode steps from an empty cache, tg @ depth = the same after the prompt. Median
 `--repeat` runs after a warm-up, random token ids. Use it to compare both engines on
 the identical file, back to back, on the same (noisy, shared) machine.
 
-    /work/pyenv/venv/bin/python tools/bench_llama_cpp.py bench-models/qwen3-moe-bench-q4_0.gguf
+    python tools/bench_llama_cpp.py bench-models/qwen3-moe-bench-q4_0.gguf
 
 llama-cpp-python builds llama.cpp from source on install (with -march=native here:
 its libggml-cpu.so carries AVX-512 VNNI code); the per-token Python call adds a few

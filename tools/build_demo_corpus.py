@@ -2,6 +2,7 @@
 """Builds the demo model's training corpus from Debian packages and the Rust book.
 
     apt-get update && apt-get install -y bible-kjv fortunes fortunes-min fortunes-de fortunes-es fortunes-it
+    rustup component add rust-docs   # the Rust book, found through `rustc --print sysroot`
     python3 tools/build_demo_corpus.py --out /tmp/demo-corpus
 
 Writes one UTF-8 text file per source into --out; documents (fortunes, book
@@ -18,7 +19,13 @@ import subprocess
 from pathlib import Path
 
 EOT = "<|endoftext|>"
-RUST_BOOK = Path("/root/.rustup/toolchains/1.95.0-x86_64-unknown-linux-gnu/share/doc/rust/html/book")
+
+
+def rust_book() -> Path:
+    """The Rust book shipped with the toolchain's rust-docs component (1.95.0 built the demo corpus)."""
+    sysroot = subprocess.run(["rustc", "--print", "sysroot"], capture_output=True, text=True, check=True)
+    return Path(sysroot.stdout.strip()) / "share/doc/rust/html/book"
+
 
 # source name -> (byte budget)
 BUDGETS = {
@@ -64,7 +71,7 @@ def bible() -> list[str]:
 
 def rust_book() -> list[str]:
     docs = []
-    for f in sorted(RUST_BOOK.glob("*.html")):
+    for f in sorted(rust_book().glob("*.html")):
         if not re.match(r"(ch\d|appendix)", f.name):
             continue
         page = f.read_text(errors="replace")

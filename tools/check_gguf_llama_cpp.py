@@ -4,9 +4,9 @@
 Checks that a file written by tools/make_gguf.py is what llama.cpp expects (tensor layout, Mixtral's
 q/k permutation, metadata, tokenizer), independently of Switchyard's reader:
 
-    /work/pyenv/venv/bin/pip install llama-cpp-python      # builds llama.cpp from source (~30 min on 2 cores)
-    /work/pyenv/venv/bin/python tools/make_gguf.py tests/fixtures/mixtral /tmp/mixtral-f32.gguf --outtype f32
-    /work/pyenv/venv/bin/python tools/check_gguf_llama_cpp.py /tmp/mixtral-f32.gguf tests/fixtures/mixtral
+    pip install llama-cpp-python      # builds llama.cpp from source (~30 min on 2 cores)
+    python tools/make_gguf.py tests/fixtures/mixtral /tmp/mixtral-f32.gguf --outtype f32
+    python tools/check_gguf_llama_cpp.py /tmp/mixtral-f32.gguf tests/fixtures/mixtral
 
 Measured 2026-11-25 (llama-cpp-python 0.3.36, f32 GGUFs, f32 KV cache): mixtral 7.0e-6, qwen2_moe 9.1e-6.
 llama.cpp cannot run two fixtures as transformers does: its qwen3moe has no dense `mlp_only_layers`

@@ -2,7 +2,7 @@
 """Checks that transformers loads a Switchyard-trained model and agrees with
 Switchyard's logits.
 
-    /work/pyenv/venv/bin/python tools/check_transformers.py --model models/demo \
+    python tools/check_transformers.py --model models/demo \
         [--switchyard target/release/switchyard] [--text "The LORD said"]
 
 Encodes the text with the model's own tokenizer (via transformers), runs

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Create the random-weight Qwen3-MoE bench model described in ../shared/BENCHMARKS.md.
+"""Create the random-weight Qwen3-MoE bench model of the project's reference peer benchmarks (2026-11-25).
 
 The shape of OLMoE-1B-7B at half width: vocab 32000, hidden 1024, 16 layers, 16 query / 4 KV heads
 of 64, 64 experts top-8, moe_intermediate_size 512, untied embeddings, rope theta 1e6, RMS eps 1e-6.
@@ -11,7 +11,7 @@ writes it and as candle-transformers' `qwen3_moe` reads it), so no 7 GB float32 
 config.json carries both spellings (`num_experts` / `num_local_experts`, `rope_theta` /
 `rope_parameters`) so transformers, candle-transformers and Switchyard all read it.
 
-    /work/pyenv/venv/bin/python tools/make_bench_model.py --out bench-models/qwen3-moe-bench
+    python tools/make_bench_model.py --out bench-models/qwen3-moe-bench
 
 Not committed (bench-models/ is gitignored); takes a few minutes and ~3.5 GB of disk.
 """

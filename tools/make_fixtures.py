@@ -8,13 +8,13 @@ saved with `save_pretrained` exactly as transformers writes it (tensor names are
 
 Setup (the venv lives OUTSIDE the repository):
 
-    python3 -m venv /work/pyenv/venv
-    /work/pyenv/venv/bin/pip install -r tools/requirements.txt
+    python3 -m venv ~/.venvs/switchyard && . ~/.venvs/switchyard/bin/activate
+    pip install -r tools/requirements.txt
     # (the PyPI torch wheel is fine; it is only used on the CPU here)
 
 Regenerate (from the repository root):
 
-    /work/pyenv/venv/bin/python tools/make_fixtures.py --out tests/fixtures
+    python tools/make_fixtures.py --out tests/fixtures
 
 The script is deterministic: fixed seeds, float32, 2 CPU threads, eager attention and eager experts
 for the reference run.  For every fixture it writes `tests/fixtures/<name>/`:

@@ -34,10 +34,10 @@ here it is "pure" Q4_0 with the converter's F32 exceptions.
 
 Usage (venv: see tools/requirements.txt):
 
-    /work/pyenv/venv/bin/python tools/make_gguf.py MODEL_DIR OUT.gguf --outtype q8_0
-    /work/pyenv/venv/bin/python tools/make_gguf.py bench-models/qwen3-moe-bench \\
+    python tools/make_gguf.py MODEL_DIR OUT.gguf --outtype q8_0
+    python tools/make_gguf.py bench-models/qwen3-moe-bench \\
         bench-models/qwen3-moe-bench-q4_0.gguf --outtype q4_0 --tokenizer-from tests/fixtures/qwen3_moe
-    /work/pyenv/venv/bin/python tools/make_gguf.py --fixtures tests/fixtures   # the committed test GGUFs
+    python tools/make_gguf.py --fixtures tests/fixtures   # the committed test GGUFs
         # (tests/fixtures/gguf/: one f16 file per architecture, plus random blocks of every quantized
         #  type with gguf-py's dequantization of them, quant-blocks.gguf)
 
