@@ -62,6 +62,10 @@ pub enum Error {
     #[error("chat template: {0}")]
     ChatTemplate(String),
 
+    /// A training run that cannot go on (a non-finite loss or gradient).
+    #[error("training: {0}")]
+    Training(String),
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use switchyard::config::{load_model_config, open_gguf};
+use switchyard::config::{ModelConfig, load_model_config, open_gguf};
 use switchyard::model::{ForwardOptions, LoadOptions, LogitsFor, Model, SequenceId, SequenceInput};
 use switchyard::trace::{
     Routes, Summary, Trace, TraceMeta, TraceRows, TraceWriter, read_trace, write_plots,
 };
-use switchyard::train::VarStore;
-use switchyard::weights::GgufFile;
+use switchyard::train::RandomLike;
+use switchyard::weights::{GgufFile, SafetensorsFiles, TensorSource};
 
 use super::model_arg::{load_engine, resolve};
 
@@ -119,8 +119,13 @@ fn route_text(args: &AnalyzeArgs, text: &Path) -> anyhow::Result<Routes> {
     let random;
     let model: &Model = match args.random_init {
         Some(seed) => {
-            let vars = VarStore::init(&cfg, seed, engine.model().device())?;
-            random = Model::from_source(&cfg, &vars.frozen(), &LoadOptions::default())?;
+            // Shaped by the checkpoint itself, so every layout it loads from works.
+            random = if GgufFile::is_gguf(&dir) {
+                let (_, src) = open_gguf(&dir)?;
+                random_model(&cfg, &src, seed)?
+            } else {
+                random_model(&cfg, &SafetensorsFiles::open_dir(&dir)?, seed)?
+            };
             &random
         }
         None => engine.model(),
@@ -167,6 +172,14 @@ fn route_text(args: &AnalyzeArgs, text: &Path) -> anyhow::Result<Routes> {
         eprintln!("wrote {n} trace rows to {}", path.display());
     }
     Ok(Routes::from_trace(&trace, text)?)
+}
+
+fn random_model(cfg: &ModelConfig, like: &dyn TensorSource, seed: u64) -> anyhow::Result<Model> {
+    Ok(Model::from_source(
+        cfg,
+        &RandomLike::new(like, seed),
+        &LoadOptions::default(),
+    )?)
 }
 
 /// Cache sizes shown in the tables: top_k, 2 top_k, 4 top_k, ... and all experts.

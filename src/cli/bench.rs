@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::DType;
+use clap::builder::RangedU64ValueParser;
 use clap::{Args, ValueEnum};
 use switchyard::Engine;
 use switchyard::generate::{SamplingParams, SchedulerOptions, SequenceRequest, StepEvent};
@@ -31,15 +32,16 @@ pub struct BenchArgs {
     /// Element type of the unquantized weights: f32, bf16 or f16.
     #[arg(long, default_value = "bf16")]
     dtype: String,
-    /// Threads (default: all cores).
-    #[arg(long)]
+    /// Threads (default: all cores), 1 to 1024.
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_THREADS))]
     pub threads: Option<usize>,
-    #[arg(long, default_value_t = 512)]
+    /// Prompt length; with --gen-tokens, at most the model's context.
+    #[arg(long, default_value_t = 512, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     prompt_tokens: usize,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     gen_tokens: usize,
     /// Timed runs after one warm-up; the table shows medians.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     repeat: usize,
     /// Also run another engine on the same weights and dtype, in this process.
     #[arg(long)]
@@ -51,6 +53,9 @@ pub struct BenchArgs {
     #[command(flatten)]
     experts: ExpertMemoryArgs,
 }
+
+/// More threads than this is a typo, not a machine (rayon spawns them all up front).
+const MAX_THREADS: u64 = 1024;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Peer {
@@ -96,6 +101,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     eprintln!("loaded in {:.1} s", start.elapsed().as_secs_f64());
     let active = engine.active_bytes_per_token();
     let vocab = engine.config().vocab_size;
+    let context = engine.config().max_position_embeddings;
+    anyhow::ensure!(
+        args.prompt_tokens.saturating_add(args.gen_tokens) <= context,
+        "--prompt-tokens {} + --gen-tokens {} exceed the model's context of {context} positions",
+        args.prompt_tokens,
+        args.gen_tokens
+    );
     let prompt = random_ids(args.prompt_tokens, vocab);
     let mut runner = Ours {
         engine: &engine,

@@ -1,7 +1,9 @@
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
-use switchyard::config::{config_from_gguf, load_model_config};
+use switchyard::config::{load_model_config, open_gguf};
+use switchyard::model::check_checkpoint;
 use switchyard::weights::{GgufFile, SafetensorsFiles};
 
 use super::model_arg::resolve;
@@ -19,24 +21,39 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     let dir = resolve(args.model)?;
     // Bytes per parameter as stored: taken from the checkpoint's own tensors.
     let (mut stored_bytes, mut stored_params) = (0usize, 0usize);
+    // The configuration is checked against every tensor exactly as loading does
+    // (from metadata only), so what is printed is what would run.
     let cfg = if GgufFile::is_gguf(&dir) {
-        let file = GgufFile::open(&dir)?;
+        let (cfg, src) = open_gguf(&dir)?;
+        let file = src.file();
         for name in file.tensor_names() {
             if let Some(info) = file.tensor_info(name) {
-                stored_bytes += info.size_in_bytes();
-                stored_params += info.numel();
+                stored_bytes = stored_bytes.saturating_add(info.size_in_bytes());
+                stored_params = stored_params.saturating_add(info.numel());
             }
         }
-        config_from_gguf(&file)?
+        check_checkpoint(&cfg, &src).with_context(|| format!("checking {}", dir.display()))?;
+        cfg
     } else {
+        let cfg = load_model_config(&dir)?;
         let files = SafetensorsFiles::open_dir(&dir)?;
         for name in files.names() {
             if let Some(meta) = files.meta(name) {
-                stored_bytes += meta.numel() * meta.dtype.size_in_bytes();
-                stored_params += meta.numel();
+                stored_bytes = stored_bytes
+                    .saturating_add(meta.numel().saturating_mul(meta.dtype.size_in_bytes()));
+                stored_params = stored_params.saturating_add(meta.numel());
             }
         }
-        load_model_config(&dir)?
+        let report = check_checkpoint(&cfg, &files)
+            .with_context(|| format!("checking {}", dir.display()))?;
+        if !report.unused.is_empty() {
+            eprintln!(
+                "warning: {} tensors are not used by config.json, e.g. {}",
+                report.unused.len(),
+                report.unused[..report.unused.len().min(3)].join(", ")
+            );
+        }
+        cfg
     };
     let counts = cfg.parameter_counts();
     let bytes_per_param = stored_bytes as f64 / stored_params.max(1) as f64;

@@ -27,17 +27,30 @@ pub struct LogitsArgs {
 }
 
 pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.out.is_dir(),
+        "--out {} is a directory; name a .npy file",
+        args.out.display()
+    );
     let engine = load_engine_with(&args.model, args.quant, args.experts.memory())?;
     let ids = parse_ids(&args.prompt_ids)?;
     anyhow::ensure!(!ids.is_empty(), "--prompt-ids is empty");
     let logits = engine.score(&ids, &mut NoObserver)?;
     let logits = logits.to_dtype(candle_core::DType::F32)?;
-    // Write next to the target, then rename: a failed run never leaves half a file.
+    // Write next to the target, then rename: a failed run never leaves half a
+    // file, nor the temporary one.
     let tmp = args.out.with_extension("npy.tmp");
-    logits
+    let written = logits
         .write_npy(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, &args.out)
+                .with_context(|| format!("writing {}", args.out.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     eprintln!("wrote {:?} logits to {}", logits.dims(), args.out.display());
     print_summary(engine.model().experts().as_ref(), ids.len());
     Ok(())

@@ -45,25 +45,74 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let texts = read_texts(&args.data)?;
     let resuming = args.resume && has_checkpoint(&args.out);
     if args.resume && !resuming {
         eprintln!("no checkpoint in {}; starting afresh", args.out.display());
     }
+    // The whole configuration is checked before anything is read or written.
     let config = if resuming {
         None
     } else {
         Some(config_from_args(&args)?)
     };
+    let texts = read_texts(&args.data)?;
+    let fresh = FreshOutput::create(&args.out, resuming)?;
+    let result = train(&args, config, &texts);
+    if result.is_err() && !has_checkpoint(&args.out) {
+        fresh.undo();
+    }
+    result
+}
+
+/// What a fresh run adds to `--out` before its first checkpoint, so that a run
+/// failing before then leaves the directory as it found it.
+struct FreshOutput {
+    dir: std::path::PathBuf,
+    created_dir: bool,
+    new_files: Vec<PathBuf>,
+}
+
+impl FreshOutput {
+    const FILES: [&str; 3] = ["tokenizer.json", "tokenizer_config.json", "train_log.jsonl"];
+
+    fn create(out: &Path, resuming: bool) -> anyhow::Result<Self> {
+        let created_dir = !out.exists();
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let new_files = if resuming {
+            Vec::new()
+        } else {
+            Self::FILES
+                .iter()
+                .map(|f| out.join(f))
+                .filter(|p| !p.exists())
+                .collect()
+        };
+        Ok(Self {
+            dir: out.to_path_buf(),
+            created_dir,
+            new_files,
+        })
+    }
+
+    fn undo(self) {
+        for path in &self.new_files {
+            let _ = std::fs::remove_file(path);
+        }
+        if self.created_dir {
+            // Only if empty: never delete anything the run did not write.
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+}
+
+fn train(args: &TrainArgs, config: Option<TrainConfig>, texts: &[String]) -> anyhow::Result<()> {
     if let Some(config) = &config {
         eprintln!(
             "training a {}-entry byte-level BPE on {} files",
             config.vocab_size,
             texts.len()
         );
-        let tok = train_tokenizer(&texts, config.vocab_size)?;
+        let tok = train_tokenizer(texts, config.vocab_size)?;
         write_tokenizer_files(&tok, &args.out, config.seq_len)?;
     }
     // Always tokenise with the tokenizer as saved, so a resumed run sees the same ids.
@@ -77,7 +126,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         Some(c) => c.holdout_fraction,
         None => saved_config(&args.out)?.holdout_fraction,
     };
-    let corpus = Corpus::build(&texts, &tok, holdout, eot)?;
+    let corpus = Corpus::build(texts, &tok, holdout, eot)?;
     eprintln!(
         "corpus: {} training tokens, {} held out",
         corpus.train.len(),

@@ -15,10 +15,7 @@ const GGUF_ARCHS: &[(&str, Arch)] = &[
     ("olmoe", Arch::Olmoe),
 ];
 
-/// Upper bounds on counts read from a file, far above any real model (1M-token
-/// contexts, 512 experts), that keep a corrupt value from allocating without end.
-const MAX_CONTEXT: usize = 1 << 24;
-const MAX_EXPERTS: usize = 1 << 16;
+use super::limits::{MAX_CONTEXT, MAX_EXPERTS};
 
 /// `general.file_type` (llama.cpp `LlamaFileType`) for unquantized files.
 fn stored_dtype(file_type: u64) -> Option<StoredDtype> {
@@ -333,7 +330,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         .and_then(GgufValue::as_u64)
         .and_then(stored_dtype);
 
-    Ok(ModelConfig {
+    let cfg = ModelConfig {
         arch,
         vocab_size,
         hidden_size,
@@ -346,7 +343,9 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         bos_token_id: token_id(file, "tokenizer.ggml.bos_token_id")?,
         eos_token_ids,
         stored_dtype: stored,
-    })
+    };
+    super::limits::validate(&cfg).map_err(|e| bad(format!("{e} (from GGUF metadata)")))?;
+    Ok(cfg)
 }
 
 /// Opens a GGUF model: its configuration, and the file as a tensor source.

@@ -76,6 +76,12 @@ struct GenerationConfig {
 
 /// Reads `config.json` (and the EOS ids of `generation_config.json`, if present).
 pub fn load_model_config(dir: &Path) -> Result<ModelConfig> {
+    if dir.is_file() {
+        return Err(Error::config(
+            dir,
+            "is a file, not a model directory or GGUF file: pass the directory that holds config.json",
+        ));
+    }
     if !dir.is_dir() {
         return Err(Error::io(
             dir,
@@ -221,6 +227,13 @@ fn map_config(arch: Arch, raw: HfConfig, path: &Path) -> Result<ModelConfig> {
         ),
     };
 
+    // Before the per-layer table below is allocated from it.
+    super::limits::check_size(
+        "num_hidden_layers",
+        raw.num_hidden_layers,
+        super::limits::MAX_LAYERS,
+    )
+    .map_err(bad)?;
     let sparse_layers = match arch {
         Arch::Qwen3Moe | Arch::Qwen2Moe => {
             let step = raw.decoder_sparse_step.unwrap_or(1);
@@ -259,7 +272,7 @@ fn map_config(arch: Arch, raw: HfConfig, path: &Path) -> Result<ModelConfig> {
         _ => None,
     };
 
-    Ok(ModelConfig {
+    let cfg = ModelConfig {
         arch,
         vocab_size: raw.vocab_size,
         hidden_size: raw.hidden_size,
@@ -283,7 +296,9 @@ fn map_config(arch: Arch, raw: HfConfig, path: &Path) -> Result<ModelConfig> {
             .map(OneOrMany::into_vec)
             .unwrap_or_default(),
         stored_dtype,
-    })
+    };
+    super::limits::validate(&cfg).map_err(bad)?;
+    Ok(cfg)
 }
 
 /// `config.json` for a model Switchyard trained, with the fields transformers 5

@@ -4,6 +4,7 @@
 
 mod gguf;
 mod hf;
+pub mod limits;
 mod params;
 mod size;
 

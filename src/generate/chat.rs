@@ -2,6 +2,7 @@
 //! (`tokenizer_config.json`, or `chat_template.jinja` as transformers 5 writes it).
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use minijinja::{Environment, ErrorKind, context};
 use serde::{Deserialize, Serialize};
@@ -24,8 +25,38 @@ impl ChatMessage {
     }
 }
 
+/// Limits a template runs under: it is code from a file, and must neither hang
+/// nor fill memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemplateLimits {
+    /// minijinja's fuel: one per instruction, and one per 64 bytes of every string,
+    /// list or output the template makes (checked before large allocations). Real
+    /// chat templates use a few hundred per message; the default bounds a render to
+    /// about 2M instructions or 128 MB of data.
+    pub fuel: u64,
+    /// Bytes one render may write (the prompt), and the template source's own size.
+    pub max_bytes: usize,
+    /// Nesting of macro calls, includes and recursive loops.
+    pub recursion: usize,
+}
+
+impl Default for TemplateLimits {
+    fn default() -> Self {
+        Self {
+            fuel: 2_000_000,
+            max_bytes: 64 << 20,
+            recursion: 100,
+        }
+    }
+}
+
+/// A checkpoint's chat template. It is compiled on first use, so a broken one
+/// only fails the commands that render a chat; errors name where it came from.
 pub struct ChatTemplate {
-    env: Environment<'static>,
+    source: String,
+    origin: String,
+    limits: TemplateLimits,
+    compiled: OnceLock<std::result::Result<Environment<'static>, String>>,
     bos_token: Option<String>,
     eos_token: Option<String>,
 }
@@ -35,16 +66,23 @@ impl ChatTemplate {
     pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
         let config = TokenizerConfig::read(dir)?;
         let jinja = dir.join("chat_template.jinja");
-        let source = if jinja.exists() {
-            Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?)
+        let (source, origin) = if jinja.exists() {
+            let text = std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?;
+            (Some(text), jinja)
         } else {
-            config.as_ref().and_then(|c| c.chat_template())
+            (
+                config.as_ref().and_then(|c| c.chat_template()),
+                dir.join("tokenizer_config.json"),
+            )
         };
         let Some(source) = source else {
             return Ok(None);
         };
         let token = |key| config.as_ref().and_then(|c| c.token(key));
-        Self::new(source, token("bos_token"), token("eos_token")).map(Some)
+        Ok(Some(
+            Self::new(source, token("bos_token"), token("eos_token"))?
+                .with_origin(origin.display().to_string()),
+        ))
     }
 
     pub fn new(
@@ -52,37 +90,127 @@ impl ChatTemplate {
         bos_token: Option<String>,
         eos_token: Option<String>,
     ) -> Result<Self> {
-        let mut env = Environment::new();
-        // HF templates call Python string methods (`.strip()`, `.startswith()`).
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
-        env.add_template_owned("chat", source)
-            .map_err(|e| Error::ChatTemplate(e.to_string()))?;
         Ok(Self {
-            env,
+            source,
+            origin: "chat template".into(),
+            limits: TemplateLimits::default(),
+            compiled: OnceLock::new(),
             bos_token,
             eos_token,
         })
     }
 
+    /// Names the template's source in errors (a file, or a GGUF key).
+    pub fn with_origin(mut self, origin: String) -> Self {
+        self.origin = origin;
+        self
+    }
+
+    pub fn with_limits(mut self, limits: TemplateLimits) -> Self {
+        self.limits = limits;
+        self.compiled = OnceLock::new();
+        self
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Compiles the template (once); later calls return the first outcome.
+    pub fn check(&self) -> Result<()> {
+        self.environment().map(|_| ())
+    }
+
+    fn environment(&self) -> Result<&Environment<'static>> {
+        self.compiled
+            .get_or_init(|| compile(&self.source, self.limits))
+            .as_ref()
+            .map_err(|e| Error::ChatTemplate(format!("{}: {e}", self.origin)))
+    }
+
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let bad = |e: String| Error::ChatTemplate(format!("{}: {e}", self.origin));
         let template = self
-            .env
+            .environment()?
             .get_template("chat")
-            .map_err(|e| Error::ChatTemplate(e.to_string()))?;
-        template
-            .render(context! {
+            .map_err(|e| bad(e.to_string()))?;
+        let mut out = CappedWriter {
+            bytes: Vec::new(),
+            cap: self.limits.max_bytes,
+            exceeded: false,
+        };
+        let rendered = template.render_captured_to(
+            context! {
                 messages => minijinja::Value::from(minijinja::value::Serde(messages)),
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token.clone().unwrap_or_default(),
                 eos_token => self.eos_token.clone().unwrap_or_default(),
-            })
-            .map_err(|e| Error::ChatTemplate(e.to_string()))
+            },
+            &mut out,
+        );
+        if out.exceeded {
+            return Err(bad(format!(
+                "the rendered prompt exceeds {} bytes",
+                self.limits.max_bytes
+            )));
+        }
+        match rendered {
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(bad(format!(
+                "gave up after {} template instructions (a runaway loop?)",
+                self.limits.fuel
+            ))),
+            Err(e) => Err(bad(e.to_string())),
+            Ok(_) => String::from_utf8(out.bytes).map_err(|e| bad(e.to_string())),
+        }
+    }
+}
+
+fn compile(
+    source: &str,
+    limits: TemplateLimits,
+) -> std::result::Result<Environment<'static>, String> {
+    if source.len() > limits.max_bytes {
+        return Err(format!(
+            "the template is {} bytes, more than {}",
+            source.len(),
+            limits.max_bytes
+        ));
+    }
+    let mut env = Environment::new();
+    env.set_fuel(Some(limits.fuel));
+    env.set_recursion_limit(limits.recursion);
+    // HF templates call Python string methods (`.strip()`, `.startswith()`).
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.add_template_owned("chat", source.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(env)
+}
+
+/// A render's output, refused past `cap` bytes (the write error stops the render).
+struct CappedWriter {
+    bytes: Vec<u8>,
+    cap: usize,
+    exceeded: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > self.cap {
+            self.exceeded = true;
+            return Err(std::io::Error::other("rendered prompt too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

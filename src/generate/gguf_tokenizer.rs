@@ -4,7 +4,6 @@
 //! `llama` (SentencePiece: pieces with scores, byte fallback), as llama.cpp reads them.
 
 use serde_json::{Value, json};
-use tokenizers::Tokenizer;
 
 use super::{ChatTemplate, TextTokenizer};
 use crate::error::{Error, Result};
@@ -236,7 +235,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Option<TextTokenizer>> {
             "ignore_merges": false, "vocab": vocab, "merges": merges,
         },
     });
-    let inner: Tokenizer = spec.to_string().parse().map_err(|e| {
+    let inner = super::tokenizer::tokenizer_from_json(&spec.to_string(), "GGUF").map_err(|e| {
         bad(
             file,
             format!("cannot build a {kind} tokenizer from the metadata: {e}"),
@@ -268,5 +267,8 @@ pub fn chat_template_from_gguf(
     })?;
     let bos = tokenizer.and_then(|t| t.bos_token().map(str::to_string));
     let eos = tokenizer.and_then(|t| t.eos_token().map(str::to_string));
-    ChatTemplate::new(source.to_string(), bos, eos).map(Some)
+    let origin = format!("{}: tokenizer.chat_template", file.path().display());
+    Ok(Some(
+        ChatTemplate::new(source.to_string(), bos, eos)?.with_origin(origin),
+    ))
 }

@@ -23,8 +23,8 @@ impl TextTokenizer {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer.json not found"),
             ));
         }
-        let inner = Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let inner = tokenizer_from_json(&text, &path.display().to_string())?;
         let config = TokenizerConfig::read(dir)?;
         Ok(Self {
             inner,
@@ -71,16 +71,13 @@ impl TextTokenizer {
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
+        let enc = contained("encoding", || self.inner.encode(text, add_special_tokens))?
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
+        contained("decoding", || self.inner.decode(ids, skip_special_tokens))?
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
@@ -94,6 +91,95 @@ impl TextTokenizer {
             read_offset: 0,
         }
     }
+}
+
+/// A `tokenizer.json` document (`origin` names it in errors), checked for what
+/// `tokenizers` would panic on later instead of reporting.
+pub(crate) fn tokenizer_from_json(text: &str, origin: &str) -> Result<Tokenizer> {
+    let bad = |reason: String| Error::Tokenizer(format!("{origin}: {reason}"));
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    if let Some(post) = value.get("post_processor") {
+        check_post_processor(post).map_err(bad)?;
+    }
+    contained("loading", || text.parse::<Tokenizer>())
+        .map_err(|e| bad(e.to_string()))?
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// `TemplateProcessing` looks every special token of its templates up in its
+/// own `special_tokens` map and panics on a missing one (tokenizers 0.23,
+/// `template.rs`); a `Sequence` of processors may hold one.
+fn check_post_processor(post: &serde_json::Value) -> std::result::Result<(), String> {
+    match post.get("type").and_then(|t| t.as_str()) {
+        Some("Sequence") => {
+            for p in post
+                .get("processors")
+                .and_then(|p| p.as_array())
+                .into_iter()
+                .flatten()
+            {
+                check_post_processor(p)?;
+            }
+            Ok(())
+        }
+        Some("TemplateProcessing") => {
+            let specials = post.get("special_tokens").and_then(|s| s.as_object());
+            for (key, spec) in specials.into_iter().flatten() {
+                let ids = spec.get("ids").and_then(|v| v.as_array()).map(Vec::len);
+                let tokens = spec.get("tokens").and_then(|v| v.as_array()).map(Vec::len);
+                if ids != tokens {
+                    return Err(format!(
+                        "post_processor special token {key:?} has {} ids for {} tokens",
+                        ids.unwrap_or(0),
+                        tokens.unwrap_or(0)
+                    ));
+                }
+            }
+            for template in ["single", "pair"] {
+                for name in template_special_tokens(post.get(template)) {
+                    if !specials.is_some_and(|s| s.contains_key(&name)) {
+                        return Err(format!(
+                            "post_processor template `{template}` uses special token {name:?}, which its `special_tokens` does not define"
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The special-token names of a template, written either as pieces
+/// (`[{"SpecialToken": {"id": ..}}, ..]`) or as a string (`"<s> $A:0"`).
+fn template_special_tokens(template: Option<&serde_json::Value>) -> Vec<String> {
+    match template {
+        Some(serde_json::Value::Array(pieces)) => pieces
+            .iter()
+            .filter_map(|p| p.get("SpecialToken")?.get("id")?.as_str())
+            .map(str::to_string)
+            .collect(),
+        Some(serde_json::Value::String(s)) => s
+            .split_whitespace()
+            .filter(|p| !p.starts_with('$'))
+            .map(|p| p.rsplit_once(':').map_or(p, |(name, _)| name).to_string())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Runs `f`, turning a panic inside `tokenizers` into an error: a tokenizer file
+/// is data, and no malformed one may take the process (or a server) down.
+fn contained<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Error::Tokenizer(format!("tokenizers panicked while {what}: {message}"))
+    })
 }
 
 /// Incremental detokenisation that decodes only a short window per token:

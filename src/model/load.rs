@@ -69,7 +69,10 @@ pub(super) fn build(
     };
     let bar = progress_bar(opts.progress, cfg.num_layers);
     let h = cfg.hidden_size;
-    let embed = loader.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+    let embed = loader.finite(
+        "model.embed_tokens.weight",
+        loader.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?,
+    )?;
     let lm_head = if cfg.tie_word_embeddings {
         loader.quantized_output(Linear::new(embed.clone(), None))?
     } else {
@@ -194,8 +197,19 @@ impl Loader<'_> {
 
     fn norm(&self, name: &str, dim: usize) -> Result<RmsNorm> {
         // Norm weights stay f32: they are tiny and the norm computes in f32.
-        let w = self.src.load(name, &[dim], DType::F32)?;
+        let w = self.finite(name, self.src.load(name, &[dim], DType::F32)?)?;
         Ok(RmsNorm::new(w, self.cfg.rms_norm_eps))
+    }
+
+    /// `t` if all its values are finite: checked where it is cheap (norms,
+    /// routers, the embedding), as one NaN there spreads to every logit.
+    fn finite(&self, name: &str, t: Tensor) -> Result<Tensor> {
+        if crate::ops::all_finite(&t) == Some(false) {
+            return Err(Error::InvalidInput(format!(
+                "tensor {name:?} holds non-finite values (NaN or Inf)"
+            )));
+        }
+        Ok(t)
     }
 
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -334,9 +348,13 @@ impl Loader<'_> {
                 }),
                 None => None,
             };
+            let router = self.linear(&format!("{prefix}.gate"), m.num_experts, h, false)?;
+            if let Some(w) = router.dense_weight() {
+                self.finite(&format!("{prefix}.gate.weight"), w.clone())?;
+            }
             LayerFfn::Moe(MoeBlock::new(
                 l,
-                self.linear(&format!("{prefix}.gate"), m.num_experts, h, false)?,
+                router,
                 RouterConfig {
                     top_k: m.top_k,
                     norm_topk_prob: m.norm_topk_prob,

@@ -4,6 +4,7 @@
 pub mod arch;
 mod attention;
 mod batch;
+mod check;
 mod kv_cache;
 mod layer;
 mod load;
@@ -18,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use attention::{Attention, AttentionInput, LayerAttention};
 pub use batch::{BatchLayout, SequenceRows};
+pub use check::{CheckReport, check_checkpoint};
 pub use kv_cache::KvCache;
 pub use layer::{DecoderLayer, LayerFfn};
 pub use load::LoadOptions;
@@ -82,6 +84,16 @@ impl Model {
         }
         let config = load_model_config(dir)?;
         let files = SafetensorsFiles::open_dir(dir)?;
+        // Every tensor checked from the header before any is read.
+        let report = check_checkpoint(&config, &files)?;
+        if !report.unused.is_empty() {
+            tracing::warn!(
+                "{}: {} tensors are not used by config.json, e.g. {}",
+                dir.display(),
+                report.unused.len(),
+                report.unused[..report.unused.len().min(3)].join(", ")
+            );
+        }
         Self::from_source(&config, &files, opts)
     }
 
@@ -266,6 +278,13 @@ impl Model {
         drop(norm);
         let _span = profile::span(Phase::LmHead, None);
         let logits = self.lm_head.forward(&x)?;
+        // NaN logits would sample token 0 forever; load checks only the cheap
+        // tensors (norms, routers, embedding), so the rest show up here.
+        if crate::ops::all_finite(&logits) == Some(false) {
+            return Err(Error::InvalidInput(
+                "the model produced non-finite logits (NaN or Inf): its weights hold non-finite values or overflow".into(),
+            ));
+        }
         Ok(ForwardOutput {
             logits,
             router_logits,

@@ -92,7 +92,9 @@ fn head_rows<'a>(
     hd: usize,
 ) -> Result<&'a [f32]> {
     let st = layout.stride();
-    if st.len() != 3 || st[2] != 1 || st[1] != hd {
+    // A one-position view's row stride is never stepped (candle leaves a
+    // transposed size-1 dim with the other dim's stride: `[16, 32, 1]`).
+    if st.len() != 3 || (hd > 1 && st[2] != 1) || (total > 1 && st[1] != hd) {
         return Err(Error::InvalidInput(format!(
             "cache view strides {st:?} are not row-contiguous"
         )));

@@ -24,6 +24,22 @@ pub use rope::{RopeTable, Yarn};
 
 use candle_core::{D, Result, Tensor};
 
+/// Whether every value of a contiguous f32 / f16 / bf16 CPU tensor is finite;
+/// `None` for any other tensor (a stride-0 stand-in, another dtype or device).
+///
+/// Cost: one pass over the values.
+pub fn all_finite(t: &Tensor) -> Option<bool> {
+    use candle_core::{CpuStorage, Storage};
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(v.get(start..end)?.iter().all(|x| x.is_finite())),
+        Storage::Cpu(CpuStorage::BF16(v)) => Some(v.get(start..end)?.iter().all(|x| x.is_finite())),
+        Storage::Cpu(CpuStorage::F16(v)) => Some(v.get(start..end)?.iter().all(|x| x.is_finite())),
+        _ => None,
+    }
+}
+
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     if xs.track_op() {

@@ -1,11 +1,43 @@
+use std::sync::RwLock;
+
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Rotary position embedding in the "rotate half" (GPT-NeoX) layout that all
-/// supported architectures use. Tables cover every position up to the context length.
-#[derive(Debug, Clone)]
+/// supported architectures use. The cos/sin tables grow (doubling, in whole
+/// chunks) as positions are reached, up to the context length: a config may
+/// claim a context of millions of positions, and most runs see a few thousand.
+#[derive(Debug)]
 pub struct RopeTable {
-    cos: Tensor, // [max_positions, head_dim / 2]
-    sin: Tensor, // [max_positions, head_dim / 2]
+    inv_freq: Vec<f32>,
+    scale: f32,
+    max_positions: usize,
+    device: Device,
+    tables: RwLock<Tables>,
+}
+
+#[derive(Debug, Clone)]
+struct Tables {
+    cos: Tensor, // [positions, head_dim / 2]
+    sin: Tensor, // [positions, head_dim / 2]
+}
+
+/// Positions computed up front and per growth step at least.
+const CHUNK_POSITIONS: usize = 4096;
+
+impl Clone for RopeTable {
+    fn clone(&self) -> Self {
+        let tables = match self.tables.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        Self {
+            inv_freq: self.inv_freq.clone(),
+            scale: self.scale,
+            max_positions: self.max_positions,
+            device: self.device.clone(),
+            tables: RwLock::new(tables),
+        }
+    }
 }
 
 /// YaRN context extension (Peng et al. 2023, "YaRN: Efficient Context Window
@@ -98,35 +130,66 @@ impl RopeTable {
         Self::from_inv_freq(&inv_freq, attention as f32, max_positions, device)
     }
 
-    /// `cos(p f) * scale`, `sin(p f) * scale` for every position `p` and frequency `f`.
     fn from_inv_freq(
         inv_freq: &[f32],
         scale: f32,
         max_positions: usize,
         device: &Device,
     ) -> Result<Self> {
-        let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for pos in 0..max_positions {
-            for &f in inv_freq {
-                let angle = pos as f32 * f;
-                cos.push(angle.cos() * scale);
-                sin.push(angle.sin() * scale);
+        let tables = compute(inv_freq, scale, max_positions.min(CHUNK_POSITIONS), device)?;
+        Ok(Self {
+            inv_freq: inv_freq.to_vec(),
+            scale,
+            max_positions,
+            device: device.clone(),
+            tables: RwLock::new(tables),
+        })
+    }
+
+    /// The context length the table serves.
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// cos and sin of positions `start..start + len`, growing the tables if needed.
+    fn rows(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let end = start
+            .checked_add(len)
+            .filter(|&e| e <= self.max_positions)
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "rotary positions {start}..{start}+{len} exceed the context of {} positions",
+                    self.max_positions
+                ))
+            })?;
+        fn poisoned<T>(_: T) -> candle_core::Error {
+            candle_core::Error::Msg("rotary table lock poisoned".into())
+        }
+        {
+            let t = self.tables.read().map_err(poisoned)?;
+            if t.cos.dim(0)? >= end {
+                return Ok((t.cos.narrow(0, start, len)?, t.sin.narrow(0, start, len)?));
             }
         }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (max_positions, half), device)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), device)?,
-        })
+        let mut t = self.tables.write().map_err(poisoned)?;
+        let have = t.cos.dim(0)?;
+        if have < end {
+            let grown = end
+                .max(have.saturating_mul(2))
+                .max(CHUNK_POSITIONS)
+                .min(self.max_positions);
+            *t = compute(&self.inv_freq, self.scale, grown, &self.device)?;
+        }
+        Ok((t.cos.narrow(0, start, len)?, t.sin.narrow(0, start, len)?))
     }
 
     /// # Shapes
     /// `x: [heads, seq, head_dim]`, positions `start..start + seq`.
     pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
         let seq = x.dim(1)?;
-        let cos = self.cos.narrow(0, start, seq)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, start, seq)?.to_dtype(x.dtype())?;
+        let (cos, sin) = self.rows(start, seq)?;
+        let cos = cos.to_dtype(x.dtype())?;
+        let sin = sin.to_dtype(x.dtype())?;
         let x4 = x.unsqueeze(0)?;
         let y = if x.track_op() {
             candle_nn::rotary_emb::rope_slow(&x4, &cos, &sin)?
@@ -137,13 +200,60 @@ impl RopeTable {
     }
 
     pub fn dtype(&self) -> DType {
-        self.cos.dtype()
+        DType::F32
     }
+}
+
+/// `cos(p f) * scale`, `sin(p f) * scale` for positions `0..positions` and every frequency `f`.
+fn compute(inv_freq: &[f32], scale: f32, positions: usize, device: &Device) -> Result<Tables> {
+    let half = inv_freq.len();
+    let n = positions.checked_mul(half).ok_or_else(|| {
+        candle_core::Error::Msg(format!("rotary table of {positions} x {half} overflows"))
+    })?;
+    let mut cos = Vec::with_capacity(n);
+    let mut sin = Vec::with_capacity(n);
+    for pos in 0..positions {
+        for &f in inv_freq {
+            let angle = pos as f32 * f;
+            cos.push(angle.cos() * scale);
+            sin.push(angle.sin() * scale);
+        }
+    }
+    Ok(Tables {
+        cos: Tensor::from_vec(cos, (positions, half), device)?,
+        sin: Tensor::from_vec(sin, (positions, half), device)?,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rope_table_grows_lazily_and_matches_an_eager_one() {
+        let dev = Device::Cpu;
+        // A claimed context of 2^40 positions must not be allocated up front.
+        let huge = RopeTable::new(8, 10_000.0, 1 << 40, &dev).unwrap();
+        assert_eq!(
+            huge.tables.read().unwrap().cos.dim(0).unwrap(),
+            CHUNK_POSITIONS
+        );
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap();
+        let start = 3 * CHUNK_POSITIONS + 5; // past the first chunk: grows
+        let got = huge.apply(&x, start).unwrap();
+        let grown = huge.tables.read().unwrap().cos.dim(0).unwrap();
+        assert!(
+            (start + 3..=4 * CHUNK_POSITIONS).contains(&grown),
+            "{grown}"
+        );
+        let eager = RopeTable::new(8, 10_000.0, start + 3, &dev).unwrap();
+        let want = eager.apply(&x, start).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        // Past the context: an error, not a panic.
+        assert!(eager.apply(&x, start + 1).is_err());
+        assert!(huge.apply(&x, usize::MAX - 1).is_err());
+    }
 
     #[test]
     fn yarn_matches_transformers_inv_freq() {

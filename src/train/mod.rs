@@ -20,11 +20,11 @@ pub use loss::{RouterLosses, router_losses};
 pub use optim::{AdamW, AdamWParams, cosine_lr};
 pub use rng::SplitMix64;
 pub use trainer::{StepStats, Trainer};
-pub use vars::VarStore;
+pub use vars::{RandomLike, VarStore};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Arch, AttentionConfig, ModelConfig, MoeConfig, QkNorm};
+use crate::config::{Arch, AttentionConfig, ModelConfig, MoeConfig, QkNorm, format_bytes};
 use crate::error::{Error, Result};
 use crate::weights::StoredDtype;
 
@@ -160,31 +160,128 @@ impl TrainConfig {
             .map_err(|e: toml::de::Error| bad(e.to_string()))
     }
 
+    /// Checks every field before anything is allocated or written: sizes positive
+    /// and bounded (a run must fit in memory), rates and coefficients finite.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::InvalidInput(m));
-        if self.top_k == 0 || self.top_k > self.num_experts {
+        let bad = |m: String| Err(Error::InvalidInput(format!("training config: {m}")));
+        for (name, value, max) in [
+            ("vocab_size", self.vocab_size, 1 << 20),
+            ("hidden_size", self.hidden_size, 1 << 14),
+            ("num_layers", self.num_layers, 256),
+            ("num_heads", self.num_heads, 1 << 10),
+            ("num_kv_heads", self.num_kv_heads, 1 << 10),
+            ("head_dim", self.head_dim, 1 << 10),
+            ("num_experts", self.num_experts, 1 << 12),
+            ("top_k", self.top_k, 1 << 12),
+            ("expert_ffn", self.expert_ffn, 1 << 16),
+            ("steps", self.steps, 1 << 40),
+            ("batch_size", self.batch_size, 1 << 16),
+            ("seq_len", self.seq_len, 1 << 20),
+            ("eval_every", self.eval_every, usize::MAX),
+            ("eval_batches", self.eval_batches, 1 << 16),
+            ("checkpoint_every", self.checkpoint_every, usize::MAX),
+        ] {
+            if value == 0 || value > max {
+                return bad(format!("`{name}` = {value} must be in 1..={max}"));
+            }
+        }
+        if self.shared_expert_ffn > 1 << 16 {
             return bad(format!(
-                "top_k ({}) must be in 1..={}",
+                "`shared_expert_ffn` = {} must be at most {}",
+                self.shared_expert_ffn,
+                1 << 16
+            ));
+        }
+        if self.top_k > self.num_experts {
+            return bad(format!(
+                "`top_k` ({}) must be in 1..={} (num_experts)",
                 self.top_k, self.num_experts
             ));
         }
-        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
-            return bad("num_heads must be a positive multiple of num_kv_heads".into());
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return bad("`num_heads` must be a multiple of `num_kv_heads`".into());
         }
-        if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
-            return bad("head_dim must be even".into());
+        if !self.head_dim.is_multiple_of(2) {
+            return bad("`head_dim` must be even".into());
         }
         if self.vocab_size < 256 + SPECIAL_TOKENS.len() {
-            return bad("vocab_size must cover the 256 bytes and 3 special tokens".into());
+            return bad("`vocab_size` must cover the 256 bytes and 3 special tokens".into());
         }
-        if self.batch_size == 0 || self.seq_len < 2 || self.steps == 0 {
-            return bad("batch_size, steps must be positive and seq_len at least 2".into());
+        if self.seq_len < 2 {
+            return bad("`seq_len` must be at least 2".into());
+        }
+        let positive = [("lr", self.lr), ("rope_theta", self.rope_theta)];
+        for (name, value) in positive {
+            if !(value.is_finite() && value > 0.0) {
+                return bad(format!("`{name}` = {value} must be a positive number"));
+            }
+        }
+        if self.lr > 1.0 {
+            return bad(format!("`lr` = {} must be at most 1", self.lr));
+        }
+        let non_negative = [
+            ("weight_decay", self.weight_decay),
+            ("grad_clip", self.grad_clip),
+            ("balance_coef", self.balance_coef),
+            ("z_loss_coef", self.z_loss_coef),
+        ];
+        for (name, value) in non_negative {
+            if !(value.is_finite() && value >= 0.0) {
+                return bad(format!(
+                    "`{name}` = {value} must be a non-negative number (0 turns it off)"
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad(format!(
+                "`min_lr_ratio` = {} must be in [0, 1]",
+                self.min_lr_ratio
+            ));
         }
         if !(0.0..1.0).contains(&self.holdout_fraction) {
-            return bad("holdout_fraction must be in [0, 1)".into());
+            return bad("`holdout_fraction` must be in [0, 1)".into());
         }
         self.export_dtype()?;
+        let bytes = self.memory_bytes();
+        if bytes.is_none_or(|b| b > Self::MAX_MEMORY_BYTES) {
+            return bad(format!(
+                "this model and batch need about {} (parameters, gradients, AdamW moments and the batch's logits), over the {} a run may take",
+                bytes.map_or("more than 16 EiB".into(), |b| format_bytes(b as u64)),
+                format_bytes(Self::MAX_MEMORY_BYTES as u64)
+            ));
+        }
         Ok(())
+    }
+
+    /// The largest run `validate` accepts: a little more than the `small` preset
+    /// needs a thousand times over, far less than would abort on allocation.
+    pub const MAX_MEMORY_BYTES: usize = 64 << 30;
+
+    /// A lower bound on what a run holds in f32: parameters four times (values,
+    /// gradients, two AdamW moments) and the logits of one batch twice (forward and
+    /// backward). `None` on overflow.
+    pub fn memory_bytes(&self) -> Option<usize> {
+        let (h, v) = (self.hidden_size, self.vocab_size);
+        let expert = 3usize.checked_mul(h)?.checked_mul(self.expert_ffn)?;
+        let shared = 3usize.checked_mul(h)?.checked_mul(self.shared_expert_ffn)?;
+        let q = self.num_heads.checked_mul(self.head_dim)?;
+        let kv = self.num_kv_heads.checked_mul(self.head_dim)?;
+        let attention = h.checked_mul(2usize.checked_mul(q)?.checked_add(2 * kv)?)?;
+        let layer = self
+            .num_experts
+            .checked_mul(expert)?
+            .checked_add(shared)?
+            .checked_add(attention)?
+            .checked_add(self.num_experts.checked_mul(h)?)?;
+        let params = self
+            .num_layers
+            .checked_mul(layer)?
+            .checked_add(2usize.checked_mul(v)?.checked_mul(h)?)?;
+        let logits = self.batch_size.checked_mul(self.seq_len)?.checked_mul(v)?;
+        params
+            .checked_mul(4)?
+            .checked_add(logits.checked_mul(2)?)?
+            .checked_mul(4)
     }
 
     pub fn export_dtype(&self) -> Result<StoredDtype> {

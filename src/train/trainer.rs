@@ -15,7 +15,7 @@ use super::optim::{AdamW, AdamWParams, cosine_lr, grad_norm};
 use super::rng::SplitMix64;
 use super::vars::VarStore;
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{
     ForwardOptions, LoadOptions, LogitsFor, Model, NoObserver, SequenceId, SequenceInput,
 };
@@ -133,8 +133,18 @@ impl Trainer {
         let (ce, logits) = cross_entropy(&model, &windows, true)?;
         let router = router_losses(&logits, self.model_config.moe.top_k)?;
         let total = ((&ce + (&router.balance * c.balance_coef)?)? + (&router.z * c.z_loss_coef)?)?;
+        let total_loss = scalar(&total)?;
         let grads = total.backward()?;
         let norm = grad_norm(&self.vars, &grads)?;
+        // One non-finite update poisons every weight: refuse it, leaving the vars
+        // (and so the last checkpoint's lineage) as they were.
+        if !total_loss.is_finite() || !norm.is_finite() {
+            return Err(Error::Training(format!(
+                "step {}: loss {total_loss}, gradient norm {norm} are not finite (lr {} may be too high); the weights were not updated",
+                self.step + 1,
+                c.lr
+            )));
+        }
         let scale = if c.grad_clip > 0.0 && norm > c.grad_clip {
             c.grad_clip / norm
         } else {

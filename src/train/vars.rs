@@ -143,6 +143,41 @@ impl TensorSource for Frozen<'_> {
     }
 }
 
+/// Fresh parameters shaped like a checkpoint's: whatever the loader asks of
+/// `like` (checked there from metadata), initialised as [`VarStore::init`] does
+/// by name (norms one, biases zero, the rest normal(0, 0.02)). Unlike `init` it
+/// follows every layout the loader reads: dense layers, fused or renamed experts.
+pub struct RandomLike<'a> {
+    like: &'a dyn TensorSource,
+    seed: u64,
+}
+
+impl<'a> RandomLike<'a> {
+    pub fn new(like: &'a dyn TensorSource, seed: u64) -> Self {
+        Self { like, seed }
+    }
+}
+
+impl TensorSource for RandomLike<'_> {
+    fn load(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.like.check(name, shape)?;
+        let n: usize = shape.iter().product();
+        let values = if name.ends_with("norm.weight") {
+            vec![1f32; n]
+        } else if name.ends_with(".bias") {
+            vec![0f32; n]
+        } else {
+            let mut rng = SplitMix64::new(self.seed ^ SplitMix64::hash_str(name));
+            (0..n).map(|_| rng.normal() * 0.02).collect()
+        };
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.like.contains(name)
+    }
+}
+
 /// Every parameter of the model `train` builds: name, shape, initialisation.
 fn parameter_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
     const STD: f32 = 0.02;

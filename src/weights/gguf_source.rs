@@ -314,6 +314,10 @@ impl TensorSource for GgufSource {
         }))
     }
 
+    fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
+        self.piece(name, shape).map(|_| ())
+    }
+
     /// Quantized GGUF matrices stay quantized (Q8_0 / Q4_0 on our kernels, other
     /// GGML types on candle's); float ones are converted to `dtype`.
     fn load_linear(

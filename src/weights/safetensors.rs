@@ -71,6 +71,13 @@ impl SafetensorsFiles {
         let mut files = Vec::with_capacity(paths.len());
         let mut tensors = HashMap::new();
         for (file_idx, path) in paths.iter().enumerate() {
+            // mmap of a directory fails with ENODEV, "No such device".
+            if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+                return Err(Error::Safetensors {
+                    path: path.clone(),
+                    reason: "it is a directory, not a file".into(),
+                });
+            }
             let backing = Backing::map(path)?;
             let map = backing.mapped().unwrap_or_default();
             let (header_len, metadata) =
@@ -172,8 +179,8 @@ impl SafetensorsFiles {
         }
     }
 
-    /// Loads a tensor, checks its shape and converts it to `dtype`.
-    pub fn load(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    /// That `name` exists with `shape`, from the header alone.
+    pub fn check(&self, name: &str, shape: &[usize]) -> Result<&TensorMeta> {
         let meta = self.require(name)?;
         if meta.shape != shape {
             return Err(Error::ShapeMismatch {
@@ -182,6 +189,12 @@ impl SafetensorsFiles {
                 found: meta.shape.clone(),
             });
         }
+        Ok(meta)
+    }
+
+    /// Loads a tensor, checks its shape and converts it to `dtype`.
+    pub fn load(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let meta = self.check(name, shape)?;
         let bytes = self.range(meta, meta.start, meta.end)?;
         let tensor =
             Tensor::from_raw_buffer(&bytes, meta.dtype.candle(), &meta.shape, &Device::Cpu)?;

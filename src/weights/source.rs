@@ -40,6 +40,18 @@ pub trait TensorSource {
         Ok(None)
     }
 
+    /// Checks that `name` exists with `shape`, reading no values where the
+    /// source can (file metadata); by default it loads the tensor.
+    fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
+        self.load(name, shape, DType::F32).map(|_| ())
+    }
+
+    /// Every tensor name the source holds, to find the ones a configuration
+    /// leaves unused; empty where the source cannot list them in Hugging Face names.
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// A `[out, cols]` weight stacked from row blocks (`parts`: name and rows, e.g.
     /// gate then up), as a [`Linear`]. By default the parts are loaded in `dtype`
     /// and concatenated; a source holding quantized weights (GGUF) keeps them quantized.
@@ -97,6 +109,14 @@ impl TensorSource for super::SafetensorsFiles {
             source: Box::new(files),
             stats,
         }))
+    }
+
+    fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
+        SafetensorsFiles::check(self, name, shape).map(|_| ())
+    }
+
+    fn names(&self) -> Vec<String> {
+        SafetensorsFiles::names(self).map(str::to_string).collect()
     }
 }
 
