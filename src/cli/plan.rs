@@ -42,10 +42,10 @@ pub struct PlanArgs {
     /// A cross-node transition costs this many cross-device ones.
     #[arg(long, default_value_t = 4.0)]
     node_weight: f64,
-    /// With --objective both: how far above the lowest reached a layer's per-step max
-    /// load may go for less traffic (0.03 = 3 %; never above EPLB's).
-    #[arg(long, default_value_t = 0.03)]
-    load_slack: f64,
+    /// With --objective both: each layer's per-step max load is capped this far from the
+    /// lowest the search reached (0) towards EPLB's (1) while traffic is cut.
+    #[arg(long, default_value_t = 0.5)]
+    load_cap: f64,
     /// Tokens per step whose busiest device the search balances (simulate's --batch).
     #[arg(long, default_value_t = 256)]
     batch: usize,
@@ -85,6 +85,11 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         args.time_limit.is_finite() && args.time_limit > 0.0,
         "--time-limit must be a positive number of seconds"
     );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.load_cap),
+        "--load-cap must be between 0 (lowest load) and 1 (EPLB's load), got {}",
+        args.load_cap
+    );
     let topology = Topology::new(args.devices, args.nodes)?;
     let capacity = match args.capacity {
         Some(slots) => Capacity::with_slots(counts.num_experts, args.devices, slots)?,
@@ -96,7 +101,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         objective: args.objective,
         time_limit: Duration::from_secs_f64(args.time_limit),
         node_weight: args.node_weight,
-        load_slack: args.load_slack,
+        load_cap: args.load_cap,
     };
     let outcome = plan(&counts, &options)?;
     let s = &outcome.solver;

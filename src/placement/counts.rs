@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::trace::Routes;
+use crate::trace::{Routes, TokenExperts};
 
 /// Routing statistics of a trace (or of an engine's expert-distribution dump).
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +26,57 @@ pub struct RoutingCounts {
     /// dependency: a token's activation leaves the device of the expert that
     /// weighs most). `None` where the source only counts tokens.
     pub transitions: Option<Vec<Vec<f64>>>,
+    /// Every token's experts, for scoring traffic as `simulate` counts it.
+    pub tokens: Option<TokenRoutes>,
+}
+
+/// The tokens of a trace in replay order (sequences in order, positions
+/// ascending; token `g` is the replay's `g`-th), per MoE layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRoutes {
+    /// `[moe_layers]`: each token's experts, best first.
+    pub layers: Vec<TokenExperts>,
+    /// `[moe_layers][expert]`: the tokens choosing the expert, ascending.
+    pub by_expert: Vec<Vec<Vec<u32>>>,
+    /// `[moe_layers][expert]`: the tokens whose rank-0 expert it is.
+    pub by_rank0: Vec<Vec<Vec<u32>>>,
+}
+
+impl TokenRoutes {
+    fn from_routes(routes: &Routes) -> Self {
+        let e = routes.meta.num_experts;
+        let n_moe = routes.meta.moe_layers.len();
+        let mut layers = vec![TokenExperts::new(); n_moe];
+        let mut by_expert = vec![vec![Vec::new(); e]; n_moe];
+        let mut by_rank0 = vec![vec![Vec::new(); e]; n_moe];
+        let mut g = 0u32;
+        for seq in &routes.sequences {
+            for t in 0..seq.n_tokens() {
+                for (li, layer) in seq.layers.iter().enumerate() {
+                    let experts = layer.token(t);
+                    layers[li].push_token(experts);
+                    for (rank, &x) in experts.iter().enumerate() {
+                        if by_expert[li][x as usize].last() != Some(&g) {
+                            by_expert[li][x as usize].push(g);
+                        }
+                        if rank == 0 {
+                            by_rank0[li][x as usize].push(g);
+                        }
+                    }
+                }
+                g += 1;
+            }
+        }
+        Self {
+            layers,
+            by_expert,
+            by_rank0,
+        }
+    }
+
+    pub fn n_tokens(&self) -> usize {
+        self.layers.first().map_or(0, TokenExperts::len)
+    }
 }
 
 impl RoutingCounts {
@@ -68,6 +119,7 @@ impl RoutingCounts {
             load,
             step_load,
             transitions: Some(transitions),
+            tokens: Some(TokenRoutes::from_routes(routes)),
         })
     }
 
@@ -147,6 +199,7 @@ impl RoutingCounts {
             load,
             moe_layers,
             transitions: None,
+            tokens: None,
         })
     }
 
@@ -169,7 +222,7 @@ fn shape(rows: &[Vec<f64>]) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::{SequenceRoutes, TokenExperts, TraceMeta};
+    use crate::trace::{SequenceRoutes, TraceMeta};
 
     #[test]
     fn counts_load_and_rank0_transitions_of_a_trace() {

@@ -10,8 +10,8 @@
 //!   `j` in layer `l + 1` cross devices when `i` and `j` sit apart:
 //!   `cut[l][i][j] >= x[l][i][d] - x[l+1][j][d]` for all `d`, weight = those
 //!   tokens, cross-node cuts (the same over node sums) `node_weight` times more;
-//! - `both` minimises traffic subject to every layer's load staying within
-//!   `load_slack` of its balance optimum.
+//! - `both` minimises traffic subject to every layer's load staying at its
+//!   balance optimum.
 //!
 //! Solved with `good_lp` on microlp (pure Rust). A traffic program over all
 //! layers at once is kept to [`JOINT_MAX_BINARIES`] binaries; past that each
@@ -57,7 +57,7 @@ pub enum Objective {
     Balance,
     /// Minimise cross-device and cross-node transitions only.
     Traffic,
-    /// Minimise traffic with every layer's load within --load-slack of its balance optimum.
+    /// Balance first, then minimise traffic with every layer's load capped by --load-cap.
     Both,
 }
 
@@ -69,9 +69,9 @@ pub struct PlanOptions {
     pub time_limit: Duration,
     /// A cross-node transition costs this many cross-device ones.
     pub node_weight: f64,
-    /// `both`: allowed relative excess of a layer's per-step max load over
-    /// the lowest the search reached (never above EPLB's).
-    pub load_slack: f64,
+    /// `both`: where between the lowest per-step load the search reached
+    /// (0) and EPLB's (1) each layer's load is capped while traffic is cut.
+    pub load_cap: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,8 +121,10 @@ struct Verdict {
 /// swap search of `local.rs` from its answer and from EPLB's placement, in
 /// two phases for `both` (module comment of `local.rs`): lowest per-step
 /// load first, then least traffic with every layer's load capped at
-/// `min(EPLB's, reached x (1 + load_slack))`, so the plan is never worse
-/// than EPLB on any layer's load.
+/// `reached + load_cap x (EPLB's - reached)`. Per-step balance spreads the
+/// experts a step's tokens share, which is what traffic wants together, so
+/// the cap is the trade: below 1 the plan keeps part of its load gain over
+/// EPLB on every layer, at 1 it spends all of it on traffic.
 pub fn plan(counts: &RoutingCounts, options: &PlanOptions) -> Result<PlanOutcome> {
     let start = Instant::now();
     let program_options = PlanOptions {
@@ -181,7 +183,10 @@ pub fn plan(counts: &RoutingCounts, options: &PlanOptions) -> Result<PlanOutcome
                 })
                 .collect();
             let caps: Vec<f64> = (0..layers)
-                .map(|l| (reached[l] * (1.0 + options.load_slack.max(0.0))).min(eplb_loads[l]))
+                .map(|l| {
+                    reached[l]
+                        + options.load_cap.clamp(0.0, 1.0) * (eplb_loads[l] - reached[l]).max(0.0)
+                })
                 .collect();
             let mut out = Vec::new();
             for mut st in balanced.into_iter().chain([search.state(program_start)]) {
@@ -286,10 +291,7 @@ fn solve_program(counts: &RoutingCounts, options: &PlanOptions) -> Result<PlanOu
             assign.push(layer);
             z_best.push(z);
         }
-        let caps: Vec<f64> = z_best
-            .iter()
-            .map(|z| z * (1.0 + options.load_slack.max(0.0)))
-            .collect();
+        let caps = z_best.clone();
         if options.objective == Objective::Balance || !traffic_known {
             let note = (!traffic_known && options.objective != Objective::Balance)
                 .then(|| "the counts carry no cross-layer transitions: balance only".to_string());
@@ -704,6 +706,7 @@ mod tests {
             load: vec![vec![4.0, 4.0, 2.0, 2.0], vec![6.0, 6.0, 0.0, 0.0]],
             step_load: vec![vec![4.0, 4.0, 2.0, 2.0], vec![6.0, 6.0, 0.0, 0.0]],
             transitions: Some(vec![t]),
+            tokens: None,
         };
         let options = PlanOptions {
             topology: Topology::new(2, 1).unwrap(),
@@ -711,7 +714,7 @@ mod tests {
             objective: Objective::Both,
             time_limit: Duration::from_secs(20),
             node_weight: 4.0,
-            load_slack: 0.0,
+            load_cap: 0.5,
         };
         let out = plan(&counts, &options).unwrap();
         assert_eq!(out.method, SolveMethod::Joint);
@@ -737,6 +740,7 @@ mod tests {
             load: vec![vec![4.0, 3.0, 3.0, 2.0]],
             step_load: vec![vec![0.0, 3.0, 3.0, 0.0, 4.0, 0.0, 0.0, 2.0]],
             transitions: None,
+            tokens: None,
         };
         let options = PlanOptions {
             topology: Topology::new(2, 1).unwrap(),
@@ -744,7 +748,7 @@ mod tests {
             objective: Objective::Both,
             time_limit: Duration::from_secs(5),
             node_weight: 4.0,
-            load_slack: 0.03,
+            load_cap: 0.5,
         };
         let out = plan(&counts, &options).unwrap();
         assert_eq!(out.eplb_step_max_load, vec![6.0]);
@@ -768,7 +772,7 @@ mod tests {
             objective: Objective::Both,
             time_limit: Duration::from_secs(4),
             node_weight: 4.0,
-            load_slack: 0.03,
+            load_cap: 0.5,
         };
         let out = plan(&counts, &options).unwrap();
         let sim = SimOptions {

@@ -8,8 +8,13 @@
 //!   expert-token pairs in that step (a replica takes `1 / copies` of its
 //!   expert's tokens), which is `simulate`'s max load with its batch size;
 //! - `excess = sum_l max(0, step_load[l] - cap[l])`;
-//! - traffic: the integer program's proxy (`greedy::proxy_traffic`),
-//!   cross-device plus `node_weight` x cross-node transitions.
+//! - traffic: cross-device plus `node_weight` x cross-node dispatches exactly
+//!   as `simulate` counts them (every token from the device of its rank-0
+//!   expert of the layer before, or its home device, once to each other
+//!   device holding one of its experts) where the counts carry the tokens and
+//!   no expert is replicated; otherwise the integer program's proxy
+//!   (`greedy::proxy_traffic`), since a replica's serving copy depends on
+//!   where the token comes from, layer after layer.
 //!
 //! A move is taken when it lowers `(excess, traffic)` lexicographically, so
 //! with caps of zero it minimises load (traffic breaks ties) and with caps at
@@ -17,11 +22,13 @@
 //! its cap. First improvement, layer by layer, until a full pass over every
 //! pair changes nothing or the deadline passes; a swap only touches its
 //! layer's loads and the two boundaries beside it, so each is scored in
-//! `O(steps x devices + experts)`. There is no bound: what it reaches is a
+//! `O(steps x devices + experts)` (proxy) or `O(steps x devices + tokens
+//! choosing either expert x top_k)` (exact). There is no bound: what it reaches is a
 //! local optimum of the swap neighbourhood.
 
 use std::time::Instant;
 
+use super::counts::TokenRoutes;
 use super::greedy::Assignment;
 use super::{Capacity, RoutingCounts, Topology};
 
@@ -81,9 +88,25 @@ impl Search<'_> {
             .collect()
     }
 
-    /// Cross-device + `node_weight` x cross-node proxy transitions of `state`.
+    /// The token routes to score traffic exactly with, if that is possible.
+    fn exact(&self) -> Option<&TokenRoutes> {
+        (self.capacity.redundant() == 0)
+            .then_some(self.counts.tokens.as_ref())
+            .flatten()
+    }
+
+    /// Cross-device + `node_weight` x cross-node traffic of `state` (module comment).
     pub fn traffic(&self, state: &State) -> f64 {
         let layers = state.assign.len();
+        if let Some(tr) = self.exact() {
+            let mut sum = 0.0;
+            for l in 0..layers {
+                for t in 0..tr.n_tokens() {
+                    sum += self.token_cost(tr, &state.assign, l, t);
+                }
+            }
+            return sum;
+        }
         let e = self.counts.num_experts;
         let mut sum = 0.0;
         for b in 0..layers.saturating_sub(1) {
@@ -206,6 +229,9 @@ impl Search<'_> {
     /// The traffic of every pair a swap of experts `a` and `b` in layer `l`
     /// can change: into them from layer `l - 1`, out of them into `l + 1`.
     fn local_traffic(&self, assign: &Assignment, l: usize, a: usize, b: usize) -> f64 {
+        if let Some(tr) = self.exact() {
+            return self.local_token_traffic(tr, assign, l, a, b);
+        }
         let e = self.counts.num_experts;
         let mut sum = 0.0;
         for x in [a, b] {
@@ -219,6 +245,90 @@ impl Search<'_> {
             }
         }
         sum
+    }
+
+    /// [`Self::local_traffic`] counted token by token: the tokens choosing
+    /// `a` or `b` in layer `l`, and where those whose rank-0 expert is `a` or
+    /// `b` go next.
+    fn local_token_traffic(
+        &self,
+        tr: &TokenRoutes,
+        assign: &Assignment,
+        l: usize,
+        a: usize,
+        b: usize,
+    ) -> f64 {
+        let mut sum = 0.0;
+        let (xs, ys) = (&tr.by_expert[l][a], &tr.by_expert[l][b]);
+        let (mut i, mut j) = (0, 0);
+        // Both ascending: a merge visits each token once.
+        while i < xs.len() || j < ys.len() {
+            let t = match (xs.get(i), ys.get(j)) {
+                (Some(&x), Some(&y)) if x == y => {
+                    i += 1;
+                    j += 1;
+                    x
+                }
+                (Some(&x), Some(&y)) if x < y => {
+                    i += 1;
+                    x
+                }
+                (Some(&x), None) => {
+                    i += 1;
+                    x
+                }
+                (_, Some(&y)) => {
+                    j += 1;
+                    y
+                }
+                (None, None) => break,
+            };
+            sum += self.token_cost(tr, assign, l, t as usize);
+        }
+        for x in [a, b] {
+            for &t in &tr.by_rank0[l][x] {
+                let t = t as usize;
+                // The next layer that routes the token leaves from here.
+                if let Some(m) = (l + 1..assign.len()).find(|&m| !tr.layers[m].token(t).is_empty())
+                {
+                    sum += self.token_cost(tr, assign, m, t);
+                }
+            }
+        }
+        sum
+    }
+
+    /// Token `t`'s dispatches in layer `l`, `simulate`'s way (no replicas).
+    fn token_cost(&self, tr: &TokenRoutes, assign: &Assignment, l: usize, t: usize) -> f64 {
+        let topo = self.topology;
+        let src = (0..l)
+            .rev()
+            .find_map(|m| tr.layers[m].token(t).first().map(|&r| (m, r as usize)))
+            .and_then(|(m, r)| assign[m][r].first().copied())
+            .unwrap_or(t % topo.devices);
+        let mut dest: [usize; 16] = [usize::MAX; 16];
+        let mut n_dest = 0;
+        let mut extra: Vec<usize> = Vec::new();
+        let mut cost = 0.0;
+        for &x in tr.layers[l].token(t) {
+            let Some(&d) = assign[l][x as usize].first() else {
+                continue;
+            };
+            if d == src || dest[..n_dest].contains(&d) || extra.contains(&d) {
+                continue;
+            }
+            if n_dest < dest.len() {
+                dest[n_dest] = d;
+                n_dest += 1;
+            } else {
+                extra.push(d);
+            }
+            cost += 1.0;
+            if self.node_weight > 0.0 && topo.node_of(d) != topo.node_of(src) {
+                cost += self.node_weight;
+            }
+        }
+        cost
     }
 
     /// Boundary `b`'s proxy cost of tokens going `i -> j` (`proxy_traffic`).
@@ -378,5 +488,44 @@ pub(crate) mod tests {
         for (now, cap) in search.step_loads(&st).iter().zip(&caps) {
             assert!(*now <= cap + 1e-9, "{now} above its cap {cap}");
         }
+    }
+
+    #[test]
+    fn exact_traffic_is_what_the_replay_counts_before_and_after_the_search() {
+        use crate::placement::greedy::device_lists;
+        use crate::placement::{Placement, SimOptions, simulate};
+        let routes = correlated_routes(8, 3, 500);
+        let counts = RoutingCounts::from_routes(&routes, 50).unwrap();
+        let capacity = Capacity::with_redundant(8, 4, 0).unwrap();
+        let copies = copies_per_layer(&counts, capacity);
+        let topology = Topology::new(4, 2).unwrap();
+        let search = Search {
+            counts: &counts,
+            copies: &copies,
+            capacity,
+            topology,
+            node_weight: 3.0,
+        };
+        let start: Assignment = (0..3)
+            .map(|l| pack_layer(&counts.load[l], &copies[l], capacity))
+            .collect();
+        let mut st = search.state(start);
+        let replayed = |st: &State| {
+            let p = Placement::from_device_lists(capacity, &device_lists(&st.assign, capacity));
+            let sim = SimOptions {
+                batch_tokens: 50,
+                token_bytes: None,
+            };
+            let r = simulate(&routes, &p.unwrap(), &topology, sim).unwrap();
+            // Per-step means back to totals over the 10 steps.
+            (r.cross_device_tokens * 10.0, r.cross_node_tokens * 10.0)
+        };
+        let (dev, node) = replayed(&st);
+        assert!((search.traffic(&st) - (dev + 3.0 * node)).abs() < 1e-6);
+        let far = Instant::now() + std::time::Duration::from_secs(30);
+        search.improve(&mut st, &[f64::INFINITY; 3], far);
+        let (dev_after, node_after) = replayed(&st);
+        assert!((search.traffic(&st) - (dev_after + 3.0 * node_after)).abs() < 1e-6);
+        assert!(dev_after + 3.0 * node_after < dev + 3.0 * node);
     }
 }
