@@ -403,3 +403,36 @@ fn next_layer_prefetch_keeps_logits_and_raises_the_hit_rate() {
     }
     assert!(hit_rates[1] > hit_rates[0] + 0.05, "{hit_rates:?}");
 }
+
+/// `bench` under a budget reports the cache, the engine's bytes beside the
+/// process's `read_bytes`, and peak RSS against its bound.
+#[test]
+fn bench_under_a_budget_checks_peak_rss_against_its_bound() {
+    let dir = fixture("qwen3_moe");
+    let (ok, _, stderr) = switchyard(&[
+        "bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--repeat",
+        "1",
+        "--expert-memory",
+        "50%",
+        "--prefetch",
+        "next-layer",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("expert cache: hit "), "{stderr}");
+    assert!(stderr.contains("prefetch precision"), "{stderr}");
+    assert!(stderr.contains("process read_bytes"), "{stderr}");
+    let memory = stderr
+        .lines()
+        .find(|l| l.starts_with("memory: peak RSS"))
+        .unwrap_or_else(|| panic!("no memory line in {stderr}"));
+    assert!(memory.contains(" within bound "), "{memory}");
+}

@@ -19,7 +19,7 @@ use switchyard::model::{LoadOptions, NoObserver};
 use switchyard::ops::{QuantKind, bandwidth};
 use switchyard::weights::GgufFile;
 
-use super::expert_memory::{ExpertMemoryArgs, print_summary};
+use super::expert_memory::{ExpertMemoryArgs, MemoryBound, print_summary, process_read_bytes};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -112,9 +112,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut runner = Ours {
         engine: &engine,
         tokens: 0,
+        process_read_at_warmup: 0,
     };
     let ours = measure(&mut runner, &prompt, &args)?;
-    print_summary(engine.model().experts().as_ref(), runner.tokens);
+    let experts = engine.model().experts();
+    if let Some(report) = experts.cache_report() {
+        print_summary(experts.as_ref(), runner.tokens);
+        eprintln!(
+            "reads: engine {} bytes of experts, process read_bytes {} (/proc/self/io; the checkpoint's pages dropped before each run)",
+            report.read.bytes,
+            process_read_bytes().saturating_sub(runner.process_read_at_warmup)
+        );
+        let cfg = engine.config();
+        let embed = engine.model().embedding();
+        let embed_bytes = embed.elem_count() * embed.dtype().size_in_bytes();
+        let positions = (args.prompt_tokens + args.gen_tokens) as u64;
+        MemoryBound {
+            non_expert_bytes: (active - engine.expert_bytes_per_token() + embed_bytes) as u64,
+            budget_bytes: report.budget_bytes,
+            kv_bytes: 2 * cfg.num_layers as u64 * cfg.attention.kv_dim() as u64 * positions * 4,
+        }
+        .check(ours.peak_rss_bytes)?;
+    }
 
     let dtype_name = format!("{dtype:?}").to_lowercase();
     let quant_name = args.quant.map_or("-".to_string(), |q| q.to_string());
@@ -182,6 +201,7 @@ struct Ours<'a> {
     engine: &'a Engine,
     /// Run through the model since the warm-up (for the expert cache's bytes per token).
     tokens: usize,
+    process_read_at_warmup: u64,
 }
 
 /// A greedy sequence that never stops early: the prompt's step yields the first
@@ -208,13 +228,20 @@ pub fn step(scheduler: &mut switchyard::generate::Scheduler<'_>) -> anyhow::Resu
 
 impl Runner for Ours<'_> {
     fn after_warmup(&mut self) {
-        // The timed rounds start from an empty expert cache, as the optimal yardstick does.
-        self.engine.model().experts().reset_cache();
+        let experts = self.engine.model().experts();
+        if experts.cache_report().is_some() {
+            // The timed rounds start from an empty expert cache, as the optimal
+            // yardstick does, and their peak RSS is checked against the bound.
+            experts.reset_cache();
+            reset_peak_rss();
+        }
         self.tokens = 0;
+        self.process_read_at_warmup = process_read_bytes();
     }
 
     fn run_once(&mut self, prompt: &[u32], gen_tokens: usize) -> anyhow::Result<(f64, f64)> {
         self.tokens += prompt.len() + gen_tokens;
+        self.engine.model().experts().drop_cached_pages()?;
         let mut scheduler = self.engine.scheduler(SchedulerOptions::single_sequence());
         scheduler.add(greedy_request(prompt, gen_tokens))?;
         let start = Instant::now();

@@ -679,6 +679,10 @@ impl ExpertProvider for ExpertCache {
         })
     }
 
+    fn drop_cached_pages(&self) -> Result<()> {
+        self.shared.source.drop_cached_pages()
+    }
+
     /// Empties the cache as well as its counters: the optimal yardstick starts
     /// cold, so the live cache must too for the two to be comparable.
     fn reset_cache(&self) {

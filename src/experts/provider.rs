@@ -54,6 +54,12 @@ pub trait ExpertProvider: Send + Sync + fmt::Debug {
     /// Empties an expert cache and zeroes its counters (before a measured run).
     fn reset_cache(&self) {}
 
+    /// Drops the checkpoint an expert cache reads from out of the page cache,
+    /// so that its misses cost disk reads (before a measured run).
+    fn drop_cached_pages(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// All routed experts' bytes together (what `--expert-memory 25%` is of).
     fn total_expert_bytes(&self, num_layers: usize) -> u64 {
         (0..num_layers)

@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -70,6 +71,22 @@ impl Backing {
             Backing::Mapped(map) => Some(map),
             Backing::Reads { .. } => None,
         }
+    }
+
+    /// Asks the kernel to drop the file's cached pages (`posix_fadvise
+    /// DONTNEED`), so that the next reads come from the disk: a benchmark's
+    /// page cache must not pass for the expert cache. A map has nothing to drop.
+    pub(crate) fn drop_cached_pages(&self, path: &Path) -> Result<()> {
+        let Backing::Reads { file, .. } = self else {
+            return Ok(());
+        };
+        // SAFETY: the descriptor is open for as long as `file` lives; fadvise
+        // only advises the kernel and touches no memory of ours.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if rc != 0 {
+            return Err(Error::io(path, std::io::Error::from_raw_os_error(rc)));
+        }
+        Ok(())
     }
 
     /// Bytes `start..end` of the file at `path`: borrowed from the map, or read

@@ -306,6 +306,10 @@ impl TensorSource for GgufSource {
         gguf_location(name).is_some_and(|loc| self.file.contains(&self.resolve(loc).name))
     }
 
+    fn drop_cached_pages(&self) -> Result<()> {
+        self.file.drop_cached_pages()
+    }
+
     fn reopen_for_reads(&self) -> Result<Option<Reopened>> {
         let (file, stats) = self.file.with_positioned_reads()?;
         Ok(Some(Reopened {

@@ -139,6 +139,14 @@ impl SafetensorsFiles {
         Ok((reopened, stats))
     }
 
+    /// See [`TensorSource::drop_cached_pages`](super::TensorSource::drop_cached_pages).
+    pub fn drop_cached_pages(&self) -> Result<()> {
+        self.files
+            .iter()
+            .zip(&self.paths)
+            .try_for_each(|(f, p)| f.drop_cached_pages(p))
+    }
+
     pub fn paths(&self) -> &[PathBuf] {
         &self.paths
     }

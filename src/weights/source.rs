@@ -52,6 +52,12 @@ pub trait TensorSource {
         Vec::new()
     }
 
+    /// Drops the source's files from the page cache where it reads them with
+    /// positioned reads (before a measured run).
+    fn drop_cached_pages(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// A `[out, cols]` weight stacked from row blocks (`parts`: name and rows, e.g.
     /// gate then up), as a [`Linear`]. By default the parts are loaded in `dtype`
     /// and concatenated; a source holding quantized weights (GGUF) keeps them quantized.
@@ -117,6 +123,10 @@ impl TensorSource for super::SafetensorsFiles {
 
     fn names(&self) -> Vec<String> {
         SafetensorsFiles::names(self).map(str::to_string).collect()
+    }
+
+    fn drop_cached_pages(&self) -> Result<()> {
+        SafetensorsFiles::drop_cached_pages(self)
     }
 }
 

@@ -199,6 +199,11 @@ impl GgufFile {
         &self.path
     }
 
+    /// See [`TensorSource::drop_cached_pages`](crate::weights::TensorSource::drop_cached_pages).
+    pub fn drop_cached_pages(&self) -> Result<()> {
+        self.backing.drop_cached_pages(&self.path)
+    }
+
     /// `general.file_type` by llama.cpp's name for it (`LlamaFileType`: "Q8_0",
     /// "Q4_K_M", ...), if the file says and the code is known.
     pub fn file_type_name(&self) -> Option<&'static str> {
