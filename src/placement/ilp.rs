@@ -111,6 +111,8 @@ pub struct PlanOutcome {
 /// The solver's word on one program.
 #[derive(Debug, Clone, Copy, Default)]
 struct Verdict {
+    /// The solver returned no incumbent (time up before a feasible point).
+    failed: bool,
     proved: bool,
     gap: f64,
     objective: f64,
@@ -356,7 +358,7 @@ impl Ctx<'_> {
         let solved = !self.verdicts.is_empty();
         let proved = self.verdicts.iter().all(|v| v.proved);
         let gap = self.verdicts.iter().map(|v| v.gap).fold(0.0, f64::max);
-        let last = self.verdicts.last();
+        let last = self.verdicts.iter().rev().find(|v| !v.failed);
         let note = note.or_else(|| {
             (method == SolveMethod::Layerwise).then(|| {
                 format!(
@@ -368,6 +370,16 @@ impl Ctx<'_> {
                 )
             })
         });
+        let failed = self.verdicts.iter().filter(|v| v.failed).count();
+        let note = match (note, failed) {
+            (note, 0) => note,
+            (note, n) => Some(format!(
+                "{}{n} of {} programs found no solution in their time share (their start was \
+                 kept, gap counted as 100 %)",
+                note.map_or(String::new(), |s| s + "; "),
+                self.verdicts.len()
+            )),
+        };
         SolverReport {
             method: method.name().into(),
             status: match (method, solved, proved) {
@@ -406,7 +418,10 @@ impl Ctx<'_> {
         if let Some(hot) = (0..load.len()).max_by(|&a, &b| load[a].total_cmp(&load[b])) {
             p.constraints.push(Expression::from(p.x[0][hot][0]).eq(1.0));
         }
-        let (layers, verdict) = p.solve(budget)?;
+        let Some((layers, verdict)) = p.solve(budget) else {
+            self.verdicts.push(Verdict::failed());
+            return Ok((start, start_z));
+        };
         let layer = layers.into_iter().next().unwrap_or_default();
         let z_found = max_load(load, copies, &layer, n);
         let valid = layer.iter().zip(copies).all(|(d, &c)| d.len() == c);
@@ -439,7 +454,10 @@ impl Ctx<'_> {
             }
         }
         p.add_traffic(self, assign);
-        let (layers, verdict) = p.solve(budget)?;
+        let Some((layers, verdict)) = p.solve(budget) else {
+            self.verdicts.push(Verdict::failed());
+            return Ok(());
+        };
         self.verdicts.push(verdict);
         let mut candidate = assign.clone();
         for (w, l) in window.enumerate() {
@@ -639,8 +657,10 @@ impl Program {
         }
     }
 
-    /// Solves within `budget`; returns each window layer's `[expert] -> devices`.
-    fn solve(self, budget: Duration) -> Result<(Vec<Vec<Vec<usize>>>, Verdict)> {
+    /// Solves within `budget`; returns each window layer's `[expert] -> devices`,
+    /// or `None` where the solver gave up without an incumbent (microlp can
+    /// run out of time before it takes the warm start; the caller keeps it).
+    fn solve(self, budget: Duration) -> Option<(Vec<Vec<Vec<usize>>>, Verdict)> {
         let Program {
             vars,
             x,
@@ -657,9 +677,7 @@ impl Program {
         for c in constraints {
             model.add_constraint(c);
         }
-        let solution = model
-            .solve()
-            .map_err(|e| Error::InvalidInput(format!("the placement program failed: {e}")))?;
+        let solution = model.solve().ok()?;
         let layers = (x.iter())
             .map(|layer| {
                 (layer.iter())
@@ -674,13 +692,24 @@ impl Program {
         let inner = solution.into_inner();
         let stats = inner.stats();
         let verdict = Verdict {
+            failed: false,
             proved: inner.gap() == Some(0.0)
                 || matches!(inner.status(), microlp::SolutionStatus::Optimal),
             gap: inner.gap().unwrap_or(0.0),
             objective: inner.objective(),
             bound: stats.best_bound.unwrap_or(inner.objective()),
         };
-        Ok((layers, verdict))
+        Some((layers, verdict))
+    }
+}
+
+impl Verdict {
+    fn failed() -> Self {
+        Self {
+            failed: true,
+            gap: 1.0,
+            ..Self::default()
+        }
     }
 }
 
