@@ -7,11 +7,13 @@
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod experts;
 pub mod generate;
 pub mod model;
 pub mod ops;
 pub mod placement;
+pub mod slim;
 pub mod trace;
 pub mod train;
 pub mod weights;

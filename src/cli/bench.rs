@@ -15,11 +15,12 @@ use clap::builder::RangedU64ValueParser;
 use clap::{Args, ValueEnum};
 use switchyard::Engine;
 use switchyard::generate::{SamplingParams, SchedulerOptions, SequenceRequest, StepEvent};
-use switchyard::model::{LoadOptions, NoObserver};
+use switchyard::model::{LoadOptions, NoObserver, RoutingObserver, SequenceId};
 use switchyard::ops::{QuantKind, bandwidth};
 use switchyard::weights::GgufFile;
 
 use super::expert_memory::{ExpertMemoryArgs, MemoryBound, print_summary, process_read_bytes};
+use super::routing_flags::{RoutingFlags, RunObserver};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -52,6 +53,8 @@ pub struct BenchArgs {
     profile: bool,
     #[command(flatten)]
     experts: ExpertMemoryArgs,
+    #[command(flatten)]
+    routing: RoutingFlags,
 }
 
 /// More threads than this is a typo, not a machine (rayon spawns them all up front).
@@ -94,6 +97,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         progress: true,
         quant: args.quant,
         expert_memory: args.experts.memory(),
+        expert_top_p: args.routing.expert_top_p()?,
     };
     let start = Instant::now();
     let engine = Engine::load(&args.model, &opts)
@@ -109,12 +113,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.gen_tokens
     );
     let prompt = random_ids(args.prompt_tokens, vocab);
+    let observer = args
+        .routing
+        .observer(engine.model(), &args.model.display().to_string())?;
     let mut runner = Ours {
         engine: &engine,
         tokens: 0,
         process_read_at_warmup: 0,
+        observer,
+        runs: 0,
     };
     let ours = measure(&mut runner, &prompt, &args)?;
+    let routed = runner.observer.finish(engine.model())?;
+    eprintln!("{}", routed.line(engine.model()));
+    // Under --expert-top-p tokens use fewer experts than top_k: the row shows
+    // the expert bytes the runs actually routed to (prefill and decode alike).
+    let active_routed =
+        active - engine.expert_bytes_per_token() + routed.expert_bytes_per_token.round() as usize;
     let experts = engine.model().experts();
     if let Some(report) = experts.cache_report() {
         print_summary(experts.as_ref(), runner.tokens);
@@ -162,7 +177,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         (None, Some(gguf)) => gguf,
         (None, None) => dtype_name.clone(),
     };
-    print_row("switchyard", &weights, &ours, active, bw_gbs);
+    print_row("switchyard", &weights, &ours, active_routed, bw_gbs);
     if args.profile {
         super::bench_profile::run(&engine, prompt[0], args.gen_tokens)?;
     }
@@ -202,6 +217,9 @@ struct Ours<'a> {
     /// Run through the model since the warm-up (for the expert cache's bytes per token).
     tokens: usize,
     process_read_at_warmup: u64,
+    observer: RunObserver,
+    /// Each run is its own sequence in the trace.
+    runs: u64,
 }
 
 /// A greedy sequence that never stops early: the prompt's step yields the first
@@ -218,7 +236,15 @@ pub fn greedy_request(prompt: &[u32], gen_tokens: usize) -> SequenceRequest {
 
 /// One scheduler step; a sequence's failure is this run's error.
 pub fn step(scheduler: &mut switchyard::generate::Scheduler<'_>) -> anyhow::Result<()> {
-    for event in scheduler.step(&mut NoObserver) {
+    step_observed(scheduler, &mut NoObserver)
+}
+
+/// [`step`] reporting the routing to `observer`.
+fn step_observed(
+    scheduler: &mut switchyard::generate::Scheduler<'_>,
+    observer: &mut dyn RoutingObserver,
+) -> anyhow::Result<()> {
+    for event in scheduler.step(observer) {
         if let StepEvent::Failed { error, .. } = event {
             return Err(error.into());
         }
@@ -242,14 +268,16 @@ impl Runner for Ours<'_> {
     fn run_once(&mut self, prompt: &[u32], gen_tokens: usize) -> anyhow::Result<(f64, f64)> {
         self.tokens += prompt.len() + gen_tokens;
         self.engine.model().experts().drop_cached_pages()?;
+        self.observer.set_sequence(SequenceId(self.runs));
+        self.runs += 1;
         let mut scheduler = self.engine.scheduler(SchedulerOptions::single_sequence());
         scheduler.add(greedy_request(prompt, gen_tokens))?;
         let start = Instant::now();
-        step(&mut scheduler)?;
+        step_observed(&mut scheduler, &mut self.observer)?;
         let prefill = start.elapsed().as_secs_f64();
         let start = Instant::now();
         while !scheduler.is_idle() {
-            step(&mut scheduler)?;
+            step_observed(&mut scheduler, &mut self.observer)?;
         }
         Ok((prefill, start.elapsed().as_secs_f64()))
     }

@@ -2,11 +2,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use switchyard::model::NoObserver;
+use switchyard::model::LoadOptions;
 use switchyard::ops::QuantKind;
 
 use super::expert_memory::{ExpertMemoryArgs, print_summary};
-use super::model_arg::{load_engine_with, parse_ids};
+use super::model_arg::{load_engine_opts, model_name, parse_ids};
+use super::routing_flags::RoutingFlags;
 
 #[derive(Debug, Args)]
 pub struct LogitsArgs {
@@ -24,6 +25,8 @@ pub struct LogitsArgs {
     out: PathBuf,
     #[command(flatten)]
     experts: ExpertMemoryArgs,
+    #[command(flatten)]
+    routing: RoutingFlags,
 }
 
 pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
@@ -32,10 +35,20 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
         "--out {} is a directory; name a .npy file",
         args.out.display()
     );
-    let engine = load_engine_with(&args.model, args.quant, args.experts.memory())?;
+    let load = LoadOptions {
+        quant: args.quant,
+        expert_memory: args.experts.memory(),
+        expert_top_p: args.routing.expert_top_p()?,
+        ..LoadOptions::default()
+    };
+    let engine = load_engine_opts(&args.model, load)?;
     let ids = parse_ids(&args.prompt_ids)?;
     anyhow::ensure!(!ids.is_empty(), "--prompt-ids is empty");
-    let logits = engine.score(&ids, &mut NoObserver)?;
+    let mut observer = args
+        .routing
+        .observer(engine.model(), &model_name(Some(&args.model)))?;
+    let logits = engine.score(&ids, &mut observer)?;
+    let active = observer.finish(engine.model())?;
     let logits = logits.to_dtype(candle_core::DType::F32)?;
     // Write next to the target, then rename: a failed run never leaves half a
     // file, nor the temporary one.
@@ -51,7 +64,12 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     written?;
-    eprintln!("wrote {:?} logits to {}", logits.dims(), args.out.display());
+    eprintln!(
+        "wrote {:?} logits to {} | {}",
+        logits.dims(),
+        args.out.display(),
+        active.line(engine.model())
+    );
     print_summary(engine.model().experts().as_ref(), ids.len());
     Ok(())
 }

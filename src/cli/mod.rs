@@ -9,7 +9,10 @@ mod expert_memory;
 mod info;
 mod logits;
 mod model_arg;
+mod perplexity;
 mod plan;
+mod prune;
+mod routing_flags;
 mod run;
 mod simulate;
 mod train;
@@ -37,6 +40,11 @@ enum Command {
     Info(info::InfoArgs),
     /// Prefill and decode speed against the memory-bandwidth roofline (and a peer engine).
     Bench(bench::BenchArgs),
+    /// Sliding-window perplexity of a text (transformers' method) and tokens/s.
+    Perplexity(perplexity::PerplexityArgs),
+    /// Drop the lowest-scoring experts (by routed frequency or REAP saliency on
+    /// calibration text) in every MoE layer and write the smaller checkpoint.
+    Prune(prune::PruneArgs),
     /// Train a small MoE model from scratch on text files.
     Train(train::TrainArgs),
     /// Routing analysis of a trace (or of a model on a text): expert load, SRP/SCH
@@ -69,6 +77,8 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => run::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Info(args) => info::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
+        Command::Prune(args) => prune::run(args),
         Command::Train(args) => train::run(args),
         Command::Analyze(args) => analyze::run(args),
         Command::Plan(args) => plan::run(args),

@@ -36,6 +36,15 @@ pub fn load_engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
     load_engine_with(dir, None, None)
 }
 
+/// The model as the user named it, for traces and summaries: no machine path
+/// when the default was used.
+pub fn model_name(model: Option<&std::path::Path>) -> String {
+    match model {
+        Some(m) => m.display().to_string(),
+        None => "the demo model (models/demo)".to_string(),
+    }
+}
+
 /// [`load_engine`] with the matrices quantized at load (`--quant`) and the
 /// routed experts under an expert cache (`--expert-memory`).
 pub fn load_engine_with(
@@ -44,10 +53,18 @@ pub fn load_engine_with(
     expert_memory: Option<ExpertMemory>,
 ) -> anyhow::Result<Engine> {
     let opts = LoadOptions {
-        progress: true,
         quant,
         expert_memory,
         ..LoadOptions::default()
+    };
+    load_engine_opts(dir, opts)
+}
+
+/// Any [`LoadOptions`] (progress bar on), e.g. with `--expert-top-p`.
+pub fn load_engine_opts(dir: &std::path::Path, opts: LoadOptions) -> anyhow::Result<Engine> {
+    let opts = LoadOptions {
+        progress: true,
+        ..opts
     };
     Engine::load(dir, &opts).with_context(|| format!("loading model from {}", dir.display()))
 }

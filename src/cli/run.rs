@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use switchyard::generate::{Flow, GenerateOptions, SamplingParams};
-use switchyard::model::NoObserver;
+use switchyard::model::LoadOptions;
 use switchyard::ops::QuantKind;
 
 use super::expert_memory::{ExpertMemoryArgs, print_summary, summary_json};
-use super::model_arg::{load_engine_with, parse_ids, resolve};
+use super::model_arg::{load_engine_opts, model_name, parse_ids, resolve};
+use super::routing_flags::RoutingFlags;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -43,13 +44,24 @@ pub struct RunArgs {
     json: bool,
     #[command(flatten)]
     experts: ExpertMemoryArgs,
+    #[command(flatten)]
+    routing: RoutingFlags,
 }
 
 const DEFAULT_PROMPT: &str = "The";
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let dir = resolve(args.model)?;
-    let engine = load_engine_with(&dir, args.quant, args.experts.memory())?;
+    let dir = resolve(args.model.clone())?;
+    let load = LoadOptions {
+        quant: args.quant,
+        expert_memory: args.experts.memory(),
+        expert_top_p: args.routing.expert_top_p()?,
+        ..LoadOptions::default()
+    };
+    let engine = load_engine_opts(&dir, load)?;
+    let mut observer = args
+        .routing
+        .observer(engine.model(), &model_name(args.model.as_deref()))?;
     let prompt = match (&args.prompt_ids, &args.prompt) {
         (Some(ids), _) => parse_ids(ids)?,
         (None, text) => {
@@ -75,7 +87,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         engine.tokenizer().ok().map(|t| t.stream())
     };
     let stats = engine
-        .generate(&prompt, &opts, &mut NoObserver, &mut |id| {
+        .generate(&prompt, &opts, &mut observer, &mut |id| {
             ids.push(id);
             if let Some(stream) = stream.as_mut()
                 && let Some(text) = stream.push(id)?
@@ -108,12 +120,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         writeln!(out)?;
     }
+    let active = observer.finish(engine.model())?;
     eprintln!(
-        "prompt tokens: {} | generated tokens: {} | prefill: {:.1} tokens/s | decode: {:.1} tokens/s",
+        "prompt tokens: {} | generated tokens: {} | prefill: {:.1} tokens/s | decode: {:.1} tokens/s | {}",
         stats.prompt_tokens,
         stats.generated_tokens,
         stats.prefill_tokens_per_s(),
-        stats.decode_tokens_per_s()
+        stats.decode_tokens_per_s(),
+        active.line(engine.model())
     );
     print_summary(
         engine.model().experts().as_ref(),

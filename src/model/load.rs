@@ -12,7 +12,7 @@ use super::Model;
 use super::arch::{Wiring, wiring};
 use super::attention::Attention;
 use super::layer::{DecoderLayer, LayerFfn};
-use super::moe::{MoeBlock, NextRouter, RouterConfig, SharedExpert};
+use super::moe::{ExpertTopP, MoeBlock, NextRouter, RouterConfig, SharedExpert};
 use crate::config::{ModelConfig, QkNorm};
 use crate::error::{Error, Result};
 use crate::experts::{
@@ -34,6 +34,8 @@ pub struct LoadOptions {
     /// Read routed experts on demand into an expert cache of this budget
     /// instead of all at load; the checkpoint stays open for the engine's lifetime.
     pub expert_memory: Option<ExpertMemory>,
+    /// Dynamic expert activation in every router (`--expert-top-p`).
+    pub expert_top_p: Option<ExpertTopP>,
 }
 
 impl Default for LoadOptions {
@@ -43,6 +45,7 @@ impl Default for LoadOptions {
             progress: false,
             quant: None,
             expert_memory: None,
+            expert_top_p: None,
         }
     }
 }
@@ -52,6 +55,7 @@ struct Loader<'a> {
     cfg: &'a ModelConfig,
     dtype: DType,
     quant: Option<QuantKind>,
+    expert_top_p: Option<ExpertTopP>,
     wiring: &'static Wiring,
 }
 
@@ -65,6 +69,7 @@ pub(super) fn build(
         cfg,
         dtype: opts.dtype,
         quant: opts.quant,
+        expert_top_p: opts.expert_top_p,
         wiring: wiring(cfg.arch),
     };
     let bar = progress_bar(opts.progress, cfg.num_layers);
@@ -358,6 +363,7 @@ impl Loader<'_> {
                 RouterConfig {
                     top_k: m.top_k,
                     norm_topk_prob: m.norm_topk_prob,
+                    top_p: self.expert_top_p,
                 },
                 experts.clone(),
                 shared,

@@ -43,6 +43,17 @@ impl RoutingSite<'_> {
 
 pub trait RoutingObserver {
     fn on_routing(&mut self, site: RoutingSite<'_>, routing: &Routing);
+
+    /// Whether MoE blocks should report [`Self::on_expert_output_norms`]
+    /// (one more pass over every expert output; REAP pruning needs it).
+    fn wants_expert_output_norms(&self) -> bool {
+        false
+    }
+
+    /// After a MoE layer call over a whole batch: `norms[slot]` is the L2 norm
+    /// of the unweighted output of the expert in `routing`'s `slot` (0 for an
+    /// unused slot).
+    fn on_expert_output_norms(&mut self, _layer: usize, _routing: &Routing, _norms: &[f32]) {}
 }
 
 /// Observes nothing.

@@ -2,6 +2,7 @@
 //! the analyses `switchyard analyze` reports (expert load, local routing
 //! consistency, cache hit-rate curves, cross-layer co-activation) with plots.
 
+mod active;
 mod coactivation;
 mod load;
 mod parquet;
@@ -11,6 +12,7 @@ mod routes;
 mod srp;
 mod stack;
 
+pub use active::{ActiveExperts, LayerPicks};
 pub use coactivation::{Coactivation, PairStat};
 pub use load::{ExpertLoad, consecutive_reuse, entropy_bits, uniform_reuse};
 pub use parquet::{Trace, TraceMeta, TraceRow, TraceRows, TraceWriter, read_trace};

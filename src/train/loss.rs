@@ -33,6 +33,7 @@ pub fn router_losses(router_logits: &[Tensor], top_k: usize) -> Result<RouterLos
             RouterConfig {
                 top_k,
                 norm_topk_prob: false,
+                top_p: None,
             },
         );
         let mut share = vec![0f64; n_experts];

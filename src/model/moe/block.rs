@@ -40,6 +40,7 @@ impl NextRouter {
             self.config,
         );
         let mut experts = routing.expert_ids;
+        experts.retain(|&e| e != Routing::NO_EXPERT);
         experts.sort_unstable();
         experts.dedup();
         Ok(experts)
@@ -123,6 +124,7 @@ impl MoeBlock {
         drop(router_span);
 
         let experts_span = profile::span(Phase::Experts, layer);
+        let mut norms = observer.wants_expert_output_norms().then(Vec::new);
         let (mut out, outcomes) = if logits.track_op() || x.track_op() {
             self.experts_autograd(x, &logits_f32, &routing, &groups)?
         } else {
@@ -130,10 +132,19 @@ impl MoeBlock {
                 Some(next) => Some((next.layer as u32, next.predict(x)?)),
                 None => None,
             };
-            self.experts_inference(x, &routing, &groups, prefetch)?
+            let call = InferenceCall {
+                routing: &routing,
+                groups: &groups,
+                prefetch,
+                norms: norms.as_mut(),
+            };
+            self.experts_inference(x, call)?
         };
         drop(experts_span);
         report(self.layer, &routing, layout, outcomes.as_deref(), observer);
+        if let Some(norms) = &norms {
+            observer.on_expert_output_norms(self.layer, &routing, norms);
+        }
         if let Some(shared) = &self.shared {
             let _span = profile::span(Phase::SharedExpert, layer);
             let gate = candle_nn::ops::sigmoid(&shared.gate.forward(x)?)?; // [n_tokens, 1]
@@ -174,15 +185,15 @@ impl MoeBlock {
     /// come in groups of at most the provider's
     /// [`max_experts_per_call`](ExpertProvider::max_experts_per_call), each
     /// group's dropped before the next is asked for.
-    fn experts_inference(
-        &self,
-        x: &Tensor,
-        routing: &Routing,
-        groups: &[(u32, Vec<u32>)],
-        mut prefetch: Option<(u32, Vec<u32>)>,
-    ) -> Result<(Tensor, Outcomes)> {
+    fn experts_inference(&self, x: &Tensor, call: InferenceCall<'_>) -> Result<(Tensor, Outcomes)> {
+        let InferenceCall {
+            routing,
+            groups,
+            mut prefetch,
+            norms,
+        } = call;
         let (n, hidden) = x.dims2()?;
-        let k = self.config.top_k;
+        let k = routing.top_k;
         let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?; // [n, hidden]
         let per_call = self.experts.max_experts_per_call().max(1);
         with_thread_scratch(&CALL_SCRATCH, |scratch| {
@@ -231,8 +242,15 @@ impl MoeBlock {
                 })?;
             }
             drop(parts);
-            let mut out = vec![0f32; n * hidden];
             let slots = groups.iter().flat_map(|(_, slots)| slots.iter());
+            if let Some(norms) = norms {
+                norms.clear();
+                norms.resize(routing.expert_ids.len(), 0.0);
+                for (&s, y) in slots.clone().zip(ys.chunks_exact(hidden)) {
+                    norms[s as usize] = y.iter().map(|v| v * v).sum::<f32>().sqrt();
+                }
+            }
+            let mut out = vec![0f32; n * hidden];
             for (&s, y) in slots.zip(ys.chunks_exact(hidden)) {
                 let t = s as usize / k;
                 let w = routing.weights[s as usize];
@@ -260,7 +278,7 @@ impl MoeBlock {
         for group in groups.chunks(self.experts.max_experts_per_call().max(1)) {
             let call = self.call_experts(group)?;
             for ((_, slots), ffn) in group.iter().zip(&call.ffns) {
-                let tokens: Vec<u32> = slots.iter().map(|s| s / self.config.top_k as u32).collect();
+                let tokens: Vec<u32> = slots.iter().map(|s| s / routing.top_k as u32).collect();
                 let tokens = Tensor::new(tokens.as_slice(), x.device())?;
                 let slots = Tensor::new(slots.as_slice(), x.device())?;
                 let xs = x.index_select(&tokens, 0)?; // [m, hidden]
@@ -280,6 +298,11 @@ impl MoeBlock {
         if !logits.track_op() {
             return Ok(Tensor::new(routing.weights.as_slice(), logits.device())?);
         }
+        if self.config.top_p.is_some() {
+            return Err(Error::InvalidInput(
+                "dynamic expert top-p is for inference; training routes plain top-k".into(),
+            ));
+        }
         let n_tokens = routing.n_tokens();
         let ids = Tensor::from_slice(
             &routing.expert_ids,
@@ -294,6 +317,17 @@ impl MoeBlock {
         }
         Ok(top.flatten_all()?)
     }
+}
+
+/// One layer call's work for [`MoeBlock::experts_inference`].
+struct InferenceCall<'a> {
+    routing: &'a Routing,
+    /// `(expert, slots)` from [`Routing::slots_by_expert`].
+    groups: &'a [(u32, Vec<u32>)],
+    /// The next layer's predicted experts `(layer, experts)`, passed on to the provider.
+    prefetch: Option<(u32, Vec<u32>)>,
+    /// Receives each slot's output L2 norm, when given.
+    norms: Option<&'a mut Vec<f32>>,
 }
 
 /// What [`MoeBlock::experts_inference`] keeps per thread between calls.
