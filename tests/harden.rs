@@ -190,9 +190,12 @@ fn tokenizer_template_naming_an_undefined_special_token_is_an_error() {
 fn runaway_chat_templates_stop_with_an_error_naming_the_template() {
     let loops = "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
     let doubling = "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}";
+    // Lazy list concatenation that fuel does not see (found by tests/fuzz.rs).
+    let lists = "{% set ns = namespace(l=[1]) %}{% for i in range(100) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}";
     for (file, template) in [
         ("chat_template.jinja", loops),
         ("chat_template.jinja", doubling),
+        ("chat_template.jinja", lists),
         ("tokenizer_config.json", loops),
     ] {
         let (_tmp, dir) = copy_fixture("qwen3_moe");

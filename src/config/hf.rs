@@ -121,7 +121,8 @@ fn from_json<'a, T: Deserialize<'a>>(text: &'a str, path: &Path) -> Result<T> {
     })
 }
 
-pub(crate) fn parse_config(text: &str, path: &Path) -> Result<ModelConfig> {
+/// `config.json` text (`path` names it in errors) mapped and validated.
+pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig> {
     // Check the architecture first: an unknown model_type should say so, not
     // complain about a field that architecture happens not to have.
     let probe: serde_json::Value = serde_json::from_str(text)

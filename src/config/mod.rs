@@ -9,7 +9,7 @@ mod params;
 mod size;
 
 pub use gguf::{config_from_gguf, open_gguf};
-pub use hf::{load_model_config, to_hf_json};
+pub use hf::{load_model_config, parse_config, to_hf_json};
 pub use params::ParameterCounts;
 pub use size::{ByteSize, format_bytes};
 

@@ -2,7 +2,7 @@
 //! (`tokenizer_config.json`, or `chat_template.jinja` as transformers 5 writes it).
 
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use minijinja::{Environment, ErrorKind, context};
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,12 @@ pub struct TemplateLimits {
     pub max_bytes: usize,
     /// Nesting of macro calls, includes and recursive loops.
     pub recursion: usize,
+    /// Wall-clock bound on one render. Fuel misses some work: minijinja 3.1 keeps
+    /// `list + list` lazy and walks the whole chain, shared halves included, to
+    /// measure its depth, so a loop doubling a namespace list spins without
+    /// charging fuel. Past this the render is abandoned (its thread is left to
+    /// finish or spin; the caller gets an error).
+    pub timeout: std::time::Duration,
 }
 
 impl Default for TemplateLimits {
@@ -46,6 +52,7 @@ impl Default for TemplateLimits {
             fuel: 2_000_000,
             max_bytes: 64 << 20,
             recursion: 100,
+            timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -56,7 +63,7 @@ pub struct ChatTemplate {
     source: String,
     origin: String,
     limits: TemplateLimits,
-    compiled: OnceLock<std::result::Result<Environment<'static>, String>>,
+    compiled: OnceLock<std::result::Result<Arc<Environment<'static>>, String>>,
     bos_token: Option<String>,
     eos_token: Option<String>,
 }
@@ -121,47 +128,66 @@ impl ChatTemplate {
         self.environment().map(|_| ())
     }
 
-    fn environment(&self) -> Result<&Environment<'static>> {
+    fn environment(&self) -> Result<&Arc<Environment<'static>>> {
         self.compiled
-            .get_or_init(|| compile(&self.source, self.limits))
+            .get_or_init(|| compile(&self.source, self.limits).map(Arc::new))
             .as_ref()
             .map_err(|e| Error::ChatTemplate(format!("{}: {e}", self.origin)))
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let bad = |e: String| Error::ChatTemplate(format!("{}: {e}", self.origin));
-        let template = self
-            .environment()?
-            .get_template("chat")
-            .map_err(|e| bad(e.to_string()))?;
-        let mut out = CappedWriter {
-            bytes: Vec::new(),
-            cap: self.limits.max_bytes,
-            exceeded: false,
+        let env = self.environment()?.clone();
+        let limits = self.limits;
+        let ctx = context! {
+            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
         };
-        let rendered = template.render_captured_to(
-            context! {
-                messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token.clone().unwrap_or_default(),
-                eos_token => self.eos_token.clone().unwrap_or_default(),
-            },
-            &mut out,
-        );
-        if out.exceeded {
-            return Err(bad(format!(
-                "the rendered prompt exceeds {} bytes",
-                self.limits.max_bytes
-            )));
-        }
-        match rendered {
-            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(bad(format!(
-                "gave up after {} template instructions (a runaway loop?)",
-                self.limits.fuel
+        // On its own thread, so that a render fuel does not stop cannot hold the caller.
+        let (send, receive) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("chat-template".into())
+            .spawn(move || {
+                let _ = send.send(render_capped(&env, ctx, limits));
+            })
+            .map_err(|e| bad(format!("cannot start the render thread: {e}")))?;
+        match receive.recv_timeout(limits.timeout) {
+            Ok(rendered) => rendered.map_err(bad),
+            Err(_) => Err(bad(format!(
+                "the render did not finish within {:?} (a runaway loop?)",
+                limits.timeout
             ))),
-            Err(e) => Err(bad(e.to_string())),
-            Ok(_) => String::from_utf8(out.bytes).map_err(|e| bad(e.to_string())),
         }
+    }
+}
+
+fn render_capped(
+    env: &Environment<'static>,
+    ctx: minijinja::Value,
+    limits: TemplateLimits,
+) -> std::result::Result<String, String> {
+    let template = env.get_template("chat").map_err(|e| e.to_string())?;
+    let mut out = CappedWriter {
+        bytes: Vec::new(),
+        cap: limits.max_bytes,
+        exceeded: false,
+    };
+    let rendered = template.render_captured_to(ctx, &mut out);
+    if out.exceeded {
+        return Err(format!(
+            "the rendered prompt exceeds {} bytes",
+            limits.max_bytes
+        ));
+    }
+    match rendered {
+        Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(format!(
+            "gave up after {} fuel of template work (a runaway loop?)",
+            limits.fuel
+        )),
+        Err(e) => Err(e.to_string()),
+        Ok(_) => String::from_utf8(out.bytes).map_err(|e| e.to_string()),
     }
 }
 

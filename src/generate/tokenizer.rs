@@ -33,6 +33,11 @@ impl TextTokenizer {
         })
     }
 
+    /// A `tokenizer.json` document; `origin` names it in errors.
+    pub fn from_json(text: &str, origin: &str) -> Result<Self> {
+        Ok(Self::from_tokenizer(tokenizer_from_json(text, origin)?))
+    }
+
     pub fn from_tokenizer(inner: Tokenizer) -> Self {
         Self {
             inner,

@@ -1,0 +1,559 @@
+//! Structured fuzzing (proptest, no nightly toolchain) of everything a file or a
+//! flag controls: config.json, the safetensors header, the GGUF header and
+//! metadata, tokenizer.json, chat templates and the size flags' parsers. The
+//! property is the same everywhere: any input ends in a value or an error, never
+//! a panic, an abort or a hang; what is accepted is also consistent.
+//!
+//! `cargo test --test fuzz` runs a few hundred cases per target (seconds); the
+//! long run is `SWITCHYARD_FUZZ_CASES=1000000 cargo test --release --test fuzz -- --ignored`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use serde_json::Value;
+use switchyard::config::{ByteSize, config_from_gguf, parse_config};
+use switchyard::generate::{
+    ChatMessage, ChatTemplate, TemplateLimits, TextTokenizer, chat_template_from_gguf,
+    tokenizer_from_gguf,
+};
+use switchyard::model::check_checkpoint;
+use switchyard::train::TrainConfig;
+use switchyard::weights::{GgufFile, SafetensorsFiles, TensorSource};
+
+use common::fixture;
+
+/// Cases per target: a CI-sized default, or `SWITCHYARD_FUZZ_CASES` for the long run.
+fn cases(default: u32) -> u32 {
+    std::env::var("SWITCHYARD_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn run<S: Strategy>(
+    name: &str,
+    cases: u32,
+    strategy: S,
+    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) where
+    S::Value: std::fmt::Debug,
+{
+    let start = Instant::now();
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: 256,
+        ..Config::default()
+    });
+    if let Err(e) = runner.run(&strategy, test) {
+        panic!("fuzz target {name}: {e}");
+    }
+    eprintln!(
+        "fuzz target {name}: {cases} cases, 0 failures, {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fuzz");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{name}-{}", std::process::id()))
+}
+
+// --- JSON documents: a fixture with a few nodes replaced, deleted or added ---
+
+/// What one mutation puts at a node.
+fn replacement() -> impl Strategy<Value = Option<Value>> {
+    prop_oneof![
+        Just(None), // delete
+        Just(Some(Value::Null)),
+        any::<bool>().prop_map(|b| Some(b.into())),
+        prop_oneof![
+            Just(0i64),
+            Just(-1),
+            Just(1),
+            Just(2),
+            Just(1 << 31),
+            Just(1 << 40),
+            Just(i64::MAX),
+            Just(i64::MIN),
+            any::<i64>()
+        ]
+        .prop_map(|n| Some(n.into())),
+        prop_oneof![Just(u64::MAX), Just(1u64 << 63), any::<u64>()].prop_map(|n| Some(n.into())),
+        prop_oneof![
+            Just(0.0f64),
+            Just(-0.5),
+            Just(1e-300),
+            Just(1e300),
+            any::<f64>()
+        ]
+        .prop_map(|f| Some(serde_json::json!(f))),
+        "[ -~]{0,16}".prop_map(|s| Some(s.into())),
+        Just(Some(serde_json::json!([]))),
+        Just(Some(serde_json::json!({}))),
+        Just(Some(serde_json::json!([1, 2, 3]))),
+        Just(Some(serde_json::json!({"type": "Sequence"}))),
+    ]
+}
+
+fn mutations() -> impl Strategy<Value = Vec<(usize, Option<Value>)>> {
+    prop::collection::vec((any::<usize>(), replacement()), 1..5)
+}
+
+/// Every node's path, in document order.
+fn paths(v: &Value, here: &mut Vec<PathStep>, out: &mut Vec<Vec<PathStep>>) {
+    out.push(here.clone());
+    match v {
+        Value::Object(m) => {
+            for (k, child) in m {
+                here.push(PathStep::Key(k.clone()));
+                paths(child, here, out);
+                here.pop();
+            }
+        }
+        Value::Array(a) => {
+            for (i, child) in a.iter().enumerate() {
+                here.push(PathStep::Index(i));
+                paths(child, here, out);
+                here.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+#[derive(Clone, Debug)]
+enum PathStep {
+    Key(String),
+    Index(usize),
+}
+
+fn mutate(doc: &Value, edits: &[(usize, Option<Value>)]) -> Value {
+    let mut doc = doc.clone();
+    for (pick, with) in edits {
+        let mut all = Vec::new();
+        paths(&doc, &mut Vec::new(), &mut all);
+        let path = &all[pick % all.len()];
+        let Some((last, parent_path)) = path.split_last() else {
+            doc = with.clone().unwrap_or(Value::Null);
+            continue;
+        };
+        let mut parent = &mut doc;
+        for step in parent_path {
+            parent = match step {
+                PathStep::Key(k) => &mut parent[k.as_str()],
+                PathStep::Index(i) => &mut parent[*i],
+            };
+        }
+        match (last, with, parent) {
+            (PathStep::Key(k), None, Value::Object(m)) => {
+                m.remove(k);
+            }
+            (PathStep::Index(i), None, Value::Array(a)) => {
+                a.remove(*i);
+            }
+            (PathStep::Key(k), Some(v), p) => p[k.as_str()] = v.clone(),
+            (PathStep::Index(i), Some(v), p) => p[*i] = v.clone(),
+            _ => {}
+        }
+    }
+    doc
+}
+
+fn fixture_json(name: &str, file: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join(file)).unwrap()).unwrap()
+}
+
+// --- config.json ---
+
+fn mixtral_weights() -> &'static SafetensorsFiles {
+    static FILES: OnceLock<SafetensorsFiles> = OnceLock::new();
+    FILES.get_or_init(|| SafetensorsFiles::open_dir(&fixture("mixtral")).unwrap())
+}
+
+fn config_target(n: u32) {
+    let base = fixture_json("mixtral", "config.json");
+    let path = Path::new("config.json");
+    run("config.json", n, mutations(), |edits| {
+        let text = mutate(&base, &edits).to_string();
+        if let Ok(cfg) = parse_config(&text, path) {
+            // Accepted configs are bounded: their counts cannot overflow, and the
+            // dry run against the checkpoint ends in a value or an error.
+            let counts = cfg.parameter_counts();
+            prop_assert!(counts.total >= counts.routed_experts);
+            let _ = check_checkpoint(&cfg, mixtral_weights());
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn fuzz_config_json() {
+    config_target(2048);
+}
+
+#[test]
+#[ignore]
+fn fuzz_config_json_long() {
+    config_target(cases(1_000_000));
+}
+
+// --- safetensors header ---
+
+/// Byte edits of a file's first `within` bytes: (offset, xor mask), or a truncation.
+fn byte_edits(within: usize) -> impl Strategy<Value = (Vec<(usize, u8)>, Option<usize>)> {
+    (
+        prop::collection::vec((0..within, 1u8..=255), 0..6),
+        prop::option::weighted(0.1, any::<usize>()),
+    )
+}
+
+fn edited(bytes: &[u8], edits: &(Vec<(usize, u8)>, Option<usize>)) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    for &(at, mask) in &edits.0 {
+        if let Some(x) = b.get_mut(at) {
+            *x ^= mask;
+        }
+    }
+    if let Some(len) = edits.1 {
+        b.truncate(len % (bytes.len() + 1));
+    }
+    b
+}
+
+fn safetensors_target(n: u32) {
+    let bytes = std::fs::read(fixture("mixtral").join("model.safetensors")).unwrap();
+    let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let path = scratch("model.safetensors");
+    let cfg = switchyard::config::load_model_config(&fixture("mixtral")).unwrap();
+    run("safetensors header", n, byte_edits(header), |edits| {
+        std::fs::write(&path, edited(&bytes, &edits)).unwrap();
+        if let Ok(files) = SafetensorsFiles::open_files(std::slice::from_ref(&path)) {
+            // Whatever the header claims, reading what it lists is a value or an error.
+            for name in TensorSource::names(&files) {
+                if let Some(meta) = files.meta(&name) {
+                    let _ = files.load(&name, &meta.shape.clone(), candle_core::DType::F32);
+                }
+            }
+            let _ = check_checkpoint(&cfg, &files);
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn fuzz_safetensors_header() {
+    safetensors_target(256);
+}
+
+#[test]
+#[ignore]
+fn fuzz_safetensors_header_long() {
+    safetensors_target(cases(1_000_000));
+}
+
+// --- GGUF header and metadata ---
+
+fn gguf_target(n: u32) {
+    let bytes = std::fs::read(fixture("gguf").join("mixtral-f16.gguf")).unwrap();
+    let path = scratch("m.gguf");
+    // Header, metadata (vocabulary included) and tensor table: the first ~40 KB.
+    let within = bytes.len().min(48 << 10);
+    run("GGUF header and metadata", n, byte_edits(within), |edits| {
+        std::fs::write(&path, edited(&bytes, &edits)).unwrap();
+        if let Ok(file) = GgufFile::open(&path) {
+            let _ = config_from_gguf(&file);
+            if let Ok(Some(tok)) = tokenizer_from_gguf(&file) {
+                let _ = tok.encode("hello world", true);
+                if let Ok(Some(t)) = chat_template_from_gguf(&file, Some(&tok)) {
+                    let _ = t.render(&[ChatMessage::new("user", "hi")], true);
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn fuzz_gguf_header_and_metadata() {
+    gguf_target(256);
+}
+
+#[test]
+#[ignore]
+fn fuzz_gguf_header_and_metadata_long() {
+    gguf_target(cases(1_000_000));
+}
+
+// --- tokenizer.json ---
+
+fn tokenizer_target(n: u32) {
+    let base = fixture_json("mixtral", "tokenizer.json");
+    // The vocabulary and merges hold most nodes; mutate the structure around them
+    // as often as their entries.
+    let mut small = base.clone();
+    small["model"]["vocab"] = serde_json::json!({"a": 0, "b": 1, "ab": 2, "<s>": 3});
+    small["model"]["merges"] = serde_json::json!(["a b"]);
+    let strategy = (any::<bool>(), mutations(), "[ -~]{0,24}");
+    run("tokenizer.json", n, strategy, |(full, edits, text)| {
+        let doc = mutate(if full { &base } else { &small }, &edits).to_string();
+        if let Ok(tok) = TextTokenizer::from_json(&doc, "tokenizer.json") {
+            if let Ok(ids) = tok.encode(&text, true) {
+                let _ = tok.decode(&ids, false);
+                let mut stream = tok.stream();
+                for id in ids {
+                    let _ = stream.push(id);
+                }
+            }
+            let _ = tok.decode(&[0, 1, 2, u32::MAX], true);
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn fuzz_tokenizer_json() {
+    tokenizer_target(512);
+}
+
+#[test]
+#[ignore]
+fn fuzz_tokenizer_json_long() {
+    tokenizer_target(cases(1_000_000));
+}
+
+// --- chat templates ---
+
+fn template_piece() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        "[ -~]{0,8}",
+        Just("{{ messages[0].content }}".to_string()),
+        Just("{{ messages[7].content }}".to_string()),
+        Just("{{ bos_token ~ eos_token }}".to_string()),
+        Just("{{ 'ab' * 100000 }}".to_string()),
+        Just("{{ 'ab' * 10000000000 }}".to_string()),
+        Just("{% set ns.s = ns.s ~ ns.s %}".to_string()),
+        Just("{% set ns.l = ns.l + ns.l %}".to_string()),
+        Just("{{ ns.s|length }}".to_string()),
+        Just("{{ raise_exception('no') }}".to_string()),
+        Just("{{ m.content.strip().split('a')|join('b') }}".to_string()),
+        Just("{{ messages|tojson }}".to_string()),
+        Just("{{ range(1000000)|list|length }}".to_string()),
+        Just("{{ x.y.z }}".to_string()),
+        Just("{% if %}".to_string()),
+        Just("{{".to_string()),
+        Just("{% endfor %}".to_string()),
+        Just("{{ 1 / 0 }}".to_string()),
+        Just("{{ f(3) }}".to_string()),
+        Just("{% break %}".to_string()),
+    ];
+    leaf.prop_recursive(4, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(|v| v.concat()),
+            inner
+                .clone()
+                .prop_map(|b| format!("{{% for m in messages %}}{b}{{% endfor %}}")),
+            (inner.clone(), 0u64..1_000_000)
+                .prop_map(|(b, n)| format!("{{% for i in range({n}) %}}{b}{{% endfor %}}")),
+            inner.clone().prop_map(|b| format!(
+                "{{% if add_generation_prompt %}}{b}{{% else %}}x{{% endif %}}"
+            )),
+            inner.prop_map(|b| format!(
+                "{{% macro f(n) %}}{b}{{{{ f(n + 1) }}}}{{% endmacro %}}{{{{ f(0) }}}}"
+            )),
+        ]
+    })
+}
+
+fn template_target(n: u32) {
+    // Small limits so that cases reaching them stay quick; the property does not
+    // depend on the values.
+    let limits = TemplateLimits {
+        fuel: 50_000,
+        max_bytes: 1 << 20,
+        recursion: 50,
+        timeout: Duration::from_secs(2),
+    };
+    let messages = [
+        ChatMessage::new("system", "be brief"),
+        ChatMessage::new("user", "hi"),
+    ];
+    run("chat template", n, template_piece(), |body| {
+        let source = format!("{{% set ns = namespace(s='x', l=[1]) %}}{body}");
+        let t = ChatTemplate::new(source, Some("<s>".into()), None)
+            .unwrap()
+            .with_limits(limits);
+        if std::env::var_os("SWITCHYARD_FUZZ_TRACE").is_some() {
+            std::fs::write(scratch("current-template"), &body).unwrap();
+        }
+        let start = Instant::now();
+        let _ = t.render(&messages, true);
+        prop_assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "render took {:?}",
+            start.elapsed()
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn fuzz_chat_template() {
+    template_target(1024);
+}
+
+#[test]
+#[ignore]
+fn fuzz_chat_template_long() {
+    template_target(cases(1_000_000));
+}
+
+// --- size flags: --expert-memory / --kv-memory sizes and the training config ---
+
+fn size_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[ -~]{0,12}",
+        (
+            any::<u64>(),
+            prop::sample::select(vec!["", "k", "m", "g", "t", "kb", "GiB", "b", "%", " MB"])
+        )
+            .prop_map(|(n, u)| format!("{n}{u}")),
+        (
+            any::<f64>(),
+            prop::sample::select(vec!["", "g", "%", "GiB"])
+        )
+            .prop_map(|(f, u)| format!("{f}{u}")),
+    ]
+}
+
+fn train_config() -> impl Strategy<Value = TrainConfig> {
+    let size = || {
+        prop_oneof![
+            Just(0usize),
+            1usize..64,
+            Just(1 << 20),
+            Just(1 << 40),
+            any::<usize>()
+        ]
+    };
+    let real = || {
+        prop_oneof![
+            Just(0.0f64),
+            Just(-1.0),
+            Just(f64::NAN),
+            Just(f64::INFINITY),
+            Just(1e30),
+            0.0f64..1.0
+        ]
+    };
+    (
+        (size(), size(), size(), size(), size(), size()),
+        (size(), size(), size(), size(), size(), size()),
+        (real(), real(), real(), real(), real()),
+    )
+        .prop_map(|(a, b, c)| {
+            let mut t = TrainConfig::preset("tiny").unwrap();
+            (
+                t.vocab_size,
+                t.hidden_size,
+                t.num_layers,
+                t.num_heads,
+                t.num_kv_heads,
+                t.head_dim,
+            ) = a;
+            (
+                t.num_experts,
+                t.top_k,
+                t.expert_ffn,
+                t.batch_size,
+                t.seq_len,
+                t.eval_every,
+            ) = b;
+            (
+                t.lr,
+                t.rope_theta,
+                t.grad_clip,
+                t.weight_decay,
+                t.min_lr_ratio,
+            ) = c;
+            t
+        })
+}
+
+fn size_flags_target(n: u32) {
+    run(
+        "size flags",
+        n,
+        (size_text(), train_config()),
+        |(text, cfg)| {
+            if let Ok(size) = text.parse::<ByteSize>() {
+                let _ = size.resolve(u64::MAX);
+                let _ = size.resolve(0);
+            }
+            if cfg.validate().is_ok() {
+                let bytes = cfg.memory_bytes();
+                prop_assert!(bytes.is_some_and(|b| b <= TrainConfig::MAX_MEMORY_BYTES));
+                let _ = cfg.model_config().parameter_counts();
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn fuzz_size_flags() {
+    size_flags_target(4096);
+}
+
+#[test]
+#[ignore]
+fn fuzz_size_flags_long() {
+    size_flags_target(cases(1_000_000));
+}
+
+/// The flags themselves, through the binary (slow per case: a process each).
+#[test]
+fn size_flags_through_the_cli_fail_cleanly() {
+    let model = fixture("qwen3_moe");
+    let mut runner = TestRunner::new(Config {
+        cases: cases(12).min(64),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let flag = prop::sample::select(vec![
+        "--prompt-tokens",
+        "--gen-tokens",
+        "--repeat",
+        "--threads",
+    ]);
+    // Values clap's range parsers refuse (a bounded value that passes would run a
+    // benchmark: too slow for a fuzz case).
+    let value = prop_oneof![
+        Just("0".to_string()),
+        Just("-1".into()),
+        Just("nan".into()),
+        Just("1e3".into()),
+        "[1-9][0-9]{20,30}"
+    ];
+    runner
+        .run(&(flag, value), |(flag, value)| {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+                .args(["bench", "--model", model.to_str().unwrap(), flag, &value])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            prop_assert!(!stderr.contains("panicked"), "{stderr}");
+            prop_assert!(
+                matches!(out.status.code(), Some(1) | Some(2)),
+                "{flag} {value}: {stderr}"
+            );
+            Ok(())
+        })
+        .unwrap();
+}
