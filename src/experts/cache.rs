@@ -704,3 +704,28 @@ impl ExpertProvider for ExpertCache {
         st.reads_at_reset = sh.read_stats.totals();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_precision_and_recall_count_predicted_against_used() {
+        let mut p = PrefetchCounts::default();
+        // Predicted {1, 2, 3}, used {2, 3, 4, 5}: 2 of 3 right, 2 of 4 found.
+        p.score(&[1, 2, 3], &[2, 3, 4, 5].into_iter().collect());
+        assert_eq!((p.predicted, p.used, p.correct), (3, 4, 2));
+        assert!((p.precision() - 2.0 / 3.0).abs() < 1e-12);
+        assert!((p.recall() - 0.5).abs() < 1e-12);
+        assert_eq!(PrefetchCounts::default().precision(), 0.0);
+    }
+
+    #[test]
+    fn prefetch_names_parse_and_round_trip() {
+        for s in ["off", "next-layer"] {
+            assert_eq!(s.parse::<Prefetch>().unwrap().to_string(), s);
+        }
+        let err = "next".parse::<Prefetch>().unwrap_err().to_string();
+        assert!(err.contains("off, next-layer"), "{err}");
+    }
+}
