@@ -34,6 +34,11 @@ pub struct SimulateArgs {
     /// Bytes per activation element sent (2 = bf16).
     #[arg(long, default_value_t = 2)]
     activation_bytes: u64,
+    /// Trace whose expert loads EPLB packs by (default: the replayed one). A deployment's
+    /// EPLB has only loads recorded before, so give the trace a plan was made from to
+    /// compare both out of sample.
+    #[arg(long)]
+    baseline_trace: Option<PathBuf>,
     /// Print the reports as JSON.
     #[arg(long)]
     json: bool,
@@ -71,7 +76,23 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         batch_tokens: args.batch,
         token_bytes: hidden.map(|h| h as u64 * args.activation_bytes),
     };
-    let load = RoutingCounts::from_routes(&routes, args.batch)?.load;
+    let load = match &args.baseline_trace {
+        None => RoutingCounts::from_routes(&routes, args.batch)?.load,
+        Some(path) => {
+            let other = Routes::from_trace(&read_trace(path)?, path)?;
+            anyhow::ensure!(
+                other.meta.num_experts == routes.meta.num_experts
+                    && other.meta.moe_layers == routes.meta.moe_layers,
+                "{}: {} experts in MoE layers {:?}, the replayed trace has {} in {:?}",
+                path.display(),
+                other.meta.num_experts,
+                other.meta.moe_layers,
+                routes.meta.num_experts,
+                routes.meta.moe_layers
+            );
+            RoutingCounts::from_routes(&other, args.batch)?.load
+        }
+    };
     let mut rows = vec![Row {
         placement: "plan".into(),
         report: simulate(&routes, &plan, &topology, options)?,
