@@ -265,7 +265,9 @@ pub(super) fn parse(data: &[u8]) -> Parse<Parsed> {
                 raw.dtype
             ));
         }
-        let size = numel / block * raw.dtype.type_size();
+        let size = (numel / block)
+            .checked_mul(raw.dtype.type_size())
+            .ok_or_else(|| format!("tensor `{name}` shape {:?} overflows", raw.shape))?;
         let start = usize::try_from(raw.offset)
             .ok()
             .and_then(|o| data_start.checked_add(o))
