@@ -120,8 +120,8 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     let summary = write_pruned(&dir, &plan, &args.out, args.force, record)
         .with_context(|| format!("writing the pruned checkpoint to {}", args.out.display()))?;
     println!(
-        "pruned by {:?} on {tokens} calibration tokens: {} -> {} experts per MoE layer, top_k {} -> {}, weights {:.1} MB -> {:.1} MB; wrote {} ({} copied)",
-        args.by,
+        "pruned by {} on {tokens} calibration tokens: {} -> {} experts per MoE layer, top_k {} -> {}, weights {:.1} MB -> {:.1} MB; wrote {} ({} copied)",
+        format!("{:?}", args.by).to_lowercase(),
         summary.experts_before,
         summary.experts_after,
         summary.top_k_before,
