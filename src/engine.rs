@@ -216,13 +216,22 @@ impl Engine {
     }
 
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        self.encode_chat_with_tools(messages, None)
+    }
+
+    /// [`Engine::encode_chat`] with tool schemas handed to the template.
+    pub fn encode_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
             Error::ChatTemplate(format!(
                 "{} has no chat_template (tokenizer_config.json or chat_template.jinja)",
                 self.dir.display()
             ))
         })?;
-        let text = template.render(messages, true)?;
+        let text = template.render_with_tools(messages, tools, true)?;
         // The template already wrote any BOS it wants.
         self.tokenizer()?.encode(&text, false)
     }

@@ -2,7 +2,7 @@
 //! machines smaller than the model.
 //!
 //! Dependencies point one way:
-//! `engine -> generate -> model -> experts -> config -> weights -> ops`.
+//! `server -> engine -> generate -> model -> experts -> config -> weights -> ops`.
 
 pub mod config;
 pub mod engine;
@@ -13,6 +13,7 @@ pub mod generate;
 pub mod model;
 pub mod ops;
 pub mod placement;
+pub mod server;
 pub mod slim;
 pub mod trace;
 pub mod train;

@@ -332,7 +332,7 @@ fn print_row(engine: &str, weights: &str, m: &Measured, active: usize, bw_gbs: f
     );
 }
 
-fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
     Ok(match s {
         "f32" => DType::F32,
         "bf16" => DType::BF16,

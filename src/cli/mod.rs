@@ -14,6 +14,7 @@ mod plan;
 mod prune;
 mod routing_flags;
 mod run;
+mod serve;
 mod simulate;
 mod train;
 
@@ -34,6 +35,8 @@ pub struct Cli {
 enum Command {
     /// Generate text from a prompt (the bundled demo model when no --model is given).
     Run(run::RunArgs),
+    /// OpenAI-compatible HTTP server with continuous batching (the demo model when no --model is given).
+    Serve(serve::ServeArgs),
     /// Write the float32 logits of every prompt position to a .npy file.
     Logits(logits::LogitsArgs),
     /// Describe a model: architecture, experts, parameter counts and bytes.
@@ -68,6 +71,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     switchyard::ops::set_num_threads(
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     );
+    // The server's model thread enters the pool per step; parking this thread on a
+    // pool worker for the server's whole life would take one from the kernels.
+    if let Command::Serve(args) = cli.command {
+        return serve::run(args);
+    }
     switchyard::ops::on_pool(|| run_command(cli.command))
 }
 
@@ -75,6 +83,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Bench(args) => bench::run(args),
         Command::Run(args) => run::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Info(args) => info::run(args),
         Command::Perplexity(args) => perplexity::run(args),

@@ -14,6 +14,15 @@ use crate::error::{Error, Result};
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls, `[{"id", "type": "function", "function": {"name",
+    /// "arguments": {...}}}]`, as the Hub's templates read them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -21,6 +30,9 @@ impl ChatMessage {
         Self {
             role: role.to_string(),
             content: content.to_string(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 }
@@ -136,12 +148,24 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with the request's `tools` (OpenAI function
+    /// schemas) in the template's `tools` variable, as transformers passes them.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let bad = |e: String| Error::ChatTemplate(format!("{}: {e}", self.origin));
         let env = self.environment()?.clone();
         let limits = self.limits;
         let ctx = context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
+            tools => tools.map(|t| minijinja::Value::from(minijinja::value::Serde(t))),
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };

@@ -440,7 +440,7 @@ impl Linear {
 /// kernel beats our row kernels once the product is compute-bound (measured: our
 /// f32 prefill 0.91x candle-transformers' before this).
 fn uses_gemm(w: &Tensor, n_tokens: usize) -> bool {
-    w.dtype() == DType::F32 && n_tokens >= 16
+    w.dtype() == DType::F32 && n_tokens >= 16 && !super::matmul::batch_invariant()
 }
 
 /// Runs `f` on a contiguous f32 CPU tensor's values.

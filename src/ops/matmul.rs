@@ -52,6 +52,20 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::join(f, || ()).0
 }
 
+static BATCH_INVARIANT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// With `on`, every row of a dense matmul is computed exactly as it would be alone:
+/// no bf16-rounded activations for several tokens, no gemm for many. A greedy
+/// request then gives the same tokens whatever it is batched with (the server's
+/// default, like vLLM's batch-invariant mode), at some prefill speed.
+pub fn set_batch_invariant(on: bool) {
+    BATCH_INVARIANT.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn batch_invariant() -> bool {
+    BATCH_INVARIANT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Threads the kernels run on.
 pub fn num_threads() -> usize {
     rayon::current_num_threads()
@@ -157,7 +171,9 @@ pub fn run_jobs(n: usize, cols: usize, jobs: &mut [MatmulJob<'_>]) {
 pub fn dense_dots<'a>(isa: Isa, w: DenseRows<'a>, x: &'a [f32]) -> Box<RowDots<'a>> {
     let n = x.len() / w.cols.max(1);
     match w.data {
-        DenseData::BF16(wb) if n > 1 && isa == Isa::Avx512 && has_avx512_bf16() => {
+        DenseData::BF16(wb)
+            if n > 1 && isa == Isa::Avx512 && has_avx512_bf16() && !batch_invariant() =>
+        {
             let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
             let cols = w.cols;
             Box::new(move |rows, t0, nt, out| bf16_rows_dots(wb, cols, rows, &xb, t0, nt, out))

@@ -1,0 +1,288 @@
+//! `GET /metrics` in the Prometheus text format (version 0.0.4): counters,
+//! gauges and latency histograms, updated by the handlers and the model thread.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Cumulative buckets in seconds, as Prometheus histograms are.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    inner: Mutex<HistogramData>,
+}
+
+#[derive(Debug, Default)]
+struct HistogramData {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+const LATENCY_BOUNDS_S: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Histogram {
+    fn latency() -> Self {
+        Self {
+            bounds: LATENCY_BOUNDS_S,
+            inner: Mutex::new(HistogramData {
+                counts: vec![0; LATENCY_BOUNDS_S.len()],
+                ..Default::default()
+            }),
+        }
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        let Ok(mut d) = self.inner.lock() else {
+            return;
+        };
+        for (c, &b) in d.counts.iter_mut().zip(self.bounds) {
+            if seconds <= b {
+                *c += 1;
+            }
+        }
+        d.sum += seconds;
+        d.count += 1;
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str) {
+        let Ok(d) = self.inner.lock() else {
+            return;
+        };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (c, b) in d.counts.iter().zip(self.bounds) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", d.count);
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", d.sum, d.count);
+    }
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    /// `(route, status)` -> responses.
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    pub prompt_tokens: Counter,
+    pub generated_tokens: Counter,
+    pub cancelled: Counter,
+    pub rejected_full: Counter,
+    pub running: Gauge,
+    pub waiting: Gauge,
+    pub kv_reserved_bytes: Gauge,
+    pub kv_allocated_bytes: Gauge,
+    pub kv_budget_bytes: Gauge,
+    pub expert_resident_bytes: Gauge,
+    steps: Counter,
+    step_ns: Counter,
+    /// Tokens per second of the last step (f64 bits).
+    last_step_tokens_per_s: Gauge,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: Mutex::default(),
+            prompt_tokens: Counter::default(),
+            generated_tokens: Counter::default(),
+            cancelled: Counter::default(),
+            rejected_full: Counter::default(),
+            running: Gauge::default(),
+            waiting: Gauge::default(),
+            kv_reserved_bytes: Gauge::default(),
+            kv_allocated_bytes: Gauge::default(),
+            kv_budget_bytes: Gauge::default(),
+            expert_resident_bytes: Gauge::default(),
+            steps: Counter::default(),
+            step_ns: Counter::default(),
+            last_step_tokens_per_s: Gauge::default(),
+            time_to_first_token: Histogram::latency(),
+            inter_token_latency: Histogram::latency(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn record_request(&self, route: &str, status: u16) {
+        if let Ok(mut m) = self.requests.lock() {
+            *m.entry((route.to_string(), status)).or_default() += 1;
+        }
+    }
+
+    pub fn record_step(&self, tokens: u64, took: Duration) {
+        self.steps.inc();
+        self.step_ns.add(took.as_nanos() as u64);
+        self.generated_tokens.add(tokens);
+        let rate = tokens as f64 / took.as_secs_f64().max(1e-9);
+        self.last_step_tokens_per_s.set(rate.to_bits());
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP switchyard_requests_total HTTP responses by route and status.\n# TYPE switchyard_requests_total counter"
+        );
+        if let Ok(m) = self.requests.lock() {
+            for ((route, status), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "switchyard_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        let counters = [
+            (
+                "switchyard_prompt_tokens_total",
+                "Prompt tokens of accepted requests.",
+                &self.prompt_tokens,
+            ),
+            (
+                "switchyard_generated_tokens_total",
+                "Tokens generated.",
+                &self.generated_tokens,
+            ),
+            (
+                "switchyard_cancelled_sequences_total",
+                "Sequences ended because their client went away.",
+                &self.cancelled,
+            ),
+            (
+                "switchyard_rejected_queue_full_total",
+                "Requests refused with 429 because the queue was full.",
+                &self.rejected_full,
+            ),
+            (
+                "switchyard_decode_steps_total",
+                "Batched forward steps of the model thread.",
+                &self.steps,
+            ),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.get()
+            );
+        }
+        let busy_s = self.step_ns.get() as f64 / 1e9;
+        let _ = writeln!(
+            out,
+            "# HELP switchyard_model_busy_seconds_total Time the model thread spent in steps.\n# TYPE switchyard_model_busy_seconds_total counter\nswitchyard_model_busy_seconds_total {busy_s}"
+        );
+        let gauges = [
+            (
+                "switchyard_running_sequences",
+                "Sequences in the running batch.",
+                self.running.get() as f64,
+            ),
+            (
+                "switchyard_queue_depth",
+                "Sequences waiting for a running slot or KV memory.",
+                self.waiting.get() as f64,
+            ),
+            (
+                "switchyard_kv_cache_reserved_bytes",
+                "KV-cache bytes reserved by running sequences.",
+                self.kv_reserved_bytes.get() as f64,
+            ),
+            (
+                "switchyard_kv_cache_allocated_bytes",
+                "KV-cache bytes allocated by running sequences.",
+                self.kv_allocated_bytes.get() as f64,
+            ),
+            (
+                "switchyard_kv_cache_budget_bytes",
+                "The KV budget (--kv-memory); 0 when unbounded.",
+                self.kv_budget_bytes.get() as f64,
+            ),
+            (
+                "switchyard_expert_resident_bytes",
+                "Expert weight bytes resident in memory.",
+                self.expert_resident_bytes.get() as f64,
+            ),
+            (
+                "switchyard_decode_tokens_per_second",
+                "Tokens the last step produced per second of its time.",
+                f64::from_bits(self.last_step_tokens_per_s.get()),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        self.time_to_first_token.write(
+            &mut out,
+            "switchyard_time_to_first_token_seconds",
+            "From submission to the first token.",
+        );
+        self.inter_token_latency.write(
+            &mut out,
+            "switchyard_inter_token_latency_seconds",
+            "Between consecutive tokens of a sequence.",
+        );
+        out
+    }
+}
+
+/// The value of an unlabelled sample in a rendered exposition (tests, bench-serve).
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative_and_samples_parse() {
+        let m = Metrics::default();
+        m.time_to_first_token.observe(0.003);
+        m.time_to_first_token.observe(0.2);
+        m.record_request("/v1/completions", 200);
+        m.running.set(3);
+        let text = m.render();
+        assert!(text.contains("switchyard_time_to_first_token_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(text.contains("switchyard_time_to_first_token_seconds_bucket{le=\"0.25\"} 2"));
+        assert!(text.contains("switchyard_time_to_first_token_seconds_count 2"));
+        assert!(
+            text.contains("switchyard_requests_total{route=\"/v1/completions\",status=\"200\"} 1")
+        );
+        assert_eq!(sample(&text, "switchyard_running_sequences"), Some(3.0));
+    }
+}
