@@ -10,6 +10,7 @@ use switchyard::model::LoadOptions;
 use switchyard::ops::QuantKind;
 use switchyard::server::{ServerOptions, serve};
 
+use super::expert_memory::ExpertMemoryArgs;
 use super::model_arg::resolve;
 
 #[derive(Debug, Args)]
@@ -52,6 +53,8 @@ pub struct ServeArgs {
     /// Prompt tokens a sequence feeds per step, so long prompts do not stall running streams.
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
+    #[command(flatten)]
+    experts: ExpertMemoryArgs,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -61,6 +64,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         dtype,
         progress: true,
         quant: args.quant,
+        expert_memory: args.experts.memory(),
+        expert_top_p: None,
     };
     let engine = Engine::load(&dir, &opts)
         .with_context(|| format!("loading model from {}", dir.display()))?;

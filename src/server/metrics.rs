@@ -259,6 +259,56 @@ impl Metrics {
     }
 }
 
+/// The expert cache's counters (only under `--expert-memory`).
+pub fn expert_cache_lines(r: &crate::experts::CacheReport) -> String {
+    let mut out = String::new();
+    let lines: [(&str, &str, &str, f64); 6] = [
+        (
+            "switchyard_expert_cache_hit_rate",
+            "gauge",
+            "Expert lookups served from memory.",
+            r.counts.hit_rate(),
+        ),
+        (
+            "switchyard_expert_cache_optimal_hit_rate",
+            "gauge",
+            "Belady's optimum on the same lookups and capacity.",
+            r.optimal.hit_rate(),
+        ),
+        (
+            "switchyard_expert_cache_lookups_total",
+            "counter",
+            "Expert lookups.",
+            r.counts.lookups as f64,
+        ),
+        (
+            "switchyard_expert_cache_misses_total",
+            "counter",
+            "Expert lookups read from the checkpoint.",
+            r.counts.misses as f64,
+        ),
+        (
+            "switchyard_expert_cache_budget_bytes",
+            "gauge",
+            "The expert budget (--expert-memory).",
+            r.budget_bytes as f64,
+        ),
+        (
+            "switchyard_expert_cache_peak_resident_bytes",
+            "gauge",
+            "Most expert bytes resident at once.",
+            r.peak_resident_bytes as f64,
+        ),
+    ];
+    for (name, kind, help, v) in lines {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
+    }
+    out
+}
+
 /// The value of an unlabelled sample in a rendered exposition (tests, bench-serve).
 pub fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()

@@ -102,11 +102,12 @@ async fn health(State(st): State<Shared>) -> Response {
 }
 
 async fn metrics(State(st): State<Shared>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(),
-    )
-        .into_response()
+    let mut text = st.metrics.render();
+    // Read at scrape time: the cache keeps its own counts.
+    if let Some(report) = st.engine.model().experts().cache_report() {
+        text.push_str(&super::metrics::expert_cache_lines(&report));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn models(State(st): State<Shared>) -> Response {
