@@ -438,6 +438,117 @@ pub fn logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{LoadOptions, NoObserver};
+
+    fn demo() -> Model {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+        let opts = LoadOptions {
+            dtype: candle_core::DType::BF16,
+            ..LoadOptions::default()
+        };
+        Model::load(&dir, &opts).unwrap()
+    }
+
+    /// Greedy tokens of every request, by arrival order; the reservation is back to 0.
+    fn run_all(model: &Model, opts: SchedulerOptions, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
+        let mut s = Scheduler::new(model, opts);
+        let ids: Vec<SequenceId> = prompts
+            .iter()
+            .map(|p| {
+                s.add(SequenceRequest {
+                    prompt: p.clone(),
+                    max_tokens: 6,
+                    sampling: SamplingParams::default(),
+                    stop_ids: Vec::new(),
+                    top_logprobs: None,
+                })
+                .unwrap()
+            })
+            .collect();
+        let mut out = vec![Vec::new(); prompts.len()];
+        let mut steps = 0;
+        while !s.is_idle() {
+            if let Some(b) = opts.kv_budget_bytes {
+                assert!(s.reserved_kv_bytes() <= b);
+            }
+            assert!(s.running_len() <= opts.max_running);
+            for e in s.step(&mut NoObserver) {
+                let StepEvent::Token(t) = e else {
+                    panic!("{e:?}")
+                };
+                let i = ids.iter().position(|&id| id == t.sequence).unwrap();
+                out[i].push(t.token);
+            }
+            steps += 1;
+            assert!(steps < 1000);
+        }
+        assert_eq!(s.reserved_kv_bytes(), 0);
+        out
+    }
+
+    #[test]
+    fn batched_sequences_get_the_tokens_of_their_single_runs() {
+        crate::ops::set_batch_invariant(true);
+        let model = demo();
+        let prompts: Vec<Vec<u32>> = (0..5usize)
+            .map(|i| {
+                (0..3 + 7 * i)
+                    .map(|t| ((t * 31 + i * 7) % 4000 + 1) as u32)
+                    .collect()
+            })
+            .collect();
+        let chunked = SchedulerOptions {
+            max_running: 1,
+            kv_budget_bytes: None,
+            prefill_chunk: 4,
+            prefill_tokens_per_step: 8,
+        };
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| run_all(&model, chunked, std::slice::from_ref(p)).remove(0))
+            .collect();
+        // Three at a time, and a KV budget that holds only two of the longest.
+        let one = model.new_cache(40).bytes_bound(40, 4);
+        let batched = SchedulerOptions {
+            max_running: 3,
+            kv_budget_bytes: Some(2 * one),
+            ..chunked
+        };
+        assert_eq!(run_all(&model, batched, &prompts), alone);
+        assert!(alone.iter().all(|t| t.len() == 6));
+    }
+
+    #[test]
+    fn refusals_and_cancel_free_the_reservation() {
+        let model = demo();
+        let mut s = Scheduler::new(
+            &model,
+            SchedulerOptions {
+                kv_budget_bytes: Some(1000),
+                ..SchedulerOptions::default()
+            },
+        );
+        let req = |prompt: Vec<u32>| SequenceRequest {
+            prompt,
+            max_tokens: 4,
+            sampling: SamplingParams::default(),
+            stop_ids: Vec::new(),
+            top_logprobs: None,
+        };
+        let err = s.add(req(vec![1; 600])).unwrap_err().to_string();
+        assert!(err.contains("context"), "{err}");
+        let err = s.add(req(vec![1, 99_999])).unwrap_err().to_string();
+        assert!(err.contains("99999"), "{err}");
+        let err = s.add(req(vec![1; 10])).unwrap_err().to_string();
+        assert!(err.contains("KV budget"), "{err}");
+        let mut s = Scheduler::new(&model, SchedulerOptions::default());
+        let id = s.add(req(vec![1, 2, 3])).unwrap();
+        s.step(&mut NoObserver);
+        assert!(s.reserved_kv_bytes() > 0 && s.allocated_kv_bytes() > 0);
+        assert!(s.cancel(id));
+        assert_eq!((s.reserved_kv_bytes(), s.running_len()), (0, 0));
+        assert!(!s.cancel(id));
+    }
 
     #[test]
     fn logprobs_normalise_and_rank() {
