@@ -146,6 +146,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             non_expert_bytes: (active - engine.expert_bytes_per_token() + embed_bytes) as u64,
             budget_bytes: report.budget_bytes,
             kv_bytes: 2 * cfg.num_layers as u64 * cfg.attention.kv_dim() as u64 * positions * 4,
+            read_buffer_bytes: 2
+                * (1 + u64::from(report.prefetch.is_some()))
+                * (report.budget_bytes / report.capacity_experts.max(1) as u64),
         }
         .check(ours.peak_rss_bytes)?;
     }

@@ -77,16 +77,23 @@ pub fn process_read_bytes() -> u64 {
 pub const FIXED_OVERHEAD_BYTES: u64 = 256 << 20;
 
 /// The peak RSS a budgeted run must stay within: resident non-expert weights,
-/// the expert budget, the KV cache and [`FIXED_OVERHEAD_BYTES`].
+/// the expert budget, the KV cache, the read buffers and [`FIXED_OVERHEAD_BYTES`].
 pub struct MemoryBound {
     pub non_expert_bytes: u64,
     pub budget_bytes: u64,
     pub kv_bytes: u64,
+    /// An expert's bytes as read, beside its converted copy, on each reading
+    /// thread (the caller's, and the prefetch thread's): `2 x threads x largest expert`.
+    pub read_buffer_bytes: u64,
 }
 
 impl MemoryBound {
     pub fn total(&self) -> u64 {
-        self.non_expert_bytes + self.budget_bytes + self.kv_bytes + FIXED_OVERHEAD_BYTES
+        self.non_expert_bytes
+            + self.budget_bytes
+            + self.kv_bytes
+            + self.read_buffer_bytes
+            + FIXED_OVERHEAD_BYTES
     }
 
     /// Prints peak RSS beside the bound; an error when it is exceeded.
@@ -94,13 +101,14 @@ impl MemoryBound {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let within = peak_rss_bytes <= self.total();
         eprintln!(
-            "memory: peak RSS {:.3} GiB {} bound {:.3} GiB = non-expert weights {:.3} + expert budget {:.3} + KV cache {:.3} + fixed {:.3}",
+            "memory: peak RSS {:.3} GiB {} bound {:.3} GiB = non-expert weights {:.3} + expert budget {:.3} + KV cache {:.3} + read buffers {:.3} + fixed {:.3}",
             gib(peak_rss_bytes),
             if within { "within" } else { "EXCEEDS" },
             gib(self.total()),
             gib(self.non_expert_bytes),
             gib(self.budget_bytes),
             gib(self.kv_bytes),
+            gib(self.read_buffer_bytes),
             gib(FIXED_OVERHEAD_BYTES),
         );
         anyhow::ensure!(
