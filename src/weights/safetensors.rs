@@ -218,14 +218,7 @@ impl SafetensorsFiles {
         index: usize,
         dtype: DType,
     ) -> Result<Tensor> {
-        let meta = self.require(name)?;
-        if meta.shape != shape {
-            return Err(Error::ShapeMismatch {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: meta.shape.clone(),
-            });
-        }
+        let meta = self.check(name, shape)?;
         let (n, inner) = shape.split_first().ok_or_else(|| {
             Error::InvalidInput(format!("tensor {name:?} is a scalar, it has no slices"))
         })?;
