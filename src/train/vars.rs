@@ -22,6 +22,23 @@ enum Init {
     Zeros,
 }
 
+/// The standard deviation of fresh matrices.
+const STD: f32 = 0.02;
+
+impl Init {
+    /// `n` values; a tensor's normal values depend only on `seed` and its `name`.
+    fn values(self, name: &str, n: usize, seed: u64) -> Vec<f32> {
+        match self {
+            Init::Ones => vec![1f32; n],
+            Init::Zeros => vec![0f32; n],
+            Init::Normal(std) => {
+                let mut rng = SplitMix64::new(seed ^ SplitMix64::hash_str(name));
+                (0..n).map(|_| rng.normal() * std).collect()
+            }
+        }
+    }
+}
+
 /// The parameters of an all-sparse `qwen3_moe` / `qwen2_moe` model, by Hub name.
 /// A `BTreeMap` so every walk over them (clipping norms, saving) has one order.
 #[derive(Debug)]
@@ -35,15 +52,7 @@ impl VarStore {
     pub fn init(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
         let mut vars = BTreeMap::new();
         for (name, shape, init) in parameter_specs(cfg) {
-            let n: usize = shape.iter().product();
-            let values = match init {
-                Init::Ones => vec![1f32; n],
-                Init::Zeros => vec![0f32; n],
-                Init::Normal(std) => {
-                    let mut rng = SplitMix64::new(seed ^ SplitMix64::hash_str(&name));
-                    (0..n).map(|_| rng.normal() * std).collect()
-                }
-            };
+            let values = init.values(&name, shape.iter().product(), seed);
             let t = Tensor::from_vec(values, shape.as_slice(), device)?;
             vars.insert(name, Var::from_tensor(&t)?);
         }
@@ -161,15 +170,14 @@ impl<'a> RandomLike<'a> {
 impl TensorSource for RandomLike<'_> {
     fn load(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         self.like.check(name, shape)?;
-        let n: usize = shape.iter().product();
-        let values = if name.ends_with("norm.weight") {
-            vec![1f32; n]
+        let init = if name.ends_with("norm.weight") {
+            Init::Ones
         } else if name.ends_with(".bias") {
-            vec![0f32; n]
+            Init::Zeros
         } else {
-            let mut rng = SplitMix64::new(self.seed ^ SplitMix64::hash_str(name));
-            (0..n).map(|_| rng.normal() * 0.02).collect()
+            Init::Normal(STD)
         };
+        let values = init.values(name, shape.iter().product(), self.seed);
         Ok(Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?)
     }
 
@@ -180,7 +188,6 @@ impl TensorSource for RandomLike<'_> {
 
 /// Every parameter of the model `train` builds: name, shape, initialisation.
 fn parameter_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
-    const STD: f32 = 0.02;
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let a = &cfg.attention;
     let m = &cfg.moe;
