@@ -46,12 +46,8 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         }
         let report = check_checkpoint(&cfg, &files)
             .with_context(|| format!("checking {}", dir.display()))?;
-        if !report.unused.is_empty() {
-            eprintln!(
-                "warning: {} tensors are not used by config.json, e.g. {}",
-                report.unused.len(),
-                report.unused[..report.unused.len().min(3)].join(", ")
-            );
+        if let Some(warning) = report.unused_warning() {
+            eprintln!("warning: {warning}");
         }
         cfg
     };

@@ -21,6 +21,19 @@ pub struct CheckReport {
     pub unused: Vec<String>,
 }
 
+impl CheckReport {
+    /// `"N tensors are not used by config.json, e.g. a, b, c"`; `None` when all are.
+    pub fn unused_warning(&self) -> Option<String> {
+        (!self.unused.is_empty()).then(|| {
+            format!(
+                "{} tensors are not used by config.json, e.g. {}",
+                self.unused.len(),
+                self.unused[..self.unused.len().min(3)].join(", ")
+            )
+        })
+    }
+}
+
 /// Checks `src` against `cfg` as [`super::Model::from_source`] would, reading
 /// only metadata. A checkpoint whose shared-expert tensors the configuration
 /// would silently skip is an error; other unused tensors are reported.

@@ -86,13 +86,8 @@ impl Model {
         let files = SafetensorsFiles::open_dir(dir)?;
         // Every tensor checked from the header before any is read.
         let report = check_checkpoint(&config, &files)?;
-        if !report.unused.is_empty() {
-            tracing::warn!(
-                "{}: {} tensors are not used by config.json, e.g. {}",
-                dir.display(),
-                report.unused.len(),
-                report.unused[..report.unused.len().min(3)].join(", ")
-            );
+        if let Some(warning) = report.unused_warning() {
+            tracing::warn!("{}: {warning}", dir.display());
         }
         Self::from_source(&config, &files, opts)
     }
