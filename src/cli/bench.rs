@@ -19,7 +19,7 @@ use switchyard::model::{LoadOptions, NoObserver, RoutingObserver, SequenceId};
 use switchyard::ops::{QuantKind, bandwidth};
 use switchyard::weights::GgufFile;
 
-use super::expert_memory::{ExpertMemoryArgs, MemoryBound, print_summary, process_read_bytes};
+use super::expert_memory::{ExpertMemoryArgs, MemoryBound, process_read_bytes};
 use super::routing_flags::{RoutingFlags, RunObserver};
 
 #[derive(Debug, Args)]
@@ -132,7 +132,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         active - engine.expert_bytes_per_token() + routed.expert_bytes_per_token.round() as usize;
     let experts = engine.model().experts();
     if let Some(report) = experts.cache_report() {
-        print_summary(experts.as_ref(), runner.tokens);
+        eprintln!("{}", report.summary_line(runner.tokens));
         eprintln!(
             "reads: engine {} bytes of experts, process read_bytes {} (/proc/self/io; the checkpoint's pages dropped before each run)",
             report.read.bytes,
