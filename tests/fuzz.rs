@@ -492,6 +492,7 @@ fn template_target(n: u32) {
         max_bytes: 1 << 20,
         recursion: 50,
         timeout: Duration::from_secs(2),
+        ..TemplateLimits::default()
     };
     let messages = [
         ChatMessage::new("system", "be brief"),

@@ -2,6 +2,7 @@
 //! (`tokenizer_config.json`, or `chat_template.jinja` as transformers 5 writes it).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use minijinja::{Environment, ErrorKind, context};
@@ -53,9 +54,14 @@ pub struct TemplateLimits {
     /// Wall-clock bound on one render. Fuel misses some work: minijinja 3.1 keeps
     /// `list + list` lazy and walks the whole chain, shared halves included, to
     /// measure its depth, so a loop doubling a namespace list spins without
-    /// charging fuel. Past this the render is abandoned (its thread is left to
-    /// finish or spin; the caller gets an error).
+    /// charging fuel (neither the output cap nor the recursion limit sees it
+    /// either). Past this the render is abandoned: the caller gets an error, and
+    /// the thread, which nothing can interrupt, runs on until it finishes.
     pub timeout: std::time::Duration,
+    /// Abandoned renders still running (in the whole process) past which new
+    /// renders are refused, so that a template that spins holds at most this many
+    /// threads instead of one per request.
+    pub max_stuck: usize,
 }
 
 impl Default for TemplateLimits {
@@ -65,6 +71,7 @@ impl Default for TemplateLimits {
             max_bytes: 64 << 20,
             recursion: 100,
             timeout: std::time::Duration::from_secs(10),
+            max_stuck: 4,
         }
     }
 }
@@ -169,22 +176,64 @@ impl ChatTemplate {
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
+        let stuck = stuck_renders();
+        if stuck >= limits.max_stuck {
+            return Err(bad(format!(
+                "{stuck} earlier renders are still running past their time bound; \
+                 refusing new renders until they end"
+            )));
+        }
         // On its own thread, so that a render fuel does not stop cannot hold the caller.
         let (send, receive) = std::sync::mpsc::sync_channel(1);
+        let state = Arc::new(AtomicU8::new(RUNNING));
+        let thread_state = state.clone();
         std::thread::Builder::new()
             .name("chat-template".into())
             .spawn(move || {
                 let _ = send.send(render_capped(&env, ctx, limits));
+                if thread_state
+                    .compare_exchange(RUNNING, FINISHED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    // Abandoned by its caller, which counted it as stuck.
+                    STUCK_RENDERS.fetch_sub(1, Ordering::AcqRel);
+                }
             })
             .map_err(|e| bad(format!("cannot start the render thread: {e}")))?;
-        match receive.recv_timeout(limits.timeout) {
-            Ok(rendered) => rendered.map_err(bad),
-            Err(_) => Err(bad(format!(
-                "the render did not finish within {:?} (a runaway loop?)",
-                limits.timeout
-            ))),
+        if let Ok(rendered) = receive.recv_timeout(limits.timeout) {
+            return rendered.map_err(bad);
         }
+        // Counted before the thread can see it abandoned, so the count never wraps.
+        STUCK_RENDERS.fetch_add(1, Ordering::AcqRel);
+        if state
+            .compare_exchange(RUNNING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // It finished just now: its result is in the channel.
+            STUCK_RENDERS.fetch_sub(1, Ordering::AcqRel);
+            if let Ok(rendered) = receive.recv() {
+                return rendered.map_err(bad);
+            }
+        }
+        Err(bad(format!(
+            "the render did not finish within {:?} (a runaway loop?)",
+            limits.timeout
+        )))
     }
+}
+
+/// A render thread's state, shared with the caller that waits for it.
+const RUNNING: u8 = 0;
+const FINISHED: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// Renders abandoned at their time bound whose threads still run.
+static STUCK_RENDERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Chat-template renders abandoned at their time bound and still running, in the
+/// whole process ([`TemplateLimits::max_stuck`] bounds them).
+pub fn stuck_renders() -> usize {
+    STUCK_RENDERS.load(Ordering::Acquire)
 }
 
 fn render_capped(

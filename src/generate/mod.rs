@@ -11,7 +11,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;
 
-pub use chat::{ChatMessage, ChatTemplate, TemplateLimits};
+pub use chat::{ChatMessage, ChatTemplate, TemplateLimits, stuck_renders};
 pub use gguf_tokenizer::{chat_template_from_gguf, tokenizer_from_gguf};
 pub use sampler::{Sampler, SamplingParams};
 pub use scheduler::{
