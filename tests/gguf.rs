@@ -13,7 +13,7 @@ use candle_core::{DType, Device};
 use common::{fixture, golden, golden_logits, perplexity, texts};
 use switchyard::Engine;
 use switchyard::config::ByteSize;
-use switchyard::experts::{ExpertMemory, PolicyKind, Prefetch};
+use switchyard::experts::{ExpertMemory, MissPrecision, PolicyKind, Prefetch};
 use switchyard::generate::{ChatMessage, TextTokenizer};
 use switchyard::model::moe::Routing;
 use switchyard::model::{LoadOptions, Model, RoutingObserver, RoutingSite};
@@ -744,6 +744,8 @@ fn under_smallest_budget(path: &Path, quant: Option<QuantKind>, prefetch: Prefet
             budget: ByteSize::Bytes(minimum_expert_memory(&resident)),
             policy: PolicyKind::Lru,
             prefetch,
+            miss_precision: MissPrecision::Off,
+            record_routing: true,
         }),
         ..LoadOptions::default()
     };

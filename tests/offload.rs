@@ -10,8 +10,8 @@ use std::path::Path;
 use common::{ALL_FIXTURES, fixture, golden};
 use switchyard::config::{ByteSize, load_model_config};
 use switchyard::experts::{
-    Capacity, ExpertCache, ExpertDims, ExpertLayout, ExpertMemory, ExpertNaming, ExpertProvider,
-    ExpertReads, LayerCall, PolicyKind, Prefetch, replay,
+    CacheOutcome, Capacity, ExpertCache, ExpertDims, ExpertLayout, ExpertMemory, ExpertNaming,
+    ExpertProvider, ExpertReads, LayerCall, MissPrecision, PolicyKind, Prefetch, replay,
 };
 use switchyard::model::{LoadOptions, Model, NoObserver};
 use switchyard::ops::QuantKind;
@@ -65,6 +65,8 @@ fn logits_under_eviction_at_every_call_are_bit_identical() {
                     budget: ByteSize::Bytes(budget),
                     policy,
                     prefetch: Prefetch::Off,
+                    miss_precision: MissPrecision::Off,
+                    record_routing: true,
                 };
                 let cached = load(&dir, quant, Some(memory));
                 for p in &golden(name).prompts {
@@ -79,7 +81,10 @@ fn logits_under_eviction_at_every_call_are_bit_identical() {
                 assert!(report.peak_resident_bytes as u64 <= budget, "{report:?}");
                 assert!(report.counts.evictions > 0, "{name}: {report:?}");
                 assert!(report.counts.hit_rate() < 1.0);
-                assert!(report.optimal.hits >= report.counts.hits, "{report:?}");
+                assert!(
+                    report.optimal.unwrap().hits >= report.counts.hits,
+                    "{report:?}"
+                );
                 assert!(report.read.bytes > 0);
             }
         }
@@ -95,6 +100,8 @@ fn budget_below_one_decode_step_states_the_minimum() {
             budget: ByteSize::Bytes(minimum - 1),
             policy: PolicyKind::Lru,
             prefetch: Prefetch::Off,
+            miss_precision: MissPrecision::Off,
+            record_routing: true,
         }),
         ..LoadOptions::default()
     };
@@ -119,6 +126,8 @@ fn a_percentage_is_of_all_routed_experts_bytes() {
             budget: "50%".parse().unwrap(),
             policy: PolicyKind::Lru,
             prefetch: Prefetch::Off,
+            miss_precision: MissPrecision::Off,
+            record_routing: true,
         }),
     );
     let report = cached.experts().cache_report().unwrap();
@@ -145,6 +154,8 @@ fn checkpoint_truncated_after_load_fails_the_run_naming_file_and_expert() {
             budget: ByteSize::Bytes(budget),
             policy: PolicyKind::Lru,
             prefetch: Prefetch::Off,
+            miss_precision: MissPrecision::Off,
+            record_routing: true,
         }),
     );
     let weights = tmp.path().join("model.safetensors");
@@ -164,6 +175,25 @@ fn checkpoint_truncated_after_load_fails_the_run_naming_file_and_expert() {
 
 /// An expert cache over the `qwen3_moe` fixture with room for `capacity` experts.
 fn fixture_cache(capacity: usize, policy: PolicyKind) -> (ExpertCache, usize) {
+    let cache = fixture_cache_with(
+        ByteSize::Bytes((capacity * FIXTURE_EXPERT_BYTES + FIXTURE_EXPERT_BYTES / 2) as u64),
+        policy,
+        MissPrecision::Off,
+        true,
+    );
+    assert_eq!(cache.capacity(), capacity);
+    (cache, FIXTURE_EXPERT_BYTES)
+}
+
+/// The fixture's experts: gate-up and down, 64 x 32, f32.
+const FIXTURE_EXPERT_BYTES: usize = 3 * 64 * 32 * 4;
+
+fn fixture_cache_with(
+    budget: ByteSize,
+    policy: PolicyKind,
+    miss_precision: MissPrecision,
+    record_routing: bool,
+) -> ExpertCache {
     let dir = fixture("qwen3_moe");
     let cfg = load_model_config(&dir).unwrap();
     let files = SafetensorsFiles::open_dir(&dir).unwrap();
@@ -179,22 +209,24 @@ fn fixture_cache(capacity: usize, policy: PolicyKind) -> (ExpertCache, usize) {
         },
         dtype: candle_core::DType::F32,
     };
-    // gate-up and down, f32.
-    let expert_bytes = 3 * cfg.hidden_size * cfg.moe.expert_ffn * 4;
+    assert_eq!(
+        3 * cfg.hidden_size * cfg.moe.expert_ffn * 4,
+        FIXTURE_EXPERT_BYTES
+    );
     let reads = ExpertReads {
         layout,
         quant: None,
         top_k: cfg.moe.top_k,
     };
     let memory = ExpertMemory {
-        budget: ByteSize::Bytes((capacity * expert_bytes + expert_bytes / 2) as u64),
+        budget,
         policy,
         prefetch: Prefetch::Off,
+        miss_precision,
+        record_routing,
     };
     let reopened = TensorSource::reopen_for_reads(&files).unwrap().unwrap();
-    let cache = ExpertCache::open(reopened, reads, memory).unwrap();
-    assert_eq!(cache.capacity(), capacity);
-    (cache, expert_bytes)
+    ExpertCache::open(reopened, reads, memory).unwrap()
 }
 
 fn random_calls() -> impl proptest::strategy::Strategy<Value = Vec<LayerCall>> {
@@ -233,10 +265,130 @@ proptest::proptest! {
         let report = cache.cache_report().unwrap();
         let replayed = replay(&calls, Capacity::Global(capacity), policy);
         proptest::prop_assert_eq!(report.counts, replayed);
-        proptest::prop_assert!(report.optimal.hits >= report.counts.hits);
+        proptest::prop_assert!(report.optimal.unwrap().hits >= report.counts.hits);
         // One read per miss: each expert's three matrices, f32 as stored.
         proptest::prop_assert_eq!(report.read.bytes, report.counts.misses * expert_bytes as u64);
     }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// With stand-ins on, full copies, stand-ins and reads in flight together
+    /// never pass the budget, every call is served whole, the full copies
+    /// count as the replay does, and every stand-in served is counted.
+    #[test]
+    fn stand_in_budget_is_never_exceeded_and_stand_ins_are_counted(
+        calls in random_calls(),
+        budget in (2 * FIXTURE_EXPERT_BYTES)..(8 * FIXTURE_EXPERT_BYTES),
+    ) {
+        let cache = fixture_cache_with(
+            ByteSize::Bytes(budget as u64),
+            PolicyKind::Lru,
+            MissPrecision::Q4,
+            true,
+        );
+        let mut stood_in = 0;
+        for call in &calls {
+            let got = cache.experts_for_call(call.layer, &call.experts).unwrap();
+            proptest::prop_assert_eq!(got.ffns.len(), call.experts.len());
+            let outcomes = got.outcomes.unwrap();
+            stood_in += outcomes.iter().filter(|(_, o)| *o == CacheOutcome::StandIn).count() as u64;
+            proptest::prop_assert!(cache.resident_bytes() <= budget);
+            let report = cache.cache_report().unwrap();
+            proptest::prop_assert!(report.peak_resident_bytes <= budget);
+        }
+        let report = cache.cache_report().unwrap();
+        let stand_ins = report.stand_ins.unwrap();
+        proptest::prop_assert_eq!(stand_ins.served, stood_in);
+        proptest::prop_assert!(stand_ins.budget_bytes <= budget as u64 / 2);
+        let replayed = replay(&calls, Capacity::Global(cache.capacity()), PolicyKind::Lru);
+        proptest::prop_assert_eq!(report.counts.lookups, replayed.lookups);
+        proptest::prop_assert_eq!(report.counts.misses, replayed.misses);
+    }
+}
+
+/// Budget for 2 full copies plus room for stand-ins: a miss whose stand-in
+/// is resident is computed with it, no demand read is made, and the full copy
+/// arrives in the background (the next call waits for it and hits).
+#[test]
+fn a_miss_with_a_stand_in_reads_only_in_the_background() {
+    let cache = fixture_cache_with(
+        ByteSize::Bytes(3 * FIXTURE_EXPERT_BYTES as u64),
+        PolicyKind::Lru,
+        MissPrecision::Q4,
+        true,
+    );
+    assert_eq!(cache.capacity(), 2);
+    assert!(
+        cache.stand_in_capacity() >= 4,
+        "{}",
+        cache.stand_in_capacity()
+    );
+    cache.experts_for_call(0, &[1, 2]).unwrap();
+    cache.experts_for_call(0, &[3, 4]).unwrap();
+    let before = cache.cache_report().unwrap();
+    assert_eq!(before.loads, 4);
+    let got = cache.experts_for_call(0, &[1, 2]).unwrap();
+    assert_eq!(
+        got.outcomes.unwrap(),
+        vec![(1, CacheOutcome::StandIn), (2, CacheOutcome::StandIn)]
+    );
+    let after = cache.cache_report().unwrap();
+    assert_eq!(
+        after.loads, before.loads,
+        "no read made while the caller waited"
+    );
+    assert_eq!(after.stand_ins.unwrap().served, 2);
+    assert!((after.stand_in_share().unwrap() - 2.0 / 6.0).abs() < 1e-12);
+    // A stand-in is a Q4_0 copy: smaller, and close to the full expert.
+    let full = fixture_cache(2, PolicyKind::Lru).0;
+    let exact = full.experts_for_call(0, &[1]).unwrap().ffns.remove(0);
+    assert!(got.ffns[0].weight_bytes() * 4 < exact.weight_bytes());
+    let again = cache.experts_for_call(0, &[1, 2]).unwrap();
+    assert_eq!(
+        again.outcomes.unwrap(),
+        vec![(1, CacheOutcome::Hit), (2, CacheOutcome::Hit)]
+    );
+    assert_eq!(
+        cache
+            .cache_report()
+            .unwrap()
+            .stand_ins
+            .unwrap()
+            .background_reads,
+        2
+    );
+    let line = cache.cache_report().unwrap().summary_line(1);
+    assert!(line.contains("| stand-ins 25.0 %"), "{line}");
+}
+
+/// A cache that does not record routing keeps no history and reports no
+/// optimum; one that does replays it from a snapshot, a value the cache
+/// goes on without.
+#[test]
+fn routing_history_only_when_asked_and_reports_replay_a_snapshot() {
+    let budget = ByteSize::Bytes(2 * FIXTURE_EXPERT_BYTES as u64);
+    let server = fixture_cache_with(budget, PolicyKind::Lru, MissPrecision::Off, false);
+    server.experts_for_call(0, &[1, 2]).unwrap();
+    let snap = server.snapshot();
+    assert_eq!(snap.recorded_calls(), 0);
+    let report = snap.into_report();
+    assert_eq!(report.optimal, None);
+    assert!(report.summary_line(1).contains("optimal not recorded"));
+    let run = fixture_cache_with(budget, PolicyKind::Lru, MissPrecision::Off, true);
+    run.experts_for_call(0, &[1, 2]).unwrap();
+    let snap = run.snapshot();
+    // The cache serves on while the snapshot is held; the snapshot keeps its moment.
+    run.experts_for_call(0, &[1, 2]).unwrap();
+    run.experts_for_call(2, &[3]).unwrap();
+    assert_eq!(snap.recorded_calls(), 1);
+    let then = snap.into_report();
+    assert_eq!(then.counts.lookups, 2);
+    assert_eq!(then.optimal.unwrap().lookups, 2);
+    let now = run.cache_report().unwrap();
+    assert_eq!(now.optimal.unwrap().lookups, 5);
+    assert_eq!(now.optimal.unwrap().hits, now.counts.hits);
 }
 
 #[test]
@@ -386,6 +538,8 @@ fn next_layer_prefetch_keeps_logits_and_raises_the_hit_rate() {
             budget: "25%".parse().unwrap(),
             policy: PolicyKind::Lru,
             prefetch,
+            miss_precision: MissPrecision::Off,
+            record_routing: true,
         };
         let cached = load(&dir, None, Some(memory));
         assert!(decode(&cached) == expected, "{prefetch}: logits differ");

@@ -3,7 +3,7 @@
 
 use clap::Args;
 use switchyard::config::ByteSize;
-use switchyard::experts::{ExpertMemory, ExpertProvider, PolicyKind, Prefetch};
+use switchyard::experts::{ExpertMemory, ExpertProvider, MissPrecision, PolicyKind, Prefetch};
 
 #[derive(Debug, Clone, Args)]
 pub struct ExpertMemoryArgs {
@@ -19,14 +19,32 @@ pub struct ExpertMemoryArgs {
     /// this layer's input and reads the predicted misses in the background; off.
     #[arg(long, value_parser = parse_prefetch, default_value = "off")]
     prefetch: Prefetch,
+    /// Under --expert-memory: q4 keeps 4-bit stand-ins of experts in part of the
+    /// budget and computes a miss with its stand-in while the full copy is read
+    /// in the background (results then differ slightly); off waits for the read.
+    #[arg(long, value_parser = parse_miss_precision, default_value = "off")]
+    miss_precision: MissPrecision,
 }
 
 impl ExpertMemoryArgs {
+    /// For a command that reports once, at its end: the routing is recorded
+    /// for the optimal yardstick.
     pub fn memory(&self) -> Option<ExpertMemory> {
         self.expert_memory.map(|budget| ExpertMemory {
             budget,
             policy: self.expert_cache,
             prefetch: self.prefetch,
+            miss_precision: self.miss_precision,
+            record_routing: true,
+        })
+    }
+
+    /// For the server: no routing history, which would grow for as long as
+    /// it runs; `/metrics` carries no optimal hit rate.
+    pub fn server_memory(&self) -> Option<ExpertMemory> {
+        self.memory().map(|m| ExpertMemory {
+            record_routing: false,
+            ..m
         })
     }
 }
@@ -36,6 +54,10 @@ fn parse_size(s: &str) -> Result<ByteSize, String> {
 }
 
 fn parse_prefetch(s: &str) -> Result<Prefetch, String> {
+    s.parse().map_err(|e: switchyard::Error| e.to_string())
+}
+
+fn parse_miss_precision(s: &str) -> Result<MissPrecision, String> {
     s.parse().map_err(|e: switchyard::Error| e.to_string())
 }
 

@@ -9,6 +9,7 @@ use switchyard::eval::{PerplexityOptions, perplexity};
 use switchyard::model::LoadOptions;
 use switchyard::ops::QuantKind;
 
+use super::expert_memory::{ExpertMemoryArgs, summary_json};
 use super::model_arg::{load_engine_opts, model_name, resolve};
 use super::routing_flags::RoutingFlags;
 
@@ -37,6 +38,8 @@ pub struct PerplexityArgs {
     json: bool,
     #[command(flatten)]
     routing: RoutingFlags,
+    #[command(flatten)]
+    experts: ExpertMemoryArgs,
 }
 
 /// Windows per forward: enough rows for the experts' batched matmuls, few
@@ -48,6 +51,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     let load = LoadOptions {
         quant: args.quant,
         expert_top_p: args.routing.expert_top_p()?,
+        expert_memory: args.experts.memory(),
         ..LoadOptions::default()
     };
     let engine = load_engine_opts(&dir, load)?;
@@ -74,6 +78,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     let report = perplexity(model, &ids, opts, &mut observer)
         .with_context(|| format!("scoring {}", args.text.display()))?;
     let active = observer.finish(model)?;
+    let experts = model.experts();
     if args.json {
         let json = serde_json::json!({
             "perplexity": report.perplexity(),
@@ -86,6 +91,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
             "tokens_per_s": report.tokens_per_s(),
             "experts_per_token": active.mean_active_per_token,
             "expert_bytes_per_token": active.expert_bytes_per_token,
+            "expert_cache": summary_json(experts.as_ref(), report.forwarded_tokens),
         });
         println!("{json}");
     } else {
@@ -97,6 +103,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
             report.tokens_per_s(),
             active.line(model)
         );
+        super::expert_memory::print_summary(experts.as_ref(), report.forwarded_tokens);
     }
     Ok(())
 }

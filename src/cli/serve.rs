@@ -64,7 +64,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         dtype,
         progress: true,
         quant: args.quant,
-        expert_memory: args.experts.memory(),
+        expert_memory: args.experts.server_memory(),
         expert_top_p: None,
     };
     let engine = Engine::load(&dir, &opts)

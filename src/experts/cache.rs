@@ -9,28 +9,34 @@
 //! more experts at once than that capacity ([`ExpertProvider::max_experts_per_call`]):
 //! a wider layer call (prefill) is computed in groups that fit, each group one
 //! layer call for the counting, so eviction never has to touch an expert in use.
+//!
+//! Locking: the state lock is held for bookkeeping only. A miss reserves its
+//! slot (its bytes count against the budget from then on), the expert is read
+//! without the lock, and it is published under the lock again; the prefetch
+//! thread does the same. A report copies counters under the lock and replays
+//! the optimal yardstick outside it ([`CacheSnapshot`]).
+//!
+//! With `--miss-precision q4` the budget is split: a stand-in pool of Q4_0
+//! copies takes at most half of it, no more than all stand-ins need, and never
+//! so much that the full copies hold less than one decode step; the full
+//! copies get the rest. Every expert read makes its stand-in. A miss whose
+//! stand-in is resident computes with it and has the full copy read in the
+//! background; a miss without one is read on demand.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::Instant;
 
+use super::memory::{ExpertMemory, MissPrecision, Prefetch};
 use super::policy::{Admission, PolicyKind};
-use super::replay::{CacheCounts, LayerCall, replay_optimal};
+use super::replay::{CacheCounts, RoutingHistory};
+use super::report::{CacheReport, CacheSnapshot, PrefetchCounts, StandInCounts};
 use super::resident::{Admit, Capacity, Lookup, ResidentSet};
 use super::{CacheOutcome, CallExperts, ExpertId, ExpertLayout, ExpertProvider};
-use crate::config::{ByteSize, format_bytes};
+use crate::config::format_bytes;
 use crate::error::{Error, Result};
 use crate::ops::{Ffn, QuantKind};
 use crate::weights::{ReadStats, ReadTotals, Reopened, TensorSource};
-
-/// What `--expert-memory` and `--expert-cache` ask for.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ExpertMemory {
-    /// Of all routed experts' bytes in the kernels' layout, for a percentage.
-    pub budget: ByteSize,
-    pub policy: PolicyKind,
-    pub prefetch: Prefetch,
-}
 
 /// How the checkpoint's experts are read and laid out.
 #[derive(Debug, Clone)]
@@ -42,54 +48,36 @@ pub struct ExpertReads {
     pub top_k: usize,
 }
 
-/// `--prefetch`: what an expert cache reads ahead of use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Prefetch {
-    #[default]
-    Off,
-    /// Layer L+1's router applied to layer L's MoE input (as FATE and
-    /// Pre-gated MoE predict), the predicted misses read on a background I/O
-    /// thread while layer L computes.
-    NextLayer,
-}
-
-impl Prefetch {
-    pub const ACCEPTED: &'static str = "off, next-layer";
-}
-
-impl std::str::FromStr for Prefetch {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "off" | "none" => Ok(Prefetch::Off),
-            "next-layer" => Ok(Prefetch::NextLayer),
-            _ => Err(Error::InvalidInput(format!(
-                "--prefetch {s:?}: expected one of {}",
-                Self::ACCEPTED
-            ))),
-        }
-    }
-}
-
-impl std::fmt::Display for Prefetch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Prefetch::Off => "off",
-            Prefetch::NextLayer => "next-layer",
-        })
-    }
-}
+/// The stand-ins' format.
+const STAND_IN_QUANT: QuantKind = QuantKind::Q4_0;
 
 /// Routed experts read on demand under a byte budget.
 pub struct ExpertCache {
     shared: Arc<Shared>,
-    /// The background reader, when prefetching.
+    /// The background reader, when prefetching or standing in.
     io: Option<IoThread>,
+    prefetch: Prefetch,
+}
+
+/// What the background reader is asked to read.
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    /// A next-layer prediction.
+    Prefetch(ExpertId),
+    /// The full copy of an expert a stand-in just served.
+    Replace(ExpertId),
+}
+
+impl Job {
+    fn id(self) -> ExpertId {
+        match self {
+            Job::Prefetch(id) | Job::Replace(id) => id,
+        }
+    }
 }
 
 struct IoThread {
-    queue: Mutex<Option<mpsc::Sender<ExpertId>>>,
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -102,28 +90,51 @@ struct Shared {
     layer_expert_bytes: Vec<usize>,
     total_expert_bytes: u64,
     budget_bytes: u64,
+    /// Full copies the budget holds (less the stand-ins' share).
     capacity: usize,
+    /// `None` without `--miss-precision`.
+    stand_ins: Option<StandInPlan>,
+    record_routing: bool,
     state: Mutex<CacheState>,
-    /// Signalled whenever a prefetched expert arrives (or its read failed).
+    /// Signalled whenever a reserved expert arrives (or its read failed).
     arrived: Condvar,
+}
+
+/// The stand-in pool's share of the budget.
+#[derive(Debug, Clone)]
+struct StandInPlan {
+    /// `[layer]`: one stand-in's bytes.
+    layer_bytes: Vec<usize>,
+    budget_bytes: u64,
+    capacity: usize,
+}
+
+struct StandIns {
+    resident: ResidentSet,
+    ffns: HashMap<ExpertId, Arc<Ffn>>,
+    counts: StandInCounts,
 }
 
 struct CacheState {
     resident: ResidentSet,
     ffns: HashMap<ExpertId, Arc<Ffn>>,
-    /// Admitted by a prefetch (their bytes already counted), being read.
+    /// Admitted (their bytes already counted) and being read, by the I/O
+    /// thread or by a caller outside the lock.
     pending: HashSet<ExpertId>,
     /// Arrived by prefetch and not asked for yet.
     unused_prefetch: HashSet<ExpertId>,
     /// The last call's experts, which its caller may still be computing with.
     in_use: (u32, Vec<u32>),
+    /// Full copies, stand-ins and reads in flight together.
     resident_bytes: usize,
     peak_resident_bytes: usize,
     counts: CacheCounts,
-    /// Every layer call as the cache saw it: the optimal yardstick replays it.
-    calls: Vec<LayerCall>,
+    /// The layer calls as the cache saw them, for the optimal yardstick; only
+    /// when asked for ([`ExpertMemory::record_routing`]), bounded. Shared with
+    /// snapshots, copied on write while one is alive.
+    history: Option<Arc<RoutingHistory>>,
     /// Experts read on demand; time spent reading and converting experts
-    /// (on demand and prefetched).
+    /// (on demand and in the background).
     loads: u64,
     load_nanos: u64,
     prefetch: PrefetchCounts,
@@ -131,39 +142,7 @@ struct CacheState {
     predictions: HashMap<u32, (Vec<u32>, BTreeSet<u32>)>,
     /// Read counters at the last reset.
     reads_at_reset: ReadTotals,
-}
-
-/// How well next-layer prediction did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PrefetchCounts {
-    /// Experts predicted, experts then used, and both.
-    pub predicted: u64,
-    pub used: u64,
-    pub correct: u64,
-    /// Predicted experts not resident, read in the background.
-    pub reads: u64,
-    /// Lookups served by an expert a prefetch brought in.
-    pub hits: u64,
-    /// Prefetched experts evicted before any call asked for them.
-    pub wasted: u64,
-}
-
-impl PrefetchCounts {
-    /// Of the experts predicted, the share then used.
-    pub fn precision(&self) -> f64 {
-        self.correct as f64 / self.predicted.max(1) as f64
-    }
-
-    /// Of the experts used, the share predicted.
-    pub fn recall(&self) -> f64 {
-        self.correct as f64 / self.used.max(1) as f64
-    }
-
-    fn score(&mut self, predicted: &[u32], used: &BTreeSet<u32>) {
-        self.predicted += predicted.len() as u64;
-        self.used += used.len() as u64;
-        self.correct += predicted.iter().filter(|e| used.contains(e)).count() as u64;
-    }
+    stand_ins: Option<StandIns>,
 }
 
 impl std::fmt::Debug for ExpertCache {
@@ -171,108 +150,9 @@ impl std::fmt::Debug for ExpertCache {
         f.debug_struct("ExpertCache")
             .field("budget_bytes", &self.shared.budget_bytes)
             .field("capacity", &self.shared.capacity)
-            .field("prefetch", &self.io.is_some())
+            .field("prefetch", &self.prefetch)
+            .field("stand_ins", &self.shared.stand_ins)
             .finish_non_exhaustive()
-    }
-}
-
-/// What an expert cache did over a run: the summary line and `--json` fields.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CacheReport {
-    pub policy: PolicyKind,
-    pub budget_bytes: u64,
-    /// Experts the budget holds (of the largest layer's size).
-    pub capacity_experts: usize,
-    pub total_expert_bytes: u64,
-    /// Hits include lookups served by a prefetched expert.
-    pub counts: CacheCounts,
-    /// Belady's MIN on the same layer calls with the same capacity and counting
-    /// (demand reads only: a prefetching cache may beat it).
-    pub optimal: CacheCounts,
-    /// Positioned reads of expert bytes since the last reset, prefetches included.
-    pub read: ReadTotals,
-    /// Experts read on demand, and the time spent reading plus converting
-    /// every expert read (prefetched ones too).
-    pub loads: u64,
-    pub load_nanos: u64,
-    pub resident_bytes: usize,
-    pub peak_resident_bytes: usize,
-    /// `None` without `--prefetch`.
-    pub prefetch: Option<PrefetchCounts>,
-}
-
-impl CacheReport {
-    /// Bytes read per token over `tokens` tokens run through the model.
-    pub fn read_bytes_per_token(&self, tokens: usize) -> f64 {
-        self.read.bytes as f64 / tokens.max(1) as f64
-    }
-
-    /// Time converting what was read into the kernels' layout (bf16 to f32,
-    /// `--quant`, GGUF blocks into tiles), as a share of the read time.
-    pub fn repack_over_read(&self) -> f64 {
-        let repack = self.load_nanos.saturating_sub(self.read.nanos);
-        repack as f64 / self.read.nanos.max(1) as f64
-    }
-
-    /// `expert cache: hit 71.2 % (optimal 80.4 %) | read 3.1 GiB, 24.1 MiB/token | ...`.
-    pub fn summary_line(&self, tokens: usize) -> String {
-        let mut line = format!(
-            "expert cache: hit {:.1} % (optimal {:.1} %) | read {}, {:.1} MiB/token",
-            100.0 * self.counts.hit_rate(),
-            100.0 * self.optimal.hit_rate(),
-            format_bytes(self.read.bytes),
-            self.read_bytes_per_token(tokens) / (1 << 20) as f64,
-        );
-        if let Some(p) = &self.prefetch {
-            line += &format!(
-                " | prefetch precision {:.2} recall {:.2}",
-                p.precision(),
-                p.recall()
-            );
-        }
-        line += &format!(
-            " | {} of {} experts' bytes, {} | repack {:.2}x read time",
-            format_bytes(self.budget_bytes),
-            format_bytes(self.total_expert_bytes),
-            self.policy,
-            self.repack_over_read(),
-        );
-        line
-    }
-
-    /// The same fields for `--json`.
-    pub fn to_json(&self, tokens: usize) -> serde_json::Value {
-        let prefetch = self.prefetch.map(|p| {
-            serde_json::json!({
-                "precision": p.precision(),
-                "recall": p.recall(),
-                "predicted": p.predicted,
-                "used": p.used,
-                "correct": p.correct,
-                "reads": p.reads,
-                "hits": p.hits,
-                "wasted": p.wasted,
-            })
-        });
-        serde_json::json!({
-            "policy": self.policy.to_string(),
-            "budget_bytes": self.budget_bytes,
-            "capacity_experts": self.capacity_experts,
-            "total_expert_bytes": self.total_expert_bytes,
-            "lookups": self.counts.lookups,
-            "hits": self.counts.hits,
-            "misses": self.counts.misses,
-            "evictions": self.counts.evictions,
-            "hit_rate": self.counts.hit_rate(),
-            "optimal_hit_rate": self.optimal.hit_rate(),
-            "read_bytes": self.read.bytes,
-            "read_bytes_per_token": self.read_bytes_per_token(tokens),
-            "read_seconds": self.read.nanos as f64 * 1e-9,
-            "load_seconds": self.load_nanos as f64 * 1e-9,
-            "repack_over_read": self.repack_over_read(),
-            "peak_resident_bytes": self.peak_resident_bytes,
-            "prefetch": prefetch,
-        })
     }
 }
 
@@ -287,21 +167,27 @@ impl ExpertCache {
             stats: read_stats,
         } = reopened;
         let layout = &reads.layout;
+        let standing_in = memory.miss_precision == MissPrecision::Q4;
         let mut layer_expert_bytes = Vec::with_capacity(layout.layers.len());
+        let mut layer_stand_in_bytes = Vec::with_capacity(layout.layers.len());
         let mut total_expert_bytes = 0u64;
+        let mut total_stand_in_bytes = 0u64;
         for l in 0..layout.layers.len() {
             let n = layout.num_experts(l);
-            let bytes = if n == 0 {
-                0
+            let (bytes, stand_in) = if n == 0 {
+                (0, 0)
             } else {
                 let id = ExpertId {
                     layer: l as u32,
                     expert: 0,
                 };
-                read_expert(source.as_ref(), &reads, id)?.weight_bytes()
+                let (ffn, stand_in) = read_expert(source.as_ref(), &reads, id, standing_in)?;
+                (ffn.weight_bytes(), stand_in.map_or(0, |s| s.weight_bytes()))
             };
             total_expert_bytes += (bytes * n) as u64;
+            total_stand_in_bytes += (stand_in * n) as u64;
             layer_expert_bytes.push(bytes);
+            layer_stand_in_bytes.push(stand_in);
         }
         let largest = layer_expert_bytes.iter().copied().max().unwrap_or(0);
         if largest == 0 {
@@ -321,8 +207,41 @@ impl ExpertCache {
                 format_bytes(largest as u64),
             )));
         }
-        let capacity = (budget_bytes / largest as u64) as usize;
+        let stand_ins = standing_in
+            .then(|| {
+                plan_stand_ins(
+                    layer_stand_in_bytes,
+                    total_stand_in_bytes,
+                    largest,
+                    budget_bytes - minimum,
+                    budget_bytes,
+                )
+            })
+            .transpose()?;
+        let full_budget = budget_bytes - stand_ins.as_ref().map_or(0, |s| s.budget_bytes);
+        let capacity = (full_budget / largest as u64) as usize;
         let reads_at_reset = read_stats.totals();
+        let state = CacheState {
+            resident: ResidentSet::new(Capacity::Global(capacity), memory.policy),
+            ffns: HashMap::new(),
+            pending: HashSet::new(),
+            unused_prefetch: HashSet::new(),
+            in_use: (0, Vec::new()),
+            resident_bytes: 0,
+            peak_resident_bytes: 0,
+            counts: CacheCounts::default(),
+            history: memory
+                .record_routing
+                .then(|| Arc::new(RoutingHistory::with_limit(RoutingHistory::LIMIT_CALLS))),
+            loads: 0,
+            load_nanos: 0,
+            prefetch: PrefetchCounts::default(),
+            predictions: HashMap::new(),
+            reads_at_reset,
+            stand_ins: stand_ins
+                .as_ref()
+                .map(|plan| StandIns::new(plan, memory.policy)),
+        };
         let shared = Arc::new(Shared {
             source,
             read_stats,
@@ -331,61 +250,140 @@ impl ExpertCache {
             total_expert_bytes,
             budget_bytes,
             capacity,
-            state: Mutex::new(CacheState {
-                resident: ResidentSet::new(Capacity::Global(capacity), memory.policy),
-                ffns: HashMap::new(),
-                pending: HashSet::new(),
-                unused_prefetch: HashSet::new(),
-                in_use: (0, Vec::new()),
-                resident_bytes: 0,
-                peak_resident_bytes: 0,
-                counts: CacheCounts::default(),
-                calls: Vec::new(),
-                loads: 0,
-                load_nanos: 0,
-                prefetch: PrefetchCounts::default(),
-                predictions: HashMap::new(),
-                reads_at_reset,
-            }),
+            stand_ins,
+            record_routing: memory.record_routing,
+            state: Mutex::new(state),
             arrived: Condvar::new(),
         });
-        let io = match memory.prefetch {
-            Prefetch::Off => None,
-            Prefetch::NextLayer => Some(IoThread::spawn(shared.clone())?),
+        let io = if memory.prefetch == Prefetch::NextLayer || shared.stand_ins.is_some() {
+            Some(IoThread::spawn(shared.clone())?)
+        } else {
+            None
         };
-        Ok(Self { shared, io })
+        Ok(Self {
+            shared,
+            io,
+            prefetch: memory.prefetch,
+        })
     }
 
     pub fn budget_bytes(&self) -> u64 {
         self.shared.budget_bytes
     }
 
-    /// Experts the budget holds.
+    /// Full-precision experts the budget holds.
     pub fn capacity(&self) -> usize {
         self.shared.capacity
+    }
+
+    /// Stand-ins the budget holds (0 without `--miss-precision`).
+    pub fn stand_in_capacity(&self) -> usize {
+        self.shared.stand_ins.as_ref().map_or(0, |s| s.capacity)
+    }
+
+    /// The cache's counters now, taken under the lock in O(1); the optimal
+    /// yardstick is computed by [`CacheSnapshot::into_report`] without it.
+    pub fn snapshot(&self) -> CacheSnapshot {
+        let sh = &*self.shared;
+        let st = sh.state();
+        let now = sh.read_stats.totals();
+        let base = st.reads_at_reset;
+        let prefetch = (self.prefetch == Prefetch::NextLayer).then(|| {
+            let mut p = st.prefetch;
+            for (predicted, used) in st.predictions.values() {
+                p.score(predicted, used);
+            }
+            p
+        });
+        let report = CacheReport {
+            policy: st.resident.policy(),
+            budget_bytes: sh.budget_bytes,
+            capacity_experts: sh.capacity,
+            total_expert_bytes: sh.total_expert_bytes,
+            counts: st.counts,
+            optimal: None,
+            read: ReadTotals {
+                bytes: now.bytes - base.bytes,
+                nanos: now.nanos - base.nanos,
+                reads: now.reads - base.reads,
+            },
+            loads: st.loads,
+            load_nanos: st.load_nanos,
+            resident_bytes: st.resident_bytes,
+            peak_resident_bytes: st.peak_resident_bytes,
+            prefetch,
+            stand_ins: st.stand_ins.as_ref().map(|s| s.counts),
+        };
+        CacheSnapshot {
+            report,
+            history: st.history.clone(),
+            capacity: Capacity::Global(sh.capacity),
+        }
+    }
+}
+
+/// The stand-in pool: at most half the budget, no more than all stand-ins
+/// need, and at most `spare` (what the full copies can give up and still hold
+/// one decode step).
+fn plan_stand_ins(
+    layer_bytes: Vec<usize>,
+    total_bytes: u64,
+    largest_full: usize,
+    spare: u64,
+    budget_bytes: u64,
+) -> Result<StandInPlan> {
+    let largest = layer_bytes.iter().copied().max().unwrap_or(0);
+    if largest >= largest_full {
+        return Err(Error::InvalidInput(format!(
+            "--miss-precision q4: the experts are already {} per expert as stored or quantized \
+             ({} as q4_0): a 4-bit stand-in would save nothing",
+            format_bytes(largest_full as u64),
+            format_bytes(largest as u64),
+        )));
+    }
+    let share = total_bytes.min(budget_bytes / 2).min(spare);
+    let capacity = (share / largest as u64) as usize;
+    Ok(StandInPlan {
+        layer_bytes,
+        budget_bytes: (capacity * largest) as u64,
+        capacity,
+    })
+}
+
+impl StandIns {
+    fn new(plan: &StandInPlan, policy: PolicyKind) -> Self {
+        Self {
+            resident: ResidentSet::new(Capacity::Global(plan.capacity), policy),
+            ffns: HashMap::new(),
+            counts: StandInCounts {
+                budget_bytes: plan.budget_bytes,
+                capacity_experts: plan.capacity,
+                ..StandInCounts::default()
+            },
+        }
     }
 }
 
 impl IoThread {
     fn spawn(shared: Arc<Shared>) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<ExpertId>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let handle = std::thread::Builder::new()
-            .name("expert-prefetch".into())
+            .name("expert-reads".into())
             .spawn(move || {
-                while let Ok(id) = rx.recv() {
-                    shared.read_prefetched(id);
+                while let Ok(job) = rx.recv() {
+                    shared.read_in_background(job);
                 }
             })
-            .map_err(|e| Error::InvalidInput(format!("starting the prefetch thread: {e}")))?;
+            .map_err(|e| Error::InvalidInput(format!("starting the expert-read thread: {e}")))?;
         Ok(Self {
             queue: Mutex::new(Some(tx)),
             handle: Some(handle),
         })
     }
 
-    fn send(&self, id: ExpertId) -> bool {
+    fn send(&self, job: Job) -> bool {
         let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        queue.as_ref().is_some_and(|tx| tx.send(id).is_ok())
+        queue.as_ref().is_some_and(|tx| tx.send(job).is_ok())
     }
 }
 
@@ -413,32 +411,68 @@ impl Shared {
             .unwrap_or(0)
     }
 
-    /// The I/O thread's work: read a prefetched expert (its bytes were counted
-    /// when it was admitted) and hand it over.
-    fn read_prefetched(&self, id: ExpertId) {
+    fn stand_in_bytes_of(&self, id: ExpertId) -> usize {
+        self.stand_ins
+            .as_ref()
+            .and_then(|s| s.layer_bytes.get(id.layer as usize).copied())
+            .unwrap_or(0)
+    }
+
+    /// Whether a read of `id` should also make its stand-in.
+    fn wants_stand_in(&self, st: &CacheState, id: ExpertId) -> bool {
+        st.stand_ins
+            .as_ref()
+            .is_some_and(|s| s.resident.capacity().per_partition() > 0 && !s.resident.contains(id))
+    }
+
+    fn read(&self, id: ExpertId, stand_in: bool) -> Result<(Ffn, Option<Ffn>)> {
+        read_expert(self.source.as_ref(), &self.reads, id, stand_in)
+    }
+
+    /// The I/O thread's work: read an expert whose slot was reserved (its
+    /// bytes counted) when it was queued, and publish it.
+    fn read_in_background(&self, job: Job) {
+        let id = job.id();
+        let stand_in = self.wants_stand_in(&self.state(), id);
         let t = Instant::now();
-        let result = read_expert(self.source.as_ref(), &self.reads, id);
+        let result = self.read(id, stand_in);
         let mut st = self.state();
         st.load_nanos += t.elapsed().as_nanos() as u64;
         st.pending.remove(&id);
         match result {
-            Ok(ffn) => {
+            Ok((ffn, stand_in)) => {
                 st.ffns.insert(id, Arc::new(ffn));
-                st.unused_prefetch.insert(id);
-                st.prefetch.reads += 1;
-            }
-            // The demand read that follows reports the error to the caller.
-            Err(_) => {
-                if st.resident.remove(id) {
-                    st.resident_bytes -= self.bytes_of(id);
+                match job {
+                    Job::Prefetch(_) => {
+                        st.unused_prefetch.insert(id);
+                        st.prefetch.reads += 1;
+                    }
+                    Job::Replace(_) => {
+                        if let Some(s) = st.stand_ins.as_mut() {
+                            s.counts.background_reads += 1;
+                        }
+                    }
+                }
+                if let Some(s) = stand_in {
+                    self.keep_stand_in(&mut st, id, s);
                 }
             }
+            // The demand read that follows reports the error to the caller.
+            Err(_) => self.release(&mut st, id),
         }
         drop(st);
         self.arrived.notify_all();
     }
 
-    /// Waits until no prefetch is in flight.
+    /// A reserved slot whose read failed or was never made: give it back.
+    fn release(&self, st: &mut CacheState, id: ExpertId) {
+        st.pending.remove(&id);
+        if st.resident.remove(id) {
+            st.resident_bytes -= self.bytes_of(id);
+        }
+    }
+
+    /// Waits until no read is in flight.
     fn drain<'a>(&'a self, st: MutexGuard<'a, CacheState>) -> MutexGuard<'a, CacheState> {
         self.arrived
             .wait_while(st, |st| !st.pending.is_empty())
@@ -458,24 +492,118 @@ impl Shared {
         }
     }
 
+    /// `id`'s full copy is admitted: its bytes count from now on, read or not.
     fn admitted(&self, st: &mut CacheState, id: ExpertId) {
         st.resident_bytes += self.bytes_of(id);
         st.peak_resident_bytes = st.peak_resident_bytes.max(st.resident_bytes);
     }
+
+    /// Keeps `ffn` as `id`'s stand-in, evicting another (never one the
+    /// current call computes with) if the pool is full.
+    fn keep_stand_in(&self, st: &mut CacheState, id: ExpertId, ffn: Ffn) {
+        let CacheState {
+            stand_ins,
+            in_use: (busy_layer, busy),
+            resident_bytes,
+            peak_resident_bytes,
+            ..
+        } = st;
+        let Some(s) = stand_ins.as_mut() else {
+            return;
+        };
+        if s.resident.contains(id) {
+            return;
+        }
+        let pinned = |v: ExpertId| v.layer == *busy_layer && busy.contains(&v.expert);
+        if let Admit::Inserted { evicted } = s.resident.admit(id, Admission::Demand, &pinned) {
+            if let Some(v) = evicted
+                && s.ffns.remove(&v).is_some()
+            {
+                *resident_bytes -= self.stand_in_bytes_of(v);
+            }
+            s.ffns.insert(id, Arc::new(ffn));
+            *resident_bytes += self.stand_in_bytes_of(id);
+            *peak_resident_bytes = (*peak_resident_bytes).max(*resident_bytes);
+        }
+    }
+
+    /// Reserves a slot for `id`, a miss of a call of `layer` over `experts`:
+    /// true once admitted (pending, its bytes counted), false if every slot
+    /// is pinned by the call itself. Waits for other reads in flight that
+    /// hold the slots it needs.
+    fn reserve<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, CacheState>,
+        layer: u32,
+        experts: &[u32],
+        id: ExpertId,
+    ) -> (MutexGuard<'a, CacheState>, bool) {
+        let ours = |v: &ExpertId| v.layer == layer && experts.binary_search(&v.expert).is_ok();
+        loop {
+            let admit = {
+                let CacheState {
+                    resident, pending, ..
+                } = &mut *st;
+                let pinned = |v: ExpertId| ours(&v) || pending.contains(&v);
+                resident.admit(id, Admission::Demand, &pinned)
+            };
+            match admit {
+                Admit::Inserted { evicted } => {
+                    self.evicted(&mut st, evicted);
+                    self.admitted(&mut st, id);
+                    st.pending.insert(id);
+                    return (st, true);
+                }
+                // Reads in flight for others hold the rest: once they land they can go.
+                Admit::Bypassed if st.pending.iter().any(|v| !ours(v)) => {
+                    st = self
+                        .arrived
+                        .wait_while(st, |st| st.pending.iter().any(|v| !ours(v)))
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+                // Unreachable while calls are at most `capacity` wide; counted all the same.
+                Admit::Bypassed => {
+                    st.counts.bypassed += 1;
+                    return (st, false);
+                }
+            }
+        }
+    }
 }
 
-/// Reads expert `id` from `source` into the kernels' layout.
-fn read_expert(source: &dyn TensorSource, reads: &ExpertReads, id: ExpertId) -> Result<Ffn> {
+/// Reads expert `id` from `source` into the kernels' layout, and its Q4_0
+/// stand-in from the same bytes when `stand_in` is asked for.
+fn read_expert(
+    source: &dyn TensorSource,
+    reads: &ExpertReads,
+    id: ExpertId,
+    stand_in: bool,
+) -> Result<(Ffn, Option<Ffn>)> {
     let wrap = |e: Error| Error::ExpertRead {
         layer: id.layer,
         expert: id.expert,
         reason: e.to_string(),
     };
     let ffn = reads.layout.load(source, id).map_err(wrap)?;
-    match reads.quant {
-        Some(kind) => ffn.quantize(kind).map_err(wrap),
-        None => Ok(ffn),
-    }
+    let stand_in = if stand_in {
+        Some(ffn.quantize(STAND_IN_QUANT).map_err(wrap)?)
+    } else {
+        None
+    };
+    let ffn = match reads.quant {
+        Some(kind) => ffn.quantize(kind).map_err(wrap)?,
+        None => ffn,
+    };
+    Ok((ffn, stand_in))
+}
+
+/// A demand read this call makes once the lock is released.
+struct DemandRead {
+    /// Rank in the call's experts.
+    rank: usize,
+    id: ExpertId,
+    /// Its slot was reserved (else it is computed with and dropped).
+    kept: bool,
 }
 
 impl ExpertProvider for ExpertCache {
@@ -510,94 +638,143 @@ impl ExpertProvider for ExpertCache {
                 "no expert {bad} in layer {layer} (it has {n})"
             )));
         }
+        let ids: Vec<ExpertId> = experts
+            .iter()
+            .map(|&expert| ExpertId { layer, expert })
+            .collect();
         let mut st = sh.state();
-        // This call's experts that a prefetch is still reading: wait for them.
-        let ids = experts.iter().map(|&expert| ExpertId { layer, expert });
-        if ids.clone().any(|id| st.pending.contains(&id)) {
+        // This call's experts that another read is still bringing in: wait for them.
+        if ids.iter().any(|id| st.pending.contains(id)) {
             st = sh
                 .arrived
-                .wait_while(st, |st| {
-                    experts
-                        .iter()
-                        .any(|&expert| st.pending.contains(&ExpertId { layer, expert }))
-                })
+                .wait_while(st, |st| ids.iter().any(|id| st.pending.contains(id)))
                 .unwrap_or_else(|p| p.into_inner());
         }
         st.in_use = (layer, experts.to_vec());
         st.resident.begin_call(layer);
-        st.calls.push(LayerCall {
-            layer,
-            experts: experts.to_vec(),
-        });
+        if let Some(history) = st.history.as_mut() {
+            // A snapshot still holding the history gets its own copy first.
+            Arc::make_mut(history).push(layer, experts);
+        }
         if let Some((_, used)) = st.predictions.get_mut(&layer) {
             used.extend(experts);
         }
         let mut ffns: Vec<Option<Arc<Ffn>>> = Vec::with_capacity(experts.len());
         let mut outcomes = Vec::with_capacity(experts.len());
         let mut missed = Vec::new();
-        for id in ids {
+        for &id in &ids {
             st.counts.lookups += 1;
             let found = match st.resident.lookup(id) {
                 Lookup::Hit => st.ffns.get(&id).cloned(),
                 Lookup::Miss => None,
             };
-            match found {
-                Some(ffn) => {
-                    st.counts.hits += 1;
-                    let outcome = if st.unused_prefetch.remove(&id) {
-                        st.prefetch.hits += 1;
-                        CacheOutcome::Prefetched
-                    } else {
-                        CacheOutcome::Hit
-                    };
-                    ffns.push(Some(ffn));
-                    outcomes.push((id.expert, outcome));
-                }
-                None => {
-                    st.counts.misses += 1;
-                    missed.push(ffns.len());
-                    ffns.push(None);
-                    outcomes.push((id.expert, CacheOutcome::Miss));
+            if let Some(ffn) = found {
+                st.counts.hits += 1;
+                let outcome = if st.unused_prefetch.remove(&id) {
+                    st.prefetch.hits += 1;
+                    CacheOutcome::Prefetched
+                } else {
+                    CacheOutcome::Hit
+                };
+                ffns.push(Some(ffn));
+                outcomes.push((id.expert, outcome));
+                continue;
+            }
+            st.counts.misses += 1;
+            missed.push(ffns.len());
+            let stand_in = st
+                .stand_ins
+                .as_mut()
+                .and_then(|s| match s.resident.lookup(id) {
+                    Lookup::Hit => s.ffns.get(&id).cloned(),
+                    Lookup::Miss => None,
+                });
+            let outcome = match stand_in {
+                Some(_) => CacheOutcome::StandIn,
+                None => CacheOutcome::Miss,
+            };
+            if let (Some(s), Some(_)) = (st.stand_ins.as_mut(), &stand_in) {
+                s.counts.served += 1;
+            }
+            ffns.push(stand_in);
+            outcomes.push((id.expert, outcome));
+        }
+        // Every miss takes its slot now, in call order (as the replay admits
+        // them): its bytes count while it is read.
+        let mut demand = Vec::new();
+        for rank in missed {
+            let id = ids[rank];
+            let kept;
+            (st, kept) = sh.reserve(st, layer, experts, id);
+            if ffns[rank].is_none() {
+                demand.push(DemandRead { rank, id, kept });
+            } else if kept {
+                // Stood in for: the full copy is read in the background.
+                let sent = self.io.as_ref().is_some_and(|io| io.send(Job::Replace(id)));
+                if !sent {
+                    sh.release(&mut st, id);
                 }
             }
         }
-        for i in missed {
-            let id = ExpertId {
-                layer,
-                expert: experts[i],
-            };
+        if demand.is_empty() {
+            drop(st);
+            return Ok(CallExperts {
+                ffns: ffns.into_iter().flatten().collect(),
+                outcomes: Some(outcomes),
+            });
+        }
+        let stand_ins: Vec<bool> = demand
+            .iter()
+            .map(|d| sh.wants_stand_in(&st, d.id))
+            .collect();
+        drop(st);
+        // Read without the lock: the background reader and reports go on.
+        let mut read = Vec::with_capacity(demand.len());
+        for (d, &stand_in) in demand.iter().zip(&stand_ins) {
             let t = Instant::now();
-            let ffn = Arc::new(read_expert(sh.source.as_ref(), &sh.reads, id)?);
-            st.loads += 1;
-            st.load_nanos += t.elapsed().as_nanos() as u64;
-            loop {
-                let admit = {
-                    let CacheState {
-                        resident, pending, ..
-                    } = &mut *st;
-                    let pinned = |v: ExpertId| {
-                        (v.layer == layer && experts.binary_search(&v.expert).is_ok())
-                            || pending.contains(&v)
-                    };
-                    resident.admit(id, Admission::Demand, &pinned)
-                };
-                match admit {
-                    Admit::Inserted { evicted } => {
-                        sh.evicted(&mut st, evicted);
-                        st.ffns.insert(id, ffn.clone());
-                        sh.admitted(&mut st, id);
-                    }
-                    // In-flight prefetches hold the rest: once they land they can go.
-                    Admit::Bypassed if !st.pending.is_empty() => {
-                        st = sh.drain(st);
-                        continue;
-                    }
-                    // Unreachable while calls are at most `capacity` wide; counted all the same.
-                    Admit::Bypassed => st.counts.bypassed += 1,
-                }
+            let result = sh.read(d.id, stand_in);
+            let failed = result.is_err();
+            read.push((result, t.elapsed().as_nanos() as u64));
+            if failed {
                 break;
             }
-            ffns[i] = Some(ffn);
+        }
+        let mut st = sh.state();
+        let mut error = None;
+        let mut read = read.into_iter();
+        for d in &demand {
+            match read.next() {
+                Some((Ok((ffn, stand_in)), nanos)) => {
+                    st.loads += 1;
+                    st.load_nanos += nanos;
+                    let ffn = Arc::new(ffn);
+                    if d.kept {
+                        st.pending.remove(&d.id);
+                        st.ffns.insert(d.id, ffn.clone());
+                    }
+                    if let Some(s) = stand_in {
+                        sh.keep_stand_in(&mut st, d.id, s);
+                    }
+                    ffns[d.rank] = Some(ffn);
+                }
+                Some((Err(e), _)) => {
+                    error = Some(e);
+                    if d.kept {
+                        sh.release(&mut st, d.id);
+                    }
+                }
+                // Not read after an earlier failure.
+                None => {
+                    if d.kept {
+                        sh.release(&mut st, d.id);
+                    }
+                }
+            }
+        }
+        drop(st);
+        sh.arrived.notify_all();
+        if let Some(e) = error {
+            return Err(e);
         }
         Ok(CallExperts {
             ffns: ffns.into_iter().flatten().collect(),
@@ -606,7 +783,11 @@ impl ExpertProvider for ExpertCache {
     }
 
     fn prefetch(&self, layer: u32, experts: &[u32]) {
-        let Some(io) = &self.io else {
+        let Some(io) = self
+            .io
+            .as_ref()
+            .filter(|_| self.prefetch == Prefetch::NextLayer)
+        else {
             return;
         };
         let sh = &*self.shared;
@@ -638,8 +819,8 @@ impl ExpertProvider for ExpertCache {
                     sh.evicted(st, evicted);
                     sh.admitted(st, id);
                     st.pending.insert(id);
-                    if !io.send(id) {
-                        st.pending.remove(&id);
+                    if !io.send(Job::Prefetch(id)) {
+                        sh.release(st, id);
                     }
                 }
                 Admit::Bypassed => break,
@@ -647,36 +828,9 @@ impl ExpertProvider for ExpertCache {
         }
     }
 
+    /// The snapshot is taken under the lock; Belady's MIN is replayed after.
     fn cache_report(&self) -> Option<CacheReport> {
-        let sh = &*self.shared;
-        let st = sh.state();
-        let now = sh.read_stats.totals();
-        let base = st.reads_at_reset;
-        let prefetch = self.io.as_ref().map(|_| {
-            let mut p = st.prefetch;
-            for (predicted, used) in st.predictions.values() {
-                p.score(predicted, used);
-            }
-            p
-        });
-        Some(CacheReport {
-            policy: st.resident.policy(),
-            budget_bytes: sh.budget_bytes,
-            capacity_experts: sh.capacity,
-            total_expert_bytes: sh.total_expert_bytes,
-            counts: st.counts,
-            optimal: replay_optimal(&st.calls, Capacity::Global(sh.capacity)),
-            read: ReadTotals {
-                bytes: now.bytes - base.bytes,
-                nanos: now.nanos - base.nanos,
-                reads: now.reads - base.reads,
-            },
-            loads: st.loads,
-            load_nanos: st.load_nanos,
-            resident_bytes: st.resident_bytes,
-            peak_resident_bytes: st.peak_resident_bytes,
-            prefetch,
-        })
+        Some(self.snapshot().into_report())
     }
 
     fn drop_cached_pages(&self) -> Result<()> {
@@ -696,36 +850,17 @@ impl ExpertProvider for ExpertCache {
         st.resident_bytes = 0;
         st.peak_resident_bytes = 0;
         st.counts = CacheCounts::default();
-        st.calls.clear();
+        st.history = sh
+            .record_routing
+            .then(|| Arc::new(RoutingHistory::with_limit(RoutingHistory::LIMIT_CALLS)));
         st.loads = 0;
         st.load_nanos = 0;
         st.prefetch = PrefetchCounts::default();
         st.predictions.clear();
         st.reads_at_reset = sh.read_stats.totals();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefetch_precision_and_recall_count_predicted_against_used() {
-        let mut p = PrefetchCounts::default();
-        // Predicted {1, 2, 3}, used {2, 3, 4, 5}: 2 of 3 right, 2 of 4 found.
-        p.score(&[1, 2, 3], &[2, 3, 4, 5].into_iter().collect());
-        assert_eq!((p.predicted, p.used, p.correct), (3, 4, 2));
-        assert!((p.precision() - 2.0 / 3.0).abs() < 1e-12);
-        assert!((p.recall() - 0.5).abs() < 1e-12);
-        assert_eq!(PrefetchCounts::default().precision(), 0.0);
-    }
-
-    #[test]
-    fn prefetch_names_parse_and_round_trip() {
-        for s in ["off", "next-layer"] {
-            assert_eq!(s.parse::<Prefetch>().unwrap().to_string(), s);
-        }
-        let err = "next".parse::<Prefetch>().unwrap_err().to_string();
-        assert!(err.contains("off, next-layer"), "{err}");
+        st.stand_ins = sh
+            .stand_ins
+            .as_ref()
+            .map(|plan| StandIns::new(plan, policy));
     }
 }

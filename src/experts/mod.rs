@@ -5,20 +5,27 @@
 //! architecture files fill in.
 
 mod cache;
+mod memory;
 mod naming;
 mod outcome;
 mod policy;
 mod provider;
 mod replay;
+mod report;
 mod resident;
 mod store;
 
-pub use cache::{CacheReport, ExpertCache, ExpertMemory, ExpertReads, Prefetch, PrefetchCounts};
+pub use cache::{ExpertCache, ExpertReads};
+pub use memory::{ExpertMemory, MissPrecision, Prefetch};
 pub use naming::{ExpertDims, ExpertLayout, ExpertNaming, LayerExperts};
 pub use outcome::CacheOutcome;
 pub use policy::{Admission, CachePolicy, Lfu, Lru, PolicyKind};
 pub use provider::{CallExperts, ExpertProvider};
-pub use replay::{CacheCounts, LayerCall, replay, replay_call, replay_optimal};
+pub use replay::{
+    CacheCounts, Calls, LayerCall, RoutingHistory, replay, replay_call, replay_optimal,
+    replay_optimal_history,
+};
+pub use report::{CacheReport, CacheSnapshot, PrefetchCounts, StandInCounts};
 pub use resident::{Admit, Capacity, Lookup, ResidentSet};
 pub use store::ExpertStore;
 

@@ -105,17 +105,28 @@ pub fn replay_call(set: &mut ResidentSet, call: &LayerCall, counts: &mut CacheCo
 const NEVER: usize = usize::MAX;
 
 /// For each call and each of its experts, the index of the next call that uses
-/// the same expert (`NEVER` if none). `[call][rank in call.experts]`.
-fn next_uses(calls: &[LayerCall]) -> Vec<Vec<usize>> {
+/// the same expert (`NEVER` if none). `[call][rank in call's experts]`.
+fn next_uses<'a>(calls: impl Calls<'a>) -> Vec<Vec<usize>> {
     let mut next: HashMap<ExpertId, usize> = HashMap::new();
     let mut out = vec![Vec::new(); calls.len()];
-    for (i, call) in calls.iter().enumerate().rev() {
-        out[i] = call
-            .ids()
-            .map(|id| next.insert(id, i).unwrap_or(NEVER))
+    for (i, (layer, experts)) in calls.enumerate().rev() {
+        out[i] = experts
+            .iter()
+            .map(|&expert| next.insert(ExpertId { layer, expert }, i).unwrap_or(NEVER))
             .collect();
     }
     out
+}
+
+/// A routing sequence as `(layer, distinct ascending experts)` per layer call.
+pub trait Calls<'a>:
+    Iterator<Item = (u32, &'a [u32])> + DoubleEndedIterator + ExactSizeIterator + Clone
+{
+}
+
+impl<'a, I> Calls<'a> for I where
+    I: Iterator<Item = (u32, &'a [u32])> + DoubleEndedIterator + ExactSizeIterator + Clone
+{
 }
 
 /// The hit rate an offline-optimal cache of `capacity` achieves on `calls`:
@@ -123,14 +134,26 @@ fn next_uses(calls: &[LayerCall]) -> Vec<Vec<usize>> {
 /// under the same counting as [`replay`]. After a call wider than the
 /// capacity it keeps, of the resident and the call's experts, those used soonest.
 pub fn replay_optimal(calls: &[LayerCall], capacity: Capacity) -> CacheCounts {
+    optimal(
+        calls.iter().map(|c| (c.layer, c.experts.as_slice())),
+        capacity,
+    )
+}
+
+/// [`replay_optimal`] over a recorded [`RoutingHistory`].
+pub fn replay_optimal_history(history: &RoutingHistory, capacity: Capacity) -> CacheCounts {
+    optimal(history.iter(), capacity)
+}
+
+fn optimal<'a>(calls: impl Calls<'a>, capacity: Capacity) -> CacheCounts {
     let cap = capacity.per_partition();
-    let next = next_uses(calls);
+    let next = next_uses(calls.clone());
     // Per partition, resident experts ordered by next use (furthest last).
     let mut pools: Vec<BTreeSet<(usize, ExpertId)>> = Vec::new();
     let mut next_of: HashMap<ExpertId, usize> = HashMap::new();
     let mut counts = CacheCounts::default();
-    for (call, next) in calls.iter().zip(&next) {
-        let part = capacity.partition(call.layer);
+    for ((layer, experts), next) in calls.zip(&next) {
+        let part = capacity.partition(layer);
         if pools.len() <= part {
             pools.resize_with(part + 1, BTreeSet::new);
         }
@@ -139,10 +162,11 @@ pub fn replay_optimal(calls: &[LayerCall], capacity: Capacity) -> CacheCounts {
         // resident copy). A wider one cannot be held whole: what stays is the
         // capacity's worth of old and new experts used soonest (pinning its hits
         // instead would make the greedy choice lose to a search).
-        let fits = call.experts.len() <= cap;
+        let fits = experts.len() <= cap;
         let mut pinned = HashSet::new();
         let mut inserted = HashSet::new();
-        for (id, &n) in call.ids().zip(next) {
+        let ids = experts.iter().map(|&expert| ExpertId { layer, expert });
+        for (id, &n) in ids.zip(next) {
             counts.lookups += 1;
             if let Some(old) = next_of.insert(id, n) {
                 counts.hits += 1;
@@ -170,6 +194,75 @@ pub fn replay_optimal(calls: &[LayerCall], capacity: Capacity) -> CacheCounts {
         }
     }
     counts
+}
+
+/// A live cache's routing sequence, kept for the optimal yardstick, in flat
+/// arrays (4 bytes per expert looked up, 8 per call) and bounded: past
+/// `limit_calls` layer calls it stops recording and says so, instead of
+/// growing for as long as the engine runs.
+#[derive(Debug, Clone)]
+pub struct RoutingHistory {
+    layers: Vec<u32>,
+    /// `[call]`: end of the call's experts in `experts`.
+    ends: Vec<usize>,
+    experts: Vec<u32>,
+    limit_calls: usize,
+    overflowed: bool,
+}
+
+impl RoutingHistory {
+    /// The limit a cache records under: 2^21 layer calls, at most 80 MiB at
+    /// top-8 (about 43k tokens of a 48-layer model).
+    pub const LIMIT_CALLS: usize = 1 << 21;
+
+    pub fn with_limit(limit_calls: usize) -> Self {
+        Self {
+            layers: Vec::new(),
+            ends: Vec::new(),
+            experts: Vec::new(),
+            limit_calls,
+            overflowed: false,
+        }
+    }
+
+    /// Records one call (`experts` distinct, ascending); past the limit only
+    /// notes that the history is incomplete.
+    pub fn push(&mut self, layer: u32, experts: &[u32]) {
+        if self.layers.len() >= self.limit_calls {
+            self.overflowed = true;
+            return;
+        }
+        self.layers.push(layer);
+        self.experts.extend_from_slice(experts);
+        self.ends.push(self.experts.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    /// More calls happened than were recorded.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.clear();
+        self.ends.clear();
+        self.experts.clear();
+        self.overflowed = false;
+    }
+
+    pub fn iter(&self) -> impl Calls<'_> {
+        (0..self.layers.len()).map(move |i| {
+            let start = if i == 0 { 0 } else { self.ends[i - 1] };
+            (self.layers[i], &self.experts[start..self.ends[i]])
+        })
+    }
 }
 
 #[cfg(test)]
@@ -248,6 +341,21 @@ mod tests {
     }
 
     #[test]
+    fn routing_history_stops_at_its_limit_and_says_so() {
+        let mut h = RoutingHistory::with_limit(2);
+        h.push(0, &[1, 2]);
+        h.push(1, &[3]);
+        assert!(!h.overflowed());
+        h.push(0, &[4]);
+        assert_eq!(h.len(), 2);
+        assert!(h.overflowed());
+        let calls: Vec<(u32, Vec<u32>)> = h.iter().map(|(l, e)| (l, e.to_vec())).collect();
+        assert_eq!(calls, vec![(0, vec![1, 2]), (1, vec![3])]);
+        h.clear();
+        assert!(h.is_empty() && !h.overflowed());
+    }
+
+    #[test]
     fn zero_capacity_misses_everything() {
         let seq = calls(&[(0, &[1]), (0, &[1])]);
         let c = replay(&seq, Capacity::Global(0), PolicyKind::Lru);
@@ -306,6 +414,11 @@ mod tests {
         fn optimal_matches_brute_force(seq in random_calls(), cap in 0usize..4) {
             let min = replay_optimal(&seq, Capacity::Global(cap));
             let brute = brute_force_hits(&seq, cap, &BTreeSet::new());
+            let mut history = RoutingHistory::with_limit(seq.len());
+            for c in &seq {
+                history.push(c.layer, &c.experts);
+            }
+            proptest::prop_assert_eq!(replay_optimal_history(&history, Capacity::Global(cap)), min);
             proptest::prop_assert_eq!(min.hits, brute);
             proptest::prop_assert_eq!(min.hits + min.misses, min.lookups);
         }

@@ -262,19 +262,31 @@ impl Metrics {
 /// The expert cache's counters (only under `--expert-memory`).
 pub fn expert_cache_lines(r: &crate::experts::CacheReport) -> String {
     let mut out = String::new();
-    let lines: [(&str, &str, &str, f64); 6] = [
-        (
-            "switchyard_expert_cache_hit_rate",
-            "gauge",
-            "Expert lookups served from memory.",
-            r.counts.hit_rate(),
-        ),
-        (
+    let mut lines: Vec<(&str, &str, &str, f64)> = vec![(
+        "switchyard_expert_cache_hit_rate",
+        "gauge",
+        "Expert lookups served from memory.",
+        r.counts.hit_rate(),
+    )];
+    // A server keeps no routing history (it would grow without bound), so
+    // the optimum appears only when a report carries it.
+    if let Some(optimal) = &r.optimal {
+        lines.push((
             "switchyard_expert_cache_optimal_hit_rate",
             "gauge",
             "Belady's optimum on the same lookups and capacity.",
-            r.optimal.hit_rate(),
-        ),
+            optimal.hit_rate(),
+        ));
+    }
+    if let Some(share) = r.stand_in_share() {
+        lines.push((
+            "switchyard_expert_cache_stand_in_share",
+            "gauge",
+            "Expert lookups computed with a 4-bit stand-in (--miss-precision).",
+            share,
+        ));
+    }
+    lines.extend([
         (
             "switchyard_expert_cache_lookups_total",
             "counter",
@@ -299,7 +311,7 @@ pub fn expert_cache_lines(r: &crate::experts::CacheReport) -> String {
             "Most expert bytes resident at once.",
             r.peak_resident_bytes as f64,
         ),
-    ];
+    ]);
     for (name, kind, help, v) in lines {
         let _ = writeln!(
             out,
