@@ -303,8 +303,11 @@ proptest::proptest! {
         proptest::prop_assert_eq!(stand_ins.served, stood_in);
         proptest::prop_assert!(stand_ins.budget_bytes <= budget as u64 / 2);
         let replayed = replay(&calls, Capacity::Global(cache.capacity()), PolicyKind::Lru);
+        // Misses are not compared with the replay: a stand-in miss queues its
+        // full copy on the background reader, and when that copy lands (and
+        // what it evicts) depends on timing, so the engine's miss count can
+        // differ from a synchronous LRU replay by the copies in flight.
         proptest::prop_assert_eq!(report.counts.lookups, replayed.lookups);
-        proptest::prop_assert_eq!(report.counts.misses, replayed.misses);
     }
 }
 
