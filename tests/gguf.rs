@@ -13,6 +13,7 @@ use candle_core::{DType, Device};
 use common::{fixture, golden, golden_logits, perplexity, texts};
 use switchyard::Engine;
 use switchyard::config::ByteSize;
+use switchyard::config::family::QWEN3_MOE;
 use switchyard::experts::{ExpertMemory, MissPrecision, PolicyKind, Prefetch};
 use switchyard::generate::{ChatMessage, TextTokenizer};
 use switchyard::model::moe::Routing;
@@ -71,7 +72,7 @@ fn check_against_golden(name: &str, file: &str, max_abs: f32, max_rel_rms: f32, 
     let path = gguf_fixture(file);
     let model = Model::load(&path, &LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"));
     let g = golden(name);
-    assert_eq!(model.config().arch.model_type(), g.model_type);
+    assert_eq!(model.config().family.model_type(), g.model_type);
     for (i, p) in g.prompts.iter().enumerate() {
         let (ours, rec) = run(&model, &p.input_ids);
         let d = diff(&ours, &golden_logits(name, i));
@@ -641,7 +642,7 @@ fn k_quant_gguf_matrices_run_natively() {
     )
     .unwrap();
     drop(f);
-    let src = GgufSource::new(GgufFile::open(&path).unwrap(), None);
+    let src = GgufSource::new(GgufFile::open(&path).unwrap(), &QWEN3_MOE.names, None);
     let x = candle_core::Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu).unwrap();
     // (GGUF parts with their rows, total rows, runs on our packed kernels)
     type Case<'a> = (&'a [(&'a str, usize)], usize, bool);
@@ -665,9 +666,13 @@ fn k_quant_gguf_matrices_run_natively() {
             assert!(matches!(native.weight(), LinearWeight::Ggml { .. }));
         }
         assert_eq!(native.dims(), (rows, 256));
-        let dense = Dequantized(GgufSource::new(GgufFile::open(&path).unwrap(), None))
-            .load_linear(parts, 256, DType::F32, None)
-            .unwrap();
+        let dense = Dequantized(GgufSource::new(
+            GgufFile::open(&path).unwrap(),
+            &QWEN3_MOE.names,
+            None,
+        ))
+        .load_linear(parts, 256, DType::F32, None)
+        .unwrap();
         let (yq, yd) = (native.forward(&x).unwrap(), dense.forward(&x).unwrap());
         let rel = diff(&yq.to_vec2().unwrap(), &yd.to_vec2().unwrap()).rel_rms;
         assert!(rel < 0.01, "{parts:?}: relative RMS {rel}");

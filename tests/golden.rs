@@ -35,7 +35,7 @@ fn load(name: &str) -> Model {
 fn check_logits_and_routing(name: &str) {
     let model = load(name);
     let g = golden(name);
-    assert_eq!(model.config().arch.model_type(), g.model_type);
+    assert_eq!(model.config().family.model_type(), g.model_type);
     for (i, p) in g.prompts.iter().enumerate() {
         let mut rec = Recorder::default();
         let ours = model

@@ -10,8 +10,8 @@ use std::path::Path;
 use common::{ALL_FIXTURES, fixture, golden};
 use switchyard::config::{ByteSize, load_model_config};
 use switchyard::experts::{
-    CacheOutcome, Capacity, ExpertCache, ExpertDims, ExpertLayout, ExpertMemory, ExpertNaming,
-    ExpertProvider, ExpertReads, LayerCall, MissPrecision, PolicyKind, Prefetch, replay,
+    CacheOutcome, Capacity, ExpertCache, ExpertDims, ExpertLayout, ExpertMemory, ExpertProvider,
+    ExpertReads, LayerCall, LayerExperts, MissPrecision, PolicyKind, Prefetch, replay,
 };
 use switchyard::model::{LoadOptions, Model, NoObserver};
 use switchyard::ops::QuantKind;
@@ -198,7 +198,10 @@ fn fixture_cache_with(
     let cfg = load_model_config(&dir).unwrap();
     let files = SafetensorsFiles::open_dir(&dir).unwrap();
     let layers = (0..cfg.num_layers)
-        .map(|l| cfg.moe.sparse_layers[l].then(|| ExpertNaming::QWEN.layer(&files, l).unwrap()))
+        .map(|l| {
+            (cfg.moe.sparse_layers[l])
+                .then(|| LayerExperts::locate(&cfg.family.names, &files, l).unwrap())
+        })
         .collect();
     let layout = ExpertLayout {
         layers,

@@ -240,5 +240,5 @@ fn toml_config_overrides_preset_and_rejects_unknown_keys() {
         shared_expert_ffn: 16,
         ..base
     };
-    assert_eq!(shared.model_config().arch.model_type(), "qwen2_moe");
+    assert_eq!(shared.model_config().family.model_type(), "qwen2_moe");
 }

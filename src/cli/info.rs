@@ -60,7 +60,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     let a = &cfg.attention;
     let json = serde_json::json!({
         "model_dir": dir.display().to_string(),
-        "architecture": cfg.arch.model_type(),
+        "architecture": cfg.family.model_type(),
         "layers": cfg.num_layers,
         "moe_layers": m.num_sparse_layers(),
         "hidden_size": cfg.hidden_size,
@@ -88,7 +88,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("model:            {}", dir.display());
-    println!("architecture:     {}", cfg.arch.model_type());
+    println!("architecture:     {}", cfg.family.model_type());
     println!(
         "layers:           {} ({} MoE, {} dense)",
         cfg.num_layers,

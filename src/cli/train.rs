@@ -168,7 +168,7 @@ fn train_loop(trainer: &mut Trainer, out: &Path) -> anyhow::Result<()> {
     let counts = mcfg.parameter_counts();
     eprintln!(
         "{}: {} layers, {} experts top-{} (width {}), {:.2}M parameters ({:.2}M active)",
-        mcfg.arch.model_type(),
+        mcfg.family.model_type(),
         mcfg.num_layers,
         mcfg.moe.num_experts,
         mcfg.moe.top_k,

@@ -1,19 +1,14 @@
 //! GGUF metadata (keys as llama.cpp's `convert_hf_to_gguf.py` writes them,
 //! `{arch}.block_count`, `{arch}.expert_count`, ...) mapped to [`ModelConfig`].
 //! What the metadata does not say is read off the tensor table: which layers are
-//! sparse (`blk.N.ffn_gate_inp`), q/k/v biases, tied embeddings.
+//! sparse (`blk.N.ffn_gate_inp`), q/k/v biases, tied embeddings. What differs
+//! by family (its `general.architecture`, which keys hold the expert width) is
+//! in its [`Family`] file.
 
-use super::{Arch, AttentionConfig, ModelConfig, MoeConfig, QkNorm};
+use super::family::{FAMILIES, Family};
+use super::{AttentionConfig, ModelConfig, MoeConfig};
 use crate::error::{Error, Result};
 use crate::weights::{GgufFile, GgufSource, GgufValue, QkHeads, StoredDtype};
-
-/// `general.architecture` values and the architecture each one is.
-const GGUF_ARCHS: &[(&str, Arch)] = &[
-    ("qwen3moe", Arch::Qwen3Moe),
-    ("qwen2moe", Arch::Qwen2Moe),
-    ("llama", Arch::Mixtral),
-    ("olmoe", Arch::Olmoe),
-];
 
 use super::limits::{MAX_CONTEXT, MAX_EXPERTS};
 
@@ -139,20 +134,21 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         .ok_or_else(|| {
             Error::config(path, "missing string GGUF metadata `general.architecture`")
         })?;
-    let arch = GGUF_ARCHS
-        .iter()
-        .find(|(name, _)| *name == arch_name)
-        .map(|&(_, a)| a)
-        .ok_or_else(|| {
-            let supported: Vec<&str> = GGUF_ARCHS.iter().map(|(name, _)| *name).collect();
-            Error::config(
-                path,
-                format!(
-                    "GGUF architecture {arch_name:?} is not supported; supported: {} (llama with experts, i.e. Mixtral)",
-                    supported.join(", ")
-                ),
-            )
-        })?;
+    let family = Family::by_gguf_arch(arch_name).ok_or_else(|| {
+        let supported: Vec<String> = FAMILIES
+            .iter()
+            .map(|f| format!("{} ({})", f.gguf.arch, f.model_type()))
+            .collect();
+        Error::config(
+            path,
+            format!(
+                "GGUF architecture {arch_name:?} is not supported; supported: {}",
+                supported.join(", ")
+            ),
+        )
+    })?;
+    let keys = &family.gguf;
+    let names = &family.names;
     let m = Meta {
         file,
         arch: arch_name,
@@ -238,19 +234,26 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         )));
     }
 
+    let router = format!("{}.weight", names.router.1);
     let sparse_layers: Vec<bool> = (0..num_layers)
-        .map(|l| file.contains(&format!("blk.{l}.ffn_gate_inp.weight")))
+        .map(|l| file.contains(&format!("blk.{l}.{router}")))
         .collect();
     let first_sparse = sparse_layers
         .iter()
         .position(|&s| s)
-        .ok_or_else(|| bad("no layer has a router (`blk.N.ffn_gate_inp.weight`)".to_string()))?;
+        .ok_or_else(|| bad(format!("no layer has a router (`blk.N.{router}`)")))?;
     // The expert width: metadata where the converter writes it, else the merged tensor.
-    let expert_ffn = match m.usize_opt("expert_feed_forward_length")? {
+    let mut expert_ffn = None;
+    for key in keys.expert_ffn {
+        if let Some(w) = m.usize_opt(key)? {
+            expert_ffn = Some(w);
+            break;
+        }
+    }
+    let expert_ffn = match expert_ffn {
         Some(w) => w,
-        None if arch == Arch::Mixtral => m.usize("feed_forward_length")?,
         None => {
-            let name = format!("blk.{first_sparse}.ffn_gate_exps.weight");
+            let name = format!("blk.{first_sparse}.{}.weight", names.experts[0].1);
             file.require(&name)?
                 .shape
                 .get(1)
@@ -258,21 +261,20 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
                 .ok_or_else(|| bad(format!("tensor `{name}` should have 3 dimensions")))?
         }
     };
-    // Mixtral's and OLMoE's `feed_forward_length` is the expert width (every layer is sparse).
-    let dense_ffn = match arch {
-        Arch::Mixtral | Arch::Olmoe => 0,
-        Arch::Qwen3Moe | Arch::Qwen2Moe => m.usize_opt("feed_forward_length")?.unwrap_or(0),
+    let dense_ffn = match keys.dense_ffn {
+        Some(key) => m.usize_opt(key)?.unwrap_or(0),
+        None => 0,
     };
-    let shared_expert_ffn = if file.contains(&format!("blk.{first_sparse}.ffn_up_shexp.weight")) {
-        Some(m.usize("expert_shared_feed_forward_length")?)
-    } else {
-        None
+    let shared_up = names
+        .shared_expert
+        .map(|s| format!("blk.{first_sparse}.{}.weight", s.projections[1].1));
+    let shared_expert_ffn = match shared_up {
+        Some(name) if file.contains(&name) => Some(m.usize("expert_shared_feed_forward_length")?),
+        _ => None,
     };
-    // llama.cpp hard-codes the renormalisation per architecture (`build_moe_ffn`'s
-    // `norm_w`); some converters also write `expert_weights_norm`.
     let norm_topk_prob = m
         .bool_opt("expert_weights_norm")?
-        .unwrap_or(matches!(arch, Arch::Qwen3Moe | Arch::Mixtral));
+        .unwrap_or(keys.norm_topk_prob);
     let moe = MoeConfig {
         num_experts,
         top_k,
@@ -288,18 +290,13 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         )));
     }
 
-    let qk_norm = match arch {
-        Arch::Qwen3Moe => QkNorm::PerHead,
-        Arch::Olmoe => QkNorm::Full,
-        Arch::Mixtral | Arch::Qwen2Moe => QkNorm::None,
-    };
     let attention = AttentionConfig {
         num_heads,
         num_kv_heads,
         head_dim,
         rope_theta,
         qkv_bias: file.contains("blk.0.attn_q.bias"),
-        qk_norm,
+        qk_norm: family.attention.qk_norm,
         clip_qkv: m.f64_opt("attention.clamp_kqv")?,
     };
 
@@ -331,7 +328,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         .and_then(stored_dtype);
 
     let cfg = ModelConfig {
-        arch,
+        family,
         vocab_size,
         hidden_size,
         num_layers,
@@ -352,11 +349,10 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
 pub fn open_gguf(path: &std::path::Path) -> Result<(ModelConfig, GgufSource)> {
     let file = GgufFile::open(path)?;
     let cfg = config_from_gguf(&file)?;
-    // convert_hf_to_gguf.py permutes q/k rows into llama.cpp's interleaved rotary
-    // layout for `llama` only; the NEOX-rotary architectures are stored as-is.
-    let permuted_qk = (cfg.arch == Arch::Mixtral).then_some(QkHeads {
+    let permuted_qk = cfg.family.gguf.permuted_qk.then_some(QkHeads {
         num_heads: cfg.attention.num_heads,
         num_kv_heads: cfg.attention.num_kv_heads,
     });
-    Ok((cfg, GgufSource::new(file, permuted_qk)))
+    let family = cfg.family;
+    Ok((cfg, GgufSource::new(file, &family.names, permuted_qk)))
 }

@@ -1,12 +1,17 @@
 //! `config.json` as Hugging Face writes it, mapped to [`ModelConfig`].
 //! Field names follow the upstream `configuration_*.py` files; transformers 5
 //! renames a few (`rope_parameters`, `num_local_experts`), so both spellings load.
+//! The fields every family reads alike are the serde struct below; the ones
+//! families spell or default differently are read by the keys their
+//! [`Family`] file declares.
 
 use std::path::Path;
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
-use super::{Arch, AttentionConfig, ModelConfig, MoeConfig, QkNorm};
+use super::family::{Family, Flag, SparseLayers};
+use super::{AttentionConfig, ModelConfig, MoeConfig};
 use crate::error::{Error, Result};
 use crate::weights::StoredDtype;
 
@@ -32,10 +37,10 @@ struct RopeParameters {
     rope_type: Option<String>,
 }
 
-/// The union of the fields the supported architectures use.
+/// The fields every family reads the same way.
 #[derive(Debug, Deserialize)]
 struct HfConfig {
-    #[allow(dead_code)] // read first, by `parse_config`, to pick the architecture
+    #[allow(dead_code)] // read first, by `parse_config`, to pick the family
     model_type: String,
     vocab_size: usize,
     hidden_size: usize,
@@ -49,20 +54,9 @@ struct HfConfig {
     rope_parameters: Option<RopeParameters>,
     rope_scaling: Option<RopeParameters>,
     tie_word_embeddings: Option<bool>,
-    attention_bias: Option<bool>,
-    qkv_bias: Option<bool>,
     clip_qkv: Option<f64>,
-    use_sliding_window: Option<bool>,
     sliding_window: Option<usize>,
-    intermediate_size: Option<usize>,
-    moe_intermediate_size: Option<usize>,
-    shared_expert_intermediate_size: Option<usize>,
-    num_experts: Option<usize>,
-    num_local_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
-    norm_topk_prob: Option<bool>,
-    decoder_sparse_step: Option<usize>,
-    mlp_only_layers: Option<Vec<usize>>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
     torch_dtype: Option<String>,
@@ -131,16 +125,52 @@ pub fn parse_config(text: &str, path: &Path) -> Result<ModelConfig> {
         .get("model_type")
         .and_then(|v| v.as_str())
         .ok_or_else(|| Error::config(path, "missing string field `model_type`"))?;
-    let arch = Arch::from_model_type(model_type).ok_or_else(|| Error::UnknownArchitecture {
+    let family = Family::by_model_type(model_type).ok_or_else(|| Error::UnknownArchitecture {
         found: model_type.to_string(),
-        supported: Arch::ALL.iter().map(|a| a.model_type()).collect(),
+        supported: Family::supported_model_types(),
     })?;
     let raw: HfConfig = from_json(text, path)?;
-    map_config(arch, raw, path)
+    let keyed = Keyed { json: &probe, path };
+    map_config(family, raw, &keyed, path)
 }
 
-fn map_config(arch: Arch, raw: HfConfig, path: &Path) -> Result<ModelConfig> {
+/// `config.json` read by the keys a family file names.
+struct Keyed<'a> {
+    json: &'a serde_json::Value,
+    path: &'a Path,
+}
+
+impl Keyed<'_> {
+    /// The value of the first of `keys` present and not null; every one
+    /// present must have the type.
+    fn get<T: DeserializeOwned>(&self, keys: &[&str]) -> Result<Option<T>> {
+        let mut first = None;
+        for key in keys {
+            let Some(value) = self.json.get(key) else {
+                continue;
+            };
+            let parsed: Option<T> = serde_json::from_value(value.clone())
+                .map_err(|e| Error::config(self.path, format!("field `{key}`: {e}")))?;
+            if first.is_none() {
+                first = parsed;
+            }
+        }
+        Ok(first)
+    }
+
+    fn flag(&self, flag: Flag) -> Result<bool> {
+        Ok(self.get(flag.keys)?.unwrap_or(flag.default))
+    }
+}
+
+fn map_config(
+    family: &'static Family,
+    raw: HfConfig,
+    keyed: &Keyed<'_>,
+    path: &Path,
+) -> Result<ModelConfig> {
     let bad = |reason: String| Error::config(path, reason);
+    let keys = &family.hf;
     let require = |value: Option<usize>, field: &str| {
         value.ok_or_else(|| Error::config(path, format!("missing field `{field}`")))
     };
@@ -159,13 +189,20 @@ fn map_config(arch: Arch, raw: HfConfig, path: &Path) -> Result<ModelConfig> {
         .and_then(|r| r.rope_theta)
         .or(raw.rope_theta)
         .ok_or_else(|| bad("missing `rope_theta` (or `rope_parameters.rope_theta`)".into()))?;
-    if raw.use_sliding_window == Some(true) && raw.sliding_window.is_some() {
-        return Err(bad("sliding-window attention is not supported".into()));
-    }
-    if arch == Arch::Mixtral && raw.sliding_window.is_some() {
-        return Err(bad(
-            "sliding-window attention is not supported (`sliding_window` is set)".into(),
-        ));
+    if raw.sliding_window.is_some() {
+        match keys.sliding_window_switch {
+            Some(switch) if keyed.get::<bool>(&[switch])? == Some(true) => {
+                return Err(bad(format!(
+                    "sliding-window attention is not supported (`{switch}` is true)"
+                )));
+            }
+            Some(_) => {}
+            None => {
+                return Err(bad(
+                    "sliding-window attention is not supported (`sliding_window` is set)".into(),
+                ));
+            }
+        }
     }
 
     let num_heads = raw.num_attention_heads;
@@ -182,51 +219,24 @@ fn map_config(arch: Arch, raw: HfConfig, path: &Path) -> Result<ModelConfig> {
         )));
     }
 
-    let num_experts = require(raw.num_experts.or(raw.num_local_experts), "num_experts")?;
+    let required = |keys: &[&str]| -> Result<usize> {
+        keyed.get(keys)?.ok_or_else(|| {
+            let names: Vec<String> = keys.iter().map(|k| format!("`{k}`")).collect();
+            bad(format!("missing field {}", names.join(" or ")))
+        })
+    };
+    let num_experts = required(keys.num_experts)?;
     let top_k = require(raw.num_experts_per_tok, "num_experts_per_tok")?;
     if top_k == 0 || top_k > num_experts {
         return Err(bad(format!(
             "num_experts_per_tok ({top_k}) must be between 1 and num_experts ({num_experts})"
         )));
     }
-
-    let (expert_ffn, dense_ffn, qk_norm, qkv_bias, norm_topk_prob, shared_expert_ffn) = match arch {
-        Arch::Qwen3Moe => (
-            require(raw.moe_intermediate_size, "moe_intermediate_size")?,
-            raw.intermediate_size.unwrap_or(0),
-            QkNorm::PerHead,
-            raw.attention_bias.unwrap_or(false),
-            raw.norm_topk_prob.unwrap_or(false),
-            None,
-        ),
-        // Mixtral's softmax runs over the top-k logits only, which equals a full
-        // softmax followed by renormalising the top-k.
-        Arch::Mixtral => (
-            require(raw.intermediate_size, "intermediate_size")?,
-            0,
-            QkNorm::None,
-            false,
-            true,
-            None,
-        ),
-        // Qwen2 always has q/k/v biases.
-        Arch::Qwen2Moe => (
-            require(raw.moe_intermediate_size, "moe_intermediate_size")?,
-            raw.intermediate_size.unwrap_or(0),
-            QkNorm::None,
-            raw.qkv_bias.unwrap_or(true),
-            raw.norm_topk_prob.unwrap_or(false),
-            raw.shared_expert_intermediate_size.filter(|&w| w > 0),
-        ),
-        Arch::Olmoe => (
-            require(raw.intermediate_size, "intermediate_size")?,
-            0,
-            QkNorm::Full,
-            raw.attention_bias.unwrap_or(false),
-            raw.norm_topk_prob.unwrap_or(false),
-            None,
-        ),
-    };
+    let expert_ffn = required(keys.expert_ffn)?;
+    let dense_ffn = keyed.get(keys.dense_ffn)?.unwrap_or(0);
+    let shared_expert_ffn = keyed
+        .get(keys.shared_expert_ffn)?
+        .filter(|&w: &usize| w > 0);
 
     // Before the per-layer table below is allocated from it.
     super::limits::check_size(
@@ -235,27 +245,27 @@ fn map_config(arch: Arch, raw: HfConfig, path: &Path) -> Result<ModelConfig> {
         super::limits::MAX_LAYERS,
     )
     .map_err(bad)?;
-    let sparse_layers = match arch {
-        Arch::Qwen3Moe | Arch::Qwen2Moe => {
-            let step = raw.decoder_sparse_step.unwrap_or(1);
-            let dense = raw.mlp_only_layers.clone().unwrap_or_default();
-            if let Some(&l) = dense.iter().find(|&&l| l >= raw.num_hidden_layers) {
+    let sparse_layers = match keys.sparse_layers {
+        SparseLayers::Step { step, dense } => {
+            let step = keyed.get::<usize>(&[step])?.unwrap_or(1);
+            let dense_layers = keyed.get::<Vec<usize>>(&[dense])?.unwrap_or_default();
+            if let Some(&l) = dense_layers.iter().find(|&&l| l >= raw.num_hidden_layers) {
                 return Err(bad(format!(
-                    "mlp_only_layers names layer {l}, but the model has {} layers",
+                    "{dense} names layer {l}, but the model has {} layers",
                     raw.num_hidden_layers
                 )));
             }
             (0..raw.num_hidden_layers)
-                .map(|l| !dense.contains(&l) && step > 0 && (l + 1) % step == 0)
+                .map(|l| !dense_layers.contains(&l) && step > 0 && (l + 1) % step == 0)
                 .collect()
         }
-        Arch::Mixtral | Arch::Olmoe => vec![true; raw.num_hidden_layers],
+        SparseLayers::All => vec![true; raw.num_hidden_layers],
     };
     let moe = MoeConfig {
         num_experts,
         top_k,
         expert_ffn,
-        norm_topk_prob,
+        norm_topk_prob: keyed.flag(keys.norm_topk_prob)?,
         shared_expert_ffn,
         sparse_layers,
         dense_ffn,
@@ -274,7 +284,7 @@ fn map_config(arch: Arch, raw: HfConfig, path: &Path) -> Result<ModelConfig> {
     };
 
     let cfg = ModelConfig {
-        arch,
+        family,
         vocab_size: raw.vocab_size,
         hidden_size: raw.hidden_size,
         num_layers: raw.num_hidden_layers,
@@ -286,8 +296,8 @@ fn map_config(arch: Arch, raw: HfConfig, path: &Path) -> Result<ModelConfig> {
             num_kv_heads,
             head_dim,
             rope_theta,
-            qkv_bias,
-            qk_norm,
+            qkv_bias: keyed.flag(keys.qkv_bias)?,
+            qk_norm: family.attention.qk_norm,
             clip_qkv: raw.clip_qkv,
         },
         moe,
@@ -303,7 +313,7 @@ fn map_config(arch: Arch, raw: HfConfig, path: &Path) -> Result<ModelConfig> {
 }
 
 /// `config.json` for a model Switchyard trained, with the fields transformers 5
-/// writes for `qwen3_moe` / `qwen2_moe` (the only architectures `train` emits).
+/// writes for its family (`qwen3_moe` / `qwen2_moe`: those with an `export`).
 /// Every layer is sparse; `intermediate_size` is required by transformers but unused.
 pub fn to_hf_json(cfg: &ModelConfig) -> Result<serde_json::Value> {
     let a = &cfg.attention;
@@ -319,7 +329,7 @@ pub fn to_hf_json(cfg: &ModelConfig) -> Result<serde_json::Value> {
         _ => "float32",
     };
     let mut json = serde_json::json!({
-        "model_type": cfg.arch.model_type(),
+        "model_type": cfg.family.model_type(),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
@@ -352,38 +362,12 @@ pub fn to_hf_json(cfg: &ModelConfig) -> Result<serde_json::Value> {
     let obj = json
         .as_object_mut()
         .ok_or_else(|| Error::InvalidInput("config JSON is not an object".into()))?;
-    match cfg.arch {
-        Arch::Qwen3Moe => {
-            obj.insert(
-                "architectures".into(),
-                serde_json::json!(["Qwen3MoeForCausalLM"]),
-            );
-            obj.insert("attention_bias".into(), a.qkv_bias.into());
-            obj.insert("num_local_experts".into(), m.num_experts.into());
-        }
-        Arch::Qwen2Moe => {
-            obj.insert(
-                "architectures".into(),
-                serde_json::json!(["Qwen2MoeForCausalLM"]),
-            );
-            obj.insert("qkv_bias".into(), a.qkv_bias.into());
-            obj.insert("num_experts".into(), m.num_experts.into());
-            obj.insert(
-                "shared_expert_intermediate_size".into(),
-                m.shared_expert_ffn.unwrap_or(0).into(),
-            );
-            obj.insert(
-                "layer_types".into(),
-                serde_json::json!(vec!["full_attention"; cfg.num_layers]),
-            );
-            obj.insert("max_window_layers".into(), cfg.num_layers.into());
-        }
-        other => {
-            return Err(Error::InvalidInput(format!(
-                "to_hf_json: {} is not an architecture train writes",
-                other.model_type()
-            )));
-        }
-    }
+    let export = cfg.family.hf.export.ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "to_hf_json: {} is not a family train writes",
+            cfg.family.model_type()
+        ))
+    })?;
+    export(cfg, obj);
     Ok(json)
 }

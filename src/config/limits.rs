@@ -91,11 +91,12 @@ pub fn validate(cfg: &ModelConfig) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Arch, AttentionConfig, MoeConfig, QkNorm};
+    use crate::config::family::QWEN2_MOE;
+    use crate::config::{AttentionConfig, MoeConfig, QkNorm};
 
     fn largest() -> ModelConfig {
         ModelConfig {
-            arch: Arch::Qwen2Moe,
+            family: &QWEN2_MOE,
             vocab_size: MAX_VOCAB,
             hidden_size: MAX_HIDDEN,
             num_layers: MAX_LAYERS,

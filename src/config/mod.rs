@@ -2,44 +2,20 @@
 //! and validated at load.
 //! Nothing downstream reads JSON again.
 
+pub mod family;
 mod gguf;
 mod hf;
 pub mod limits;
 mod params;
 mod size;
 
+pub use family::{FAMILIES, Family};
 pub use gguf::{config_from_gguf, open_gguf};
 pub use hf::{load_model_config, parse_config, to_hf_json};
 pub use params::ParameterCounts;
 pub use size::{ByteSize, format_bytes};
 
 use crate::weights::StoredDtype;
-
-/// The architectures Switchyard runs, by their Hugging Face `model_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    Qwen3Moe,
-    Mixtral,
-    Qwen2Moe,
-    Olmoe,
-}
-
-impl Arch {
-    pub const ALL: [Arch; 4] = [Arch::Qwen3Moe, Arch::Mixtral, Arch::Qwen2Moe, Arch::Olmoe];
-
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Arch::Qwen3Moe => "qwen3_moe",
-            Arch::Mixtral => "mixtral",
-            Arch::Qwen2Moe => "qwen2_moe",
-            Arch::Olmoe => "olmoe",
-        }
-    }
-
-    pub fn from_model_type(model_type: &str) -> Option<Arch> {
-        Arch::ALL.into_iter().find(|a| a.model_type() == model_type)
-    }
-}
 
 /// Where the query/key RMS-norms sit, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +75,7 @@ impl MoeConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
-    pub arch: Arch,
+    pub family: &'static Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_layers: usize,

@@ -1,8 +1,8 @@
 //! Where routed experts' weights live. The MoE block asks an
 //! [`ExpertProvider`] for each layer call's experts, so that a store backed by
 //! disk and an expert cache can replace the all-resident one without changing
-//! the model. Expert tensor naming lives here too (`naming`), as data the
-//! architecture files fill in.
+//! the model. Locating a layer's experts by the family's tensor names lives
+//! here too (`naming`).
 
 mod cache;
 mod memory;
@@ -17,7 +17,7 @@ mod store;
 
 pub use cache::{ExpertCache, ExpertReads};
 pub use memory::{ExpertMemory, MissPrecision, Prefetch};
-pub use naming::{ExpertDims, ExpertLayout, ExpertNaming, LayerExperts};
+pub use naming::{ExpertDims, ExpertLayout, LayerExperts, moe_prefix};
 pub use outcome::CacheOutcome;
 pub use policy::{Admission, CachePolicy, Lfu, Lru, PolicyKind};
 pub use provider::{CallExperts, ExpertProvider};

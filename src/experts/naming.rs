@@ -1,6 +1,6 @@
-//! How checkpoints name routed experts' tensors, as data an architecture file
-//! fills in, and the one loader that turns those names into an expert's
-//! [`Ffn`]. Living here (not in `model/`) lets an expert provider read a single
+//! Routed experts located by the family's [`MoeNames`] (data its
+//! architecture file declares), and the one loader that turns those names into
+//! an expert's [`Ffn`]. Living here (not in `model/`) lets an expert provider read a single
 //! expert long after the model was built, without knowing the architecture.
 //! GGUF's merged `ffn_*_exps` tensors are reached through the same Hugging Face
 //! names: `weights::gguf_source` slices one expert out of them.
@@ -10,61 +10,28 @@ use candle_core::DType;
 use super::ExpertId;
 use crate::error::{Error, Result};
 use crate::ops::{Ffn, Linear};
-use crate::weights::TensorSource;
+use crate::weights::{MoeNames, TensorSource};
 
-/// An architecture's expert tensor names under `model.layers.{l}.`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExpertNaming {
-    /// Module holding the router (`{module}.gate.weight`) and the experts;
-    /// alternatives in the order tried (transformers 5 renamed some of them).
-    pub moe_modules: &'static [&'static str],
-    /// Per-expert projections under `{module}.experts.{e}.`: gate, up, down
-    /// (each `{name}.weight`).
-    pub projections: [&'static str; 3],
-    /// Fused 3-D tensors under `{module}.experts.` (transformers 5): gate-up
-    /// `[E, 2 * ffn, hidden]` (gate rows first) and down `[E, hidden, ffn]`.
-    pub fused: [&'static str; 2],
-}
-
-impl ExpertNaming {
-    /// Qwen-style names: `mlp.experts.{e}.{gate,up,down}_proj`.
-    pub const QWEN: ExpertNaming = ExpertNaming {
-        moe_modules: &["mlp"],
-        projections: ["gate_proj", "up_proj", "down_proj"],
-        fused: ["gate_up_proj", "down_proj"],
-    };
-
-    /// The MoE module prefix of `layer` in `src` (`model.layers.{l}.{module}`),
-    /// the first alternative whose router exists.
-    pub fn moe_prefix(&self, src: &dyn TensorSource, layer: usize) -> Result<String> {
-        let candidates: Vec<String> = self
-            .moe_modules
-            .iter()
-            .map(|m| format!("model.layers.{layer}.{m}"))
-            .collect();
-        candidates
-            .iter()
-            .find(|p| src.contains(&format!("{p}.gate.weight")))
-            .cloned()
-            .ok_or_else(|| Error::MissingTensor {
-                name: format!(
-                    "{}.gate.weight",
-                    candidates.first().map_or("?", String::as_str)
-                ),
-                hint: " (the MoE router of this layer)".to_string(),
-            })
-    }
-
-    /// Where `layer`'s experts are in `src`.
-    pub fn layer(&self, src: &dyn TensorSource, layer: usize) -> Result<LayerExperts> {
-        let prefix = self.moe_prefix(src, layer)?;
-        let fused = src.contains(&format!("{prefix}.experts.{}", self.fused[0]));
-        Ok(LayerExperts {
-            prefix,
-            fused,
-            naming: *self,
+/// The MoE module prefix of `layer` in `src` (`model.layers.{l}.{module}`):
+/// the first of the family's alternatives whose router exists.
+pub fn moe_prefix(names: &MoeNames, src: &dyn TensorSource, layer: usize) -> Result<String> {
+    let router = names.router.0;
+    let candidates: Vec<String> = names
+        .modules
+        .iter()
+        .map(|m| format!("model.layers.{layer}.{m}"))
+        .collect();
+    candidates
+        .iter()
+        .find(|p| src.contains(&format!("{p}.{router}.weight")))
+        .cloned()
+        .ok_or_else(|| Error::MissingTensor {
+            name: format!(
+                "{}.{router}.weight",
+                candidates.first().map_or("?", String::as_str)
+            ),
+            hint: " (the MoE router of this layer)".to_string(),
         })
-    }
 }
 
 /// One MoE layer's experts located in a checkpoint.
@@ -74,7 +41,7 @@ pub struct LayerExperts {
     pub prefix: String,
     /// Stored as the fused 3-D tensors rather than per expert.
     pub fused: bool,
-    naming: ExpertNaming,
+    names: &'static MoeNames,
 }
 
 /// The shapes every routed expert of a model has.
@@ -86,21 +53,32 @@ pub struct ExpertDims {
 }
 
 impl LayerExperts {
+    /// Where `layer`'s experts are in `src`.
+    pub fn locate(names: &'static MoeNames, src: &dyn TensorSource, layer: usize) -> Result<Self> {
+        let prefix = moe_prefix(names, src, layer)?;
+        let fused = src.contains(&format!("{prefix}.experts.{}", names.fused[0]));
+        Ok(LayerExperts {
+            prefix,
+            fused,
+            names,
+        })
+    }
+
     /// The Hugging Face names of expert `e`'s gate, up and down matrices, or of
     /// the fused tensors holding it.
     pub fn tensor_names(&self, e: usize) -> Vec<String> {
         let p = &self.prefix;
         if self.fused {
-            self.naming
+            self.names
                 .fused
                 .iter()
                 .map(|n| format!("{p}.experts.{n}"))
                 .collect()
         } else {
-            self.naming
-                .projections
+            self.names
+                .experts
                 .iter()
-                .map(|n| format!("{p}.experts.{e}.{n}.weight"))
+                .map(|(n, _)| format!("{p}.experts.{e}.{n}.weight"))
                 .collect()
         }
     }
@@ -176,17 +154,24 @@ impl ExpertLayout {
 mod tests {
     use super::*;
 
+    const MIXTRAL_LIKE: MoeNames = MoeNames {
+        modules: &["block_sparse_moe", "mlp"],
+        router: ("gate", "ffn_gate_inp"),
+        experts: [
+            ("w1", "ffn_gate_exps"),
+            ("w3", "ffn_up_exps"),
+            ("w2", "ffn_down_exps"),
+        ],
+        fused: ["gate_up_proj", "down_proj"],
+        shared_expert: None,
+    };
+
     #[test]
     fn names_per_expert_and_fused_tensors() {
-        let mixtral = ExpertNaming {
-            moe_modules: &["block_sparse_moe", "mlp"],
-            projections: ["w1", "w3", "w2"],
-            ..ExpertNaming::QWEN
-        };
         let per = LayerExperts {
             prefix: "model.layers.2.block_sparse_moe".into(),
             fused: false,
-            naming: mixtral,
+            names: &MIXTRAL_LIKE,
         };
         assert_eq!(
             per.tensor_names(5),
@@ -199,7 +184,7 @@ mod tests {
         let fused = LayerExperts {
             prefix: "model.layers.0.mlp".into(),
             fused: true,
-            naming: ExpertNaming::QWEN,
+            names: &MIXTRAL_LIKE,
         };
         assert_eq!(
             fused.tensor_names(3),

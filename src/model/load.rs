@@ -9,18 +9,18 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
 use super::Model;
-use super::arch::{Wiring, wiring};
 use super::attention::Attention;
 use super::layer::{DecoderLayer, LayerFfn};
 use super::moe::{ExpertTopP, MoeBlock, NextRouter, RouterConfig, SharedExpert};
+use crate::config::family::NormPlacement;
 use crate::config::{ModelConfig, QkNorm};
 use crate::error::{Error, Result};
 use crate::experts::{
     ExpertCache, ExpertDims, ExpertLayout, ExpertMemory, ExpertProvider, ExpertReads, ExpertStore,
-    Prefetch,
+    LayerExperts, Prefetch, moe_prefix,
 };
 use crate::ops::{Ffn, Linear, QuantKind, RmsNorm, RopeTable};
-use crate::weights::TensorSource;
+use crate::weights::{MoeNames, TensorSource};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -56,7 +56,8 @@ struct Loader<'a> {
     dtype: DType,
     quant: Option<QuantKind>,
     expert_top_p: Option<ExpertTopP>,
-    wiring: &'static Wiring,
+    /// The family's MoE tensor names.
+    names: &'static MoeNames,
 }
 
 pub(super) fn build(
@@ -70,7 +71,7 @@ pub(super) fn build(
         dtype: opts.dtype,
         quant: opts.quant,
         expert_top_p: opts.expert_top_p,
-        wiring: wiring(cfg.arch),
+        names: &cfg.family.names,
     };
     let bar = progress_bar(opts.progress, cfg.num_layers);
     let h = cfg.hidden_size;
@@ -242,7 +243,7 @@ impl Loader<'_> {
     }
 
     fn moe_prefix(&self, l: usize) -> Result<String> {
-        self.wiring.experts.moe_prefix(self.src, l)
+        moe_prefix(self.names, self.src, l)
     }
 
     /// Where every MoE layer's experts are in the source.
@@ -251,7 +252,7 @@ impl Loader<'_> {
         let layers = (0..self.cfg.num_layers)
             .map(|l| {
                 m.sparse_layers[l]
-                    .then(|| self.wiring.experts.layer(self.src, l))
+                    .then(|| LayerExperts::locate(self.names, self.src, l))
                     .transpose()
             })
             .collect::<Result<_>>()?;
@@ -340,22 +341,29 @@ impl Loader<'_> {
         let p = format!("model.layers.{l}");
         let ffn = if m.sparse_layers[l] {
             let prefix = self.moe_prefix(l)?;
-            let shared = match m.shared_expert_ffn {
-                Some(width) => Some(SharedExpert {
+            let shared = match (m.shared_expert_ffn, self.names.shared_expert) {
+                (Some(width), Some(names)) => Some(SharedExpert {
                     ffn: self
                         .ffn(
-                            &format!("{prefix}.shared_expert"),
-                            ["gate_proj", "up_proj", "down_proj"],
+                            &format!("{prefix}.{}", names.module),
+                            names.projections.map(|(hf, _)| hf),
                             width,
                         )?
                         .quantize_opt(self.quant)?,
-                    gate: self.linear(&format!("{prefix}.shared_expert_gate"), 1, h, false)?,
+                    gate: self.linear(&format!("{prefix}.{}", names.gate.0), 1, h, false)?,
                 }),
-                None => None,
+                (Some(_), None) => {
+                    return Err(Error::InvalidInput(format!(
+                        "the configuration has a shared expert, but {} names none",
+                        self.cfg.family.model_type()
+                    )));
+                }
+                (None, _) => None,
             };
-            let router = self.linear(&format!("{prefix}.gate"), m.num_experts, h, false)?;
+            let router_name = format!("{prefix}.{}", self.names.router.0);
+            let router = self.linear(&router_name, m.num_experts, h, false)?;
             if let Some(w) = router.dense_weight() {
-                self.finite(&format!("{prefix}.gate.weight"), w.clone())?;
+                self.finite(&format!("{router_name}.weight"), w.clone())?;
             }
             LayerFfn::Moe(MoeBlock::new(
                 l,
@@ -378,11 +386,14 @@ impl Loader<'_> {
                 .quantize_opt(self.quant)?,
             )
         };
-        Ok(DecoderLayer {
-            input_norm: self.norm(&format!("{p}.input_layernorm.weight"), h)?,
-            attention: self.attention(l)?,
-            post_attention_norm: self.norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
-            ffn,
-        })
+        match self.cfg.family.norm {
+            NormPlacement::Pre => Ok(DecoderLayer {
+                input_norm: self.norm(&format!("{p}.input_layernorm.weight"), h)?,
+                attention: self.attention(l)?,
+                post_attention_norm: self
+                    .norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                ffn,
+            }),
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The MoE transformer: embedding, decoder layers (attention + dense MLP or MoE
-//! block), final norm, output projection. Architectures differ only in wiring.
+//! block), final norm, output projection. Families differ only in the data
+//! their `config::family` file declares.
 
-pub mod arch;
 mod attention;
 mod batch;
 mod check;

@@ -15,8 +15,8 @@ use safetensors::tensor::View;
 
 use crate::config::load_model_config;
 use crate::error::{Error, Result};
-use crate::model::arch::wiring;
-use crate::weights::{GgufFile, SafetensorsFiles, StoredDtype};
+use crate::experts::moe_prefix;
+use crate::weights::{GgufFile, MoeNames, SafetensorsFiles, StoredDtype};
 
 /// Which experts each MoE layer keeps (original ids, ascending).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,11 +83,6 @@ pub struct PruneSummary {
     pub copied: Vec<String>,
 }
 
-/// The config fields that hold the routed-expert count, by family: Qwen and
-/// OLMoE write `num_experts`, Mixtral (and transformers 5 for Qwen3-MoE)
-/// `num_local_experts`, DeepSeek-style configs `n_routed_experts`.
-const EXPERT_COUNT_FIELDS: [&str; 3] = ["num_experts", "num_local_experts", "n_routed_experts"];
-
 /// Files that travel with the weights unchanged.
 const COMPANION_FILES: [&str; 10] = [
     "tokenizer.json",
@@ -138,13 +133,14 @@ pub fn write_pruned(
     let keep = plan.keep_per_layer();
     let top_k_after = config.moe.top_k.min(keep);
     let config_path = src.join("config.json");
-    let new_config = rewrite_config(&config_path, keep, top_k_after)?;
+    let expert_count_keys = config.family.hf.num_experts;
+    let new_config = rewrite_config(&config_path, expert_count_keys, keep, top_k_after)?;
 
     let files = SafetensorsFiles::open_dir(src)?;
-    let naming = &wiring(config.arch).experts;
+    let names = &config.family.names;
     let mut prefixes = HashMap::new();
     for &l in &moe_layers {
-        prefixes.insert(l, naming.moe_prefix(&files, l)?);
+        prefixes.insert(l, moe_prefix(names, &files, l)?);
     }
     let mut names: Vec<&str> = files.names().collect();
     names.sort_unstable();
@@ -158,7 +154,10 @@ pub fn write_pruned(
         let bytes = files.bytes(name)?;
         bytes_before += bytes.len() as u64;
         let cut = match moe_part(name, &prefixes) {
-            Some((layer, rest)) => cut_tensor(name, rest, plan.kept(layer).unwrap_or(&[]), plan)?,
+            Some((layer, rest)) => {
+                let kept = plan.kept(layer).unwrap_or(&[]);
+                cut_tensor(name, rest, kept, plan, &config.family.names)?
+            }
             None => Cut::Copy,
         };
         let view = match cut {
@@ -293,8 +292,18 @@ fn moe_part<'n>(name: &'n str, prefixes: &HashMap<usize, String>) -> Option<(usi
     Some((layer, rest))
 }
 
-fn cut_tensor<'a>(name: &str, rest: &str, kept: &'a [u32], plan: &PrunePlan) -> Result<Cut<'a>> {
-    if rest.starts_with("shared_expert") {
+fn cut_tensor<'a>(
+    name: &str,
+    rest: &str,
+    kept: &'a [u32],
+    plan: &PrunePlan,
+    names: &MoeNames,
+) -> Result<Cut<'a>> {
+    // The shared expert and its gate (`shared_expert.*`, `shared_expert_gate.*`).
+    if names
+        .shared_expert
+        .is_some_and(|s| rest.starts_with(s.module) || rest.starts_with(s.gate.0))
+    {
         return Ok(Cut::Copy);
     }
     if let Some(tail) = rest.strip_prefix("experts.") {
@@ -311,7 +320,10 @@ fn cut_tensor<'a>(name: &str, rest: &str, kept: &'a [u32], plan: &PrunePlan) -> 
         // A fused stack `[E, ...]` of every expert.
         return Ok(Cut::Rows(kept));
     }
-    if rest.starts_with("gate.") {
+    if rest
+        .strip_prefix(names.router.0)
+        .is_some_and(|r| r.starts_with('.'))
+    {
         // Router weight `[E, hidden]`, and any per-expert bias beside it.
         return Ok(Cut::Rows(kept));
     }
@@ -323,7 +335,7 @@ fn cut_tensor<'a>(name: &str, rest: &str, kept: &'a [u32], plan: &PrunePlan) -> 
 
 /// `config.json` with the expert count (under the family's own field) and
 /// `num_experts_per_tok` rewritten; every other field as it was.
-fn rewrite_config(path: &Path, keep: usize, top_k: usize) -> Result<String> {
+fn rewrite_config(path: &Path, count_keys: &[&str], keep: usize, top_k: usize) -> Result<String> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::config(path, format!("invalid JSON: {e}")))?;
@@ -331,7 +343,7 @@ fn rewrite_config(path: &Path, keep: usize, top_k: usize) -> Result<String> {
         .as_object_mut()
         .ok_or_else(|| Error::config(path, "not a JSON object"))?;
     let mut found = false;
-    for field in EXPERT_COUNT_FIELDS {
+    for &field in count_keys {
         if obj.get(field).is_some_and(|v| !v.is_null()) {
             obj.insert(field.to_string(), keep.into());
             found = true;
@@ -342,7 +354,7 @@ fn rewrite_config(path: &Path, keep: usize, top_k: usize) -> Result<String> {
             path,
             format!(
                 "no expert count field ({}) to rewrite",
-                EXPERT_COUNT_FIELDS.join(", ")
+                count_keys.join(", ")
             ),
         ));
     }

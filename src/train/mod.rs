@@ -24,7 +24,8 @@ pub use vars::{RandomLike, VarStore};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Arch, AttentionConfig, ModelConfig, MoeConfig, QkNorm, format_bytes};
+use crate::config::family::{QWEN2_MOE, QWEN3_MOE};
+use crate::config::{AttentionConfig, ModelConfig, MoeConfig, format_bytes};
 use crate::error::{Error, Result};
 use crate::weights::StoredDtype;
 
@@ -298,17 +299,13 @@ impl TrainConfig {
     /// shared expert, `qwen3_moe` otherwise.
     pub fn model_config(&self) -> ModelConfig {
         let shared = (self.shared_expert_ffn > 0).then_some(self.shared_expert_ffn);
-        let arch = if shared.is_some() {
-            Arch::Qwen2Moe
+        let family = if shared.is_some() {
+            &QWEN2_MOE
         } else {
-            Arch::Qwen3Moe
-        };
-        let (qk_norm, qkv_bias) = match arch {
-            Arch::Qwen2Moe => (QkNorm::None, true),
-            _ => (QkNorm::PerHead, false),
+            &QWEN3_MOE
         };
         ModelConfig {
-            arch,
+            family,
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
             num_layers: self.num_layers,
@@ -320,8 +317,8 @@ impl TrainConfig {
                 num_kv_heads: self.num_kv_heads,
                 head_dim: self.head_dim,
                 rope_theta: self.rope_theta,
-                qkv_bias,
-                qk_norm,
+                qkv_bias: family.hf.qkv_bias.default,
+                qk_norm: family.attention.qk_norm,
                 clip_qkv: None,
             },
             moe: MoeConfig {

@@ -1,6 +1,6 @@
 //! A GGUF file as a [`TensorSource`]. The model asks for Hugging Face names;
-//! this translates them with one table (the names llama.cpp's gguf-py
-//! `tensor_mapping.py` gives them), slices each routed expert out of the merged
+//! this translates them with the family's [`MoeNames`] and the shared table in
+//! `names` (llama.cpp's gguf-py `tensor_mapping.py`), slices each routed expert out of the merged
 //! 3-D `ffn_*_exps` tensors, and undoes the q/k row permutation that
 //! `convert_hf_to_gguf.py` applies for the `llama` architecture.
 
@@ -11,104 +11,10 @@ use candle_core::{DType, Tensor};
 
 use super::TensorSource;
 use super::gguf::{GgufFile, GgufTensorInfo, decode, to_qtensor};
+use super::names::{GgufLocation, MoeNames};
 use super::source::{Reopened, load_stacked};
 use crate::error::{Error, Result};
 use crate::ops::Linear;
-
-/// Hugging Face name -> GGUF name, for tensors outside the decoder layers.
-pub const GLOBAL_NAMES: &[(&str, &str)] = &[
-    ("model.embed_tokens.weight", "token_embd.weight"),
-    ("model.norm.weight", "output_norm.weight"),
-    ("lm_head.weight", "output.weight"),
-];
-
-/// Hugging Face name under `model.layers.{l}.` -> GGUF name under `blk.{l}.`.
-pub const LAYER_NAMES: &[(&str, &str)] = &[
-    ("input_layernorm.weight", "attn_norm.weight"),
-    ("post_attention_layernorm.weight", "ffn_norm.weight"),
-    ("self_attn.q_proj.weight", "attn_q.weight"),
-    ("self_attn.k_proj.weight", "attn_k.weight"),
-    ("self_attn.v_proj.weight", "attn_v.weight"),
-    ("self_attn.q_proj.bias", "attn_q.bias"),
-    ("self_attn.k_proj.bias", "attn_k.bias"),
-    ("self_attn.v_proj.bias", "attn_v.bias"),
-    ("self_attn.o_proj.weight", "attn_output.weight"),
-    ("self_attn.q_norm.weight", "attn_q_norm.weight"),
-    ("self_attn.k_norm.weight", "attn_k_norm.weight"),
-    // Router.
-    ("mlp.gate.weight", "ffn_gate_inp.weight"),
-    ("block_sparse_moe.gate.weight", "ffn_gate_inp.weight"),
-    // Qwen2-MoE shared expert and its sigmoid gate (stored 1-D: `[hidden]`).
-    (
-        "mlp.shared_expert.gate_proj.weight",
-        "ffn_gate_shexp.weight",
-    ),
-    ("mlp.shared_expert.up_proj.weight", "ffn_up_shexp.weight"),
-    (
-        "mlp.shared_expert.down_proj.weight",
-        "ffn_down_shexp.weight",
-    ),
-    ("mlp.shared_expert_gate.weight", "ffn_gate_inp_shexp.weight"),
-    // Dense MLP layers (Qwen3-MoE `mlp_only_layers`).
-    ("mlp.gate_proj.weight", "ffn_gate.weight"),
-    ("mlp.up_proj.weight", "ffn_up.weight"),
-    ("mlp.down_proj.weight", "ffn_down.weight"),
-];
-
-/// Modules whose `experts.{e}.*` are routed experts.
-const EXPERT_MODULES: &[&str] = &["mlp", "block_sparse_moe"];
-
-/// Per-expert Hugging Face suffix (under `{module}.experts.{e}.`) -> the merged
-/// GGUF tensor `[n_experts, out, in]` (ggml order `{in, out, n_experts}`) holding it.
-pub const EXPERT_NAMES: &[(&str, &str)] = &[
-    ("gate_proj.weight", "ffn_gate_exps.weight"),
-    ("up_proj.weight", "ffn_up_exps.weight"),
-    ("down_proj.weight", "ffn_down_exps.weight"),
-    // Mixtral: w1 = gate, w3 = up, w2 = down.
-    ("w1.weight", "ffn_gate_exps.weight"),
-    ("w3.weight", "ffn_up_exps.weight"),
-    ("w2.weight", "ffn_down_exps.weight"),
-];
-
-/// Where a Hugging Face tensor lives in a GGUF file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GgufLocation {
-    pub name: String,
-    /// For a routed expert: its index along the merged tensor's first dimension.
-    pub expert: Option<usize>,
-}
-
-/// The GGUF location of a Hugging Face tensor name, if it has one.
-pub fn gguf_location(hf: &str) -> Option<GgufLocation> {
-    if let Some(&(_, g)) = GLOBAL_NAMES.iter().find(|(h, _)| *h == hf) {
-        return Some(GgufLocation {
-            name: g.to_string(),
-            expert: None,
-        });
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    for module in EXPERT_MODULES {
-        if let Some(expert_rest) = rest
-            .strip_prefix(module)
-            .and_then(|r| r.strip_prefix(".experts."))
-        {
-            let (expert, suffix) = expert_rest.split_once('.')?;
-            let expert: usize = expert.parse().ok()?;
-            let &(_, g) = EXPERT_NAMES.iter().find(|(h, _)| *h == suffix)?;
-            return Some(GgufLocation {
-                name: format!("blk.{layer}.{g}"),
-                expert: Some(expert),
-            });
-        }
-    }
-    let &(_, g) = LAYER_NAMES.iter().find(|(h, _)| *h == rest)?;
-    Some(GgufLocation {
-        name: format!("blk.{layer}.{g}"),
-        expert: None,
-    })
-}
 
 /// Query/key head counts, for undoing the converter's rotary permutation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +25,8 @@ pub struct QkHeads {
 
 pub struct GgufSource {
     file: GgufFile,
+    /// The family's MoE tensor names, to translate Hugging Face names.
+    names: &'static MoeNames,
     /// `Some` for files whose q/k rows are in llama.cpp's interleaved rotary
     /// order (architecture `llama`): `LlamaModel.permute` in `convert_hf_to_gguf.py`.
     permuted_qk: Option<QkHeads>,
@@ -133,8 +41,12 @@ struct Piece<'a> {
 }
 
 impl GgufSource {
-    pub fn new(file: GgufFile, permuted_qk: Option<QkHeads>) -> Self {
-        Self { file, permuted_qk }
+    pub fn new(file: GgufFile, names: &'static MoeNames, permuted_qk: Option<QkHeads>) -> Self {
+        Self {
+            file,
+            names,
+            permuted_qk,
+        }
     }
 
     pub fn file(&self) -> &GgufFile {
@@ -142,13 +54,15 @@ impl GgufSource {
     }
 
     fn locate(&self, hf: &str) -> Result<GgufLocation> {
-        gguf_location(hf).ok_or_else(|| Error::MissingTensor {
-            name: hf.to_string(),
-            hint: format!(
-                " (no GGUF name is known for it; reading {})",
-                self.file.path().display()
-            ),
-        })
+        self.names
+            .gguf_location(hf)
+            .ok_or_else(|| Error::MissingTensor {
+                name: hf.to_string(),
+                hint: format!(
+                    " (no GGUF name is known for it; reading {})",
+                    self.file.path().display()
+                ),
+            })
     }
 
     /// The location in this file: merged experts, or the per-expert tensors
@@ -303,7 +217,8 @@ impl TensorSource for GgufSource {
     }
 
     fn contains(&self, name: &str) -> bool {
-        gguf_location(name).is_some_and(|loc| self.file.contains(&self.resolve(loc).name))
+        (self.names.gguf_location(name))
+            .is_some_and(|loc| self.file.contains(&self.resolve(loc).name))
     }
 
     fn drop_cached_pages(&self) -> Result<()> {
@@ -313,7 +228,7 @@ impl TensorSource for GgufSource {
     fn reopen_for_reads(&self) -> Result<Option<Reopened>> {
         let (file, stats) = self.file.with_positioned_reads()?;
         Ok(Some(Reopened {
-            source: Box::new(GgufSource::new(file, self.permuted_qk)),
+            source: Box::new(GgufSource::new(file, self.names, self.permuted_qk)),
             stats,
         }))
     }
@@ -335,34 +250,5 @@ impl TensorSource for GgufSource {
             Some(q) => Linear::from_qtensor(q, bias),
             None => Ok(Linear::new(load_stacked(self, parts, cols, dtype)?, bias)),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn maps_names_like_llama_cpp() {
-        let loc = |hf| gguf_location(hf).map(|l| (l.name, l.expert));
-        assert_eq!(
-            loc("model.layers.3.self_attn.q_proj.weight"),
-            Some(("blk.3.attn_q.weight".into(), None))
-        );
-        assert_eq!(
-            loc("model.layers.0.block_sparse_moe.experts.5.w2.weight"),
-            Some(("blk.0.ffn_down_exps.weight".into(), Some(5)))
-        );
-        assert_eq!(
-            loc("model.layers.1.mlp.experts.2.up_proj.weight"),
-            Some(("blk.1.ffn_up_exps.weight".into(), Some(2)))
-        );
-        assert_eq!(
-            loc("model.layers.1.mlp.shared_expert_gate.weight"),
-            Some(("blk.1.ffn_gate_inp_shexp.weight".into(), None))
-        );
-        assert_eq!(loc("lm_head.weight"), Some(("output.weight".into(), None)));
-        assert_eq!(loc("model.layers.0.mlp.experts.gate_up_proj"), None);
-        assert_eq!(loc("model.layers.x.mlp.gate.weight"), None);
     }
 }

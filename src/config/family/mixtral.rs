@@ -1,0 +1,56 @@
+//! `mixtral`: plain attention, every layer sparse, experts `w1` (gate), `w3`
+//! (up), `w2` (down) under `block_sparse_moe` (transformers 5 may write `mlp`).
+//! Upstream: transformers `configuration_mixtral.py`; in GGUF it is llama.cpp's
+//! `llama` with experts, q/k rows permuted by the converter.
+
+use super::qwen3_moe::QWEN_NAMES;
+use super::{
+    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, SparseLayers,
+};
+use crate::config::QkNorm;
+use crate::weights::MoeNames;
+
+pub static MIXTRAL: Family = Family {
+    model_types: &["mixtral"],
+    hf: HfKeys {
+        class: "MixtralForCausalLM",
+        num_experts: NUM_EXPERTS,
+        expert_ffn: &["intermediate_size"],
+        dense_ffn: &[],
+        shared_expert_ffn: &[],
+        qkv_bias: Flag {
+            keys: &[],
+            default: false,
+        },
+        // Mixtral's softmax runs over the top-k logits only, which equals a full
+        // softmax followed by renormalising the top-k.
+        norm_topk_prob: Flag {
+            keys: &[],
+            default: true,
+        },
+        sparse_layers: SparseLayers::All,
+        sliding_window_switch: None,
+        export: None,
+    },
+    gguf: GgufKeys {
+        arch: "llama",
+        // `feed_forward_length` is the expert width: every layer is sparse.
+        expert_ffn: &["expert_feed_forward_length", "feed_forward_length"],
+        dense_ffn: None,
+        norm_topk_prob: true,
+        permuted_qk: true,
+    },
+    names: MoeNames {
+        modules: &["block_sparse_moe", "mlp"],
+        experts: [
+            ("w1", "ffn_gate_exps"),
+            ("w3", "ffn_up_exps"),
+            ("w2", "ffn_down_exps"),
+        ],
+        ..QWEN_NAMES
+    },
+    attention: AttentionKind {
+        qk_norm: QkNorm::None,
+    },
+    norm: NormPlacement::Pre,
+};

@@ -1,0 +1,186 @@
+//! What an architecture family is, as data: one file per family declares its
+//! Hugging Face and GGUF config keys, its MoE tensor names on both sides, its
+//! attention kind and norm placement. `config::hf`, `config::gguf`,
+//! `weights` (through [`MoeNames`]) and `model` read these values; none of
+//! them names a family. Adding one is a file here plus a line in [`FAMILIES`].
+
+mod mixtral;
+mod olmoe;
+mod qwen2_moe;
+mod qwen3_moe;
+
+pub use mixtral::MIXTRAL;
+pub use olmoe::OLMOE;
+pub use qwen2_moe::QWEN2_MOE;
+pub use qwen3_moe::QWEN3_MOE;
+
+use super::{ModelConfig, QkNorm};
+use crate::weights::MoeNames;
+
+/// Every family Switchyard runs, in the order errors list them.
+pub static FAMILIES: &[&Family] = &[&QWEN3_MOE, &MIXTRAL, &QWEN2_MOE, &OLMOE];
+
+/// One architecture family.
+pub struct Family {
+    /// Hugging Face `model_type`s it loads from; the first names the family.
+    pub model_types: &'static [&'static str],
+    pub hf: HfKeys,
+    pub gguf: GgufKeys,
+    /// Router, routed-expert and shared-expert tensor names, HF and GGUF.
+    pub names: MoeNames,
+    pub attention: AttentionKind,
+    pub norm: NormPlacement,
+}
+
+impl Family {
+    pub fn model_type(&self) -> &'static str {
+        self.model_types[0]
+    }
+
+    pub fn by_model_type(model_type: &str) -> Option<&'static Family> {
+        FAMILIES
+            .iter()
+            .copied()
+            .find(|f| f.model_types.contains(&model_type))
+    }
+
+    pub fn by_gguf_arch(arch: &str) -> Option<&'static Family> {
+        FAMILIES.iter().copied().find(|f| f.gguf.arch == arch)
+    }
+
+    /// Every `model_type` some family loads, for errors that list them.
+    pub fn supported_model_types() -> Vec<&'static str> {
+        FAMILIES
+            .iter()
+            .flat_map(|f| f.model_types.iter().copied())
+            .collect()
+    }
+}
+
+// By name, not field by field: each family is one static value.
+impl PartialEq for Family {
+    fn eq(&self, other: &Self) -> bool {
+        self.model_type() == other.model_type()
+    }
+}
+
+impl std::fmt::Debug for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Family({})", self.model_type())
+    }
+}
+
+/// `config.json` keys for one value, tried in order; the first present wins.
+/// Empty: the family does not have the value.
+pub type Keys = &'static [&'static str];
+
+/// A switch `config.json` may set (the first present of `keys`), else `default`.
+/// With no keys the family fixes it at `default`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flag {
+    pub keys: Keys,
+    pub default: bool,
+}
+
+/// How a family's `config.json` says what the shared blocks do not all read
+/// the same way (dimensions, RoPE and norms are read once, in `config::hf`).
+pub struct HfKeys {
+    /// The `architectures` class transformers writes for it.
+    pub class: &'static str,
+    pub num_experts: Keys,
+    /// Width of one routed expert's SwiGLU.
+    pub expert_ffn: Keys,
+    /// Width of the dense MLP of non-MoE layers.
+    pub dense_ffn: Keys,
+    /// Width of the shared expert; absent or 0 means none.
+    pub shared_expert_ffn: Keys,
+    /// q/k/v projection biases.
+    pub qkv_bias: Flag,
+    /// Renormalise the top-k routing weights to sum to one.
+    pub norm_topk_prob: Flag,
+    pub sparse_layers: SparseLayers,
+    /// The key that turns `sliding_window` on; `None`: a set `sliding_window` is on.
+    pub sliding_window_switch: Option<&'static str>,
+    /// The family-specific fields `train` writes when exporting a model of this
+    /// family; `None` where `train` does not write it.
+    pub export: Option<ExportFields>,
+}
+
+/// Adds a family's own fields to the `config.json` object `train` writes.
+pub type ExportFields = fn(&ModelConfig, &mut serde_json::Map<String, serde_json::Value>);
+
+/// Which decoder layers carry the routed MoE block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SparseLayers {
+    All,
+    /// Layer `l` is sparse when `(l + 1) % step == 0` (`step` defaults to 1)
+    /// and `l` is not in the `dense` list (Qwen's `decoder_sparse_step`,
+    /// `mlp_only_layers`).
+    Step {
+        step: &'static str,
+        dense: &'static str,
+    },
+}
+
+/// How a family's GGUF metadata (as llama.cpp's `convert_hf_to_gguf.py`
+/// writes it) maps; the keys all families share are read in `config::gguf`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GgufKeys {
+    /// `general.architecture`, also the prefix of the family's keys.
+    pub arch: &'static str,
+    /// Keys (after `{arch}.`) holding the routed expert width, tried in order
+    /// before the merged gate tensor's shape.
+    pub expert_ffn: Keys,
+    /// Key of the dense MLP width; `None`: the family has no dense layers.
+    pub dense_ffn: Option<&'static str>,
+    /// `norm_topk_prob` when the file has no `{arch}.expert_weights_norm`:
+    /// llama.cpp hard-codes it per architecture (`build_moe_ffn`'s `norm_w`).
+    pub norm_topk_prob: bool,
+    /// The converter permuted q/k rows into llama.cpp's interleaved rotary
+    /// order (`LlamaModel.permute`); loading undoes it.
+    pub permuted_qk: bool,
+}
+
+/// Which attention block a family uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionKind {
+    pub qk_norm: QkNorm,
+}
+
+/// Where the decoder layer's RMS-norms sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormPlacement {
+    /// `x + attn(input_layernorm(x))`, then `h + ffn(post_attention_layernorm(h))`.
+    Pre,
+}
+
+/// The `num_experts` spellings every family accepts: transformers 5 writes
+/// `num_local_experts` where older configs wrote `num_experts`.
+pub(super) const NUM_EXPERTS: Keys = &["num_experts", "num_local_experts"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_across_families() {
+        for (i, a) in FAMILIES.iter().enumerate() {
+            for b in &FAMILIES[i + 1..] {
+                assert!(a.model_types.iter().all(|t| !b.model_types.contains(t)));
+                assert_ne!(a.gguf.arch, b.gguf.arch);
+            }
+        }
+    }
+
+    #[test]
+    fn families_are_found_by_hf_and_gguf_name() {
+        assert_eq!(Family::by_model_type("mixtral"), Some(&MIXTRAL));
+        assert_eq!(Family::by_gguf_arch("llama"), Some(&MIXTRAL));
+        assert_eq!(Family::by_gguf_arch("qwen2moe"), Some(&QWEN2_MOE));
+        assert_eq!(Family::by_model_type("deepseek_v2"), None);
+        assert_eq!(
+            Family::supported_model_types(),
+            ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"]
+        );
+    }
+}

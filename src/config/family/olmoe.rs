@@ -1,0 +1,44 @@
+//! `olmoe`: q/k RMS-norm over the whole projection (all heads at once),
+//! optional `clip_qkv`, every layer sparse, Qwen-style expert names.
+//! Upstream: transformers `configuration_olmoe.py`; llama.cpp `LLM_ARCH_OLMOE`.
+
+use super::qwen3_moe::QWEN_NAMES;
+use super::{
+    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, SparseLayers,
+};
+use crate::config::QkNorm;
+
+pub static OLMOE: Family = Family {
+    model_types: &["olmoe"],
+    hf: HfKeys {
+        class: "OlmoeForCausalLM",
+        num_experts: NUM_EXPERTS,
+        expert_ffn: &["intermediate_size"],
+        dense_ffn: &[],
+        shared_expert_ffn: &[],
+        qkv_bias: Flag {
+            keys: &["attention_bias"],
+            default: false,
+        },
+        norm_topk_prob: Flag {
+            keys: &["norm_topk_prob"],
+            default: false,
+        },
+        sparse_layers: SparseLayers::All,
+        sliding_window_switch: Some("use_sliding_window"),
+        export: None,
+    },
+    gguf: GgufKeys {
+        arch: "olmoe",
+        expert_ffn: &["expert_feed_forward_length"],
+        // `feed_forward_length` is the expert width: every layer is sparse.
+        dense_ffn: None,
+        norm_topk_prob: false,
+        permuted_qk: false,
+    },
+    names: QWEN_NAMES,
+    attention: AttentionKind {
+        qk_norm: QkNorm::Full,
+    },
+    norm: NormPlacement::Pre,
+};

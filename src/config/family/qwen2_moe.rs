@@ -1,0 +1,80 @@
+//! `qwen2_moe`: q/k/v biases, one shared expert scaled by
+//! `sigmoid(shared_expert_gate(x))`, dense layers by `decoder_sparse_step` /
+//! `mlp_only_layers`. Upstream: transformers `configuration_qwen2_moe.py`;
+//! llama.cpp `LLM_ARCH_QWEN2MOE`.
+
+use super::qwen3_moe::QWEN_NAMES;
+use super::{
+    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, SparseLayers,
+};
+use crate::config::{ModelConfig, QkNorm};
+use crate::weights::{MoeNames, SharedExpertNames};
+
+pub static QWEN2_MOE: Family = Family {
+    model_types: &["qwen2_moe"],
+    hf: HfKeys {
+        class: "Qwen2MoeForCausalLM",
+        num_experts: NUM_EXPERTS,
+        expert_ffn: &["moe_intermediate_size"],
+        dense_ffn: &["intermediate_size"],
+        shared_expert_ffn: &["shared_expert_intermediate_size"],
+        // Qwen2 always has q/k/v biases.
+        qkv_bias: Flag {
+            keys: &["qkv_bias"],
+            default: true,
+        },
+        norm_topk_prob: Flag {
+            keys: &["norm_topk_prob"],
+            default: false,
+        },
+        sparse_layers: SparseLayers::Step {
+            step: "decoder_sparse_step",
+            dense: "mlp_only_layers",
+        },
+        sliding_window_switch: Some("use_sliding_window"),
+        export: Some(export),
+    },
+    gguf: GgufKeys {
+        arch: "qwen2moe",
+        expert_ffn: &["expert_feed_forward_length"],
+        dense_ffn: Some("feed_forward_length"),
+        norm_topk_prob: false,
+        permuted_qk: false,
+    },
+    names: MoeNames {
+        shared_expert: Some(SharedExpertNames {
+            module: "shared_expert",
+            projections: [
+                ("gate_proj", "ffn_gate_shexp"),
+                ("up_proj", "ffn_up_shexp"),
+                ("down_proj", "ffn_down_shexp"),
+            ],
+            // Stored 1-D in GGUF: `[hidden]`.
+            gate: ("shared_expert_gate", "ffn_gate_inp_shexp"),
+        }),
+        ..QWEN_NAMES
+    },
+    attention: AttentionKind {
+        qk_norm: QkNorm::None,
+    },
+    norm: NormPlacement::Pre,
+};
+
+/// The fields transformers 5 writes for `qwen2_moe` beyond the common ones.
+fn export(cfg: &ModelConfig, obj: &mut serde_json::Map<String, serde_json::Value>) {
+    obj.insert(
+        "architectures".into(),
+        serde_json::json!([QWEN2_MOE.hf.class]),
+    );
+    obj.insert("qkv_bias".into(), cfg.attention.qkv_bias.into());
+    obj.insert("num_experts".into(), cfg.moe.num_experts.into());
+    obj.insert(
+        "shared_expert_intermediate_size".into(),
+        cfg.moe.shared_expert_ffn.unwrap_or(0).into(),
+    );
+    obj.insert(
+        "layer_types".into(),
+        serde_json::json!(vec!["full_attention"; cfg.num_layers]),
+    );
+    obj.insert("max_window_layers".into(), cfg.num_layers.into());
+}

@@ -1,0 +1,69 @@
+//! `qwen3_moe`: per-head q/k RMS-norm, no shared expert, dense layers by
+//! `decoder_sparse_step` / `mlp_only_layers`. Upstream: transformers
+//! `configuration_qwen3_moe.py`; llama.cpp `LLM_ARCH_QWEN3MOE`.
+
+use super::{
+    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, SparseLayers,
+};
+use crate::config::{ModelConfig, QkNorm};
+use crate::weights::MoeNames;
+
+pub static QWEN3_MOE: Family = Family {
+    model_types: &["qwen3_moe"],
+    hf: HfKeys {
+        class: "Qwen3MoeForCausalLM",
+        num_experts: NUM_EXPERTS,
+        expert_ffn: &["moe_intermediate_size"],
+        dense_ffn: &["intermediate_size"],
+        shared_expert_ffn: &[],
+        qkv_bias: Flag {
+            keys: &["attention_bias"],
+            default: false,
+        },
+        norm_topk_prob: Flag {
+            keys: &["norm_topk_prob"],
+            default: false,
+        },
+        sparse_layers: SparseLayers::Step {
+            step: "decoder_sparse_step",
+            dense: "mlp_only_layers",
+        },
+        sliding_window_switch: Some("use_sliding_window"),
+        export: Some(export),
+    },
+    gguf: GgufKeys {
+        arch: "qwen3moe",
+        expert_ffn: &["expert_feed_forward_length"],
+        dense_ffn: Some("feed_forward_length"),
+        norm_topk_prob: true,
+        permuted_qk: false,
+    },
+    names: QWEN_NAMES,
+    attention: AttentionKind {
+        qk_norm: QkNorm::PerHead,
+    },
+    norm: NormPlacement::Pre,
+};
+
+/// Qwen-style MoE names, shared by the families that copied them.
+pub(super) const QWEN_NAMES: MoeNames = MoeNames {
+    modules: &["mlp"],
+    router: ("gate", "ffn_gate_inp"),
+    experts: [
+        ("gate_proj", "ffn_gate_exps"),
+        ("up_proj", "ffn_up_exps"),
+        ("down_proj", "ffn_down_exps"),
+    ],
+    fused: ["gate_up_proj", "down_proj"],
+    shared_expert: None,
+};
+
+/// The fields transformers 5 writes for `qwen3_moe` beyond the common ones.
+fn export(cfg: &ModelConfig, obj: &mut serde_json::Map<String, serde_json::Value>) {
+    obj.insert(
+        "architectures".into(),
+        serde_json::json!([QWEN3_MOE.hf.class]),
+    );
+    obj.insert("attention_bias".into(), cfg.attention.qkv_bias.into());
+    obj.insert("num_local_experts".into(), cfg.moe.num_experts.into());
+}

@@ -1,9 +1,0 @@
-//! `qwen2_moe` (q/k/v biases, gated `mlp.shared_expert`): router `mlp.gate`, experts `mlp.experts.{e}.{gate,up,down}_proj`.
-//! Its attention and MoE options come from the config (see `config::hf`).
-
-use super::Wiring;
-use crate::experts::ExpertNaming;
-
-pub(super) const WIRING: Wiring = Wiring {
-    experts: ExpertNaming::QWEN,
-};
