@@ -72,7 +72,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         "top_k": m.top_k,
         "shared_experts": usize::from(m.shared_expert_ffn.is_some()),
         "expert_ffn": m.expert_ffn,
-        "norm_topk_prob": m.norm_topk_prob,
+        "norm_topk_prob": m.router.norm_topk_prob,
         "context": cfg.max_position_embeddings,
         "total_parameters": counts.total,
         "active_parameters_per_token": counts.active,

@@ -6,7 +6,7 @@
 //! in its [`Family`] file.
 
 use super::family::{FAMILIES, Family};
-use super::{AttentionConfig, ModelConfig, MoeConfig};
+use super::{AttentionConfig, ModelConfig, MoeConfig, RouterSpec};
 use crate::error::{Error, Result};
 use crate::weights::{GgufFile, GgufSource, GgufValue, QkHeads, StoredDtype};
 
@@ -272,14 +272,17 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         Some(name) if file.contains(&name) => Some(m.usize("expert_shared_feed_forward_length")?),
         _ => None,
     };
-    let norm_topk_prob = m
-        .bool_opt("expert_weights_norm")?
-        .unwrap_or(keys.norm_topk_prob);
+    let router = RouterSpec {
+        norm_topk_prob: m
+            .bool_opt("expert_weights_norm")?
+            .unwrap_or(keys.norm_topk_prob),
+        ..family.router
+    };
     let moe = MoeConfig {
         num_experts,
         top_k,
         expert_ffn,
-        norm_topk_prob,
+        router,
         shared_expert_ffn,
         sparse_layers,
         dense_ffn,

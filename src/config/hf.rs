@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::family::{Family, Flag, SparseLayers};
-use super::{AttentionConfig, ModelConfig, MoeConfig};
+use super::{AttentionConfig, ModelConfig, MoeConfig, RouterSpec};
 use crate::error::{Error, Result};
 use crate::weights::StoredDtype;
 
@@ -265,7 +265,11 @@ fn map_config(
         num_experts,
         top_k,
         expert_ffn,
-        norm_topk_prob: keyed.flag(keys.norm_topk_prob)?,
+        router: RouterSpec {
+            norm_topk_prob: (keyed.get(keys.norm_topk_prob)?)
+                .unwrap_or(family.router.norm_topk_prob),
+            ..family.router
+        },
         shared_expert_ffn,
         sparse_layers,
         dense_ffn,
@@ -351,7 +355,7 @@ pub fn to_hf_json(cfg: &ModelConfig) -> Result<serde_json::Value> {
         "intermediate_size": m.expert_ffn * m.top_k,
         "moe_intermediate_size": m.expert_ffn,
         "num_experts_per_tok": m.top_k,
-        "norm_topk_prob": m.norm_topk_prob,
+        "norm_topk_prob": m.router.norm_topk_prob,
         "output_router_logits": false,
         "router_aux_loss_coef": 0.0,
         "bos_token_id": cfg.bos_token_id,

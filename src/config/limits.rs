@@ -40,17 +40,19 @@ pub fn validate(cfg: &ModelConfig) -> Result<(), String> {
     check_size("num_attention_heads", a.num_heads, MAX_HEADS)?;
     check_size("num_key_value_heads", a.num_kv_heads, MAX_HEADS)?;
     check_size("head_dim", a.head_dim, MAX_HEAD_DIM)?;
-    check_size(
-        "num_experts` / `num_local_experts",
-        m.num_experts,
-        MAX_EXPERTS,
-    )?;
+    let hf = &cfg.family.hf;
+    check_size(&hf.num_experts.join("` / `"), m.num_experts, MAX_EXPERTS)?;
     check_size("num_experts_per_tok", m.top_k, m.num_experts)?;
-    check_size(
-        "moe_intermediate_size` (Mixtral, OLMoE: `intermediate_size",
-        m.expert_ffn,
-        MAX_FFN,
-    )?;
+    check_size(&hf.expert_ffn.join("` / `"), m.expert_ffn, MAX_FFN)?;
+    if let Some(groups) = m.router.groups {
+        groups.check(m.num_experts, m.top_k)?;
+    }
+    let scale = m.router.routed_scaling_factor;
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(format!(
+            "`routed_scaling_factor` is {scale}, expected a positive number"
+        ));
+    }
     if m.dense_ffn > MAX_FFN {
         return Err(format!(
             "`intermediate_size` is {}, expected at most {MAX_FFN}",
@@ -92,7 +94,7 @@ pub fn validate(cfg: &ModelConfig) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::config::family::QWEN2_MOE;
-    use crate::config::{AttentionConfig, MoeConfig, QkNorm};
+    use crate::config::{AttentionConfig, MoeConfig, QkNorm, RouterSpec};
 
     fn largest() -> ModelConfig {
         ModelConfig {
@@ -116,7 +118,10 @@ mod tests {
                 num_experts: MAX_EXPERTS,
                 top_k: MAX_EXPERTS,
                 expert_ffn: MAX_FFN,
-                norm_topk_prob: true,
+                router: RouterSpec {
+                    norm_topk_prob: true,
+                    ..RouterSpec::SOFTMAX
+                },
                 shared_expert_ffn: Some(MAX_FFN),
                 sparse_layers: vec![true; MAX_LAYERS],
                 dense_ffn: MAX_FFN,

@@ -7,12 +7,14 @@ mod gguf;
 mod hf;
 pub mod limits;
 mod params;
+mod router;
 mod size;
 
 pub use family::{FAMILIES, Family};
 pub use gguf::{config_from_gguf, open_gguf};
 pub use hf::{load_model_config, parse_config, to_hf_json};
 pub use params::ParameterCounts;
+pub use router::{GroupLimit, GroupRank, RouterSpec, ScoreFn};
 pub use size::{ByteSize, format_bytes};
 
 use crate::weights::StoredDtype;
@@ -57,8 +59,8 @@ pub struct MoeConfig {
     pub top_k: usize,
     /// Width of one routed expert's SwiGLU (`moe_intermediate_size`).
     pub expert_ffn: usize,
-    /// Renormalise the top-k routing weights to sum to one.
-    pub norm_topk_prob: bool,
+    /// How router logits become expert choices and weights.
+    pub router: RouterSpec,
     /// Qwen2-MoE's always-on shared expert, gated by `sigmoid(shared_expert_gate(x))`.
     pub shared_expert_ffn: Option<usize>,
     /// Per decoder layer: true where the FFN is the routed MoE block, false for a dense MLP.

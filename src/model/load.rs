@@ -370,7 +370,7 @@ impl Loader<'_> {
                 router,
                 RouterConfig {
                     top_k: m.top_k,
-                    norm_topk_prob: m.norm_topk_prob,
+                    spec: m.router,
                     top_p: self.expert_top_p,
                 },
                 experts.clone(),

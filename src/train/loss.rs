@@ -4,8 +4,9 @@
 
 use candle_core::{D, DType, Tensor};
 
+use crate::config::RouterSpec;
 use crate::error::Result;
-use crate::model::moe::{RouterConfig, route};
+use crate::model::moe::{RouterBias, RouterConfig, route};
 
 pub struct RouterLosses {
     /// Mean over layers of `E * sum_i f_i * P_i`; 1.0 when perfectly balanced.
@@ -32,9 +33,10 @@ pub fn router_losses(router_logits: &[Tensor], top_k: usize) -> Result<RouterLos
             n_experts,
             RouterConfig {
                 top_k,
-                norm_topk_prob: false,
+                spec: RouterSpec::SOFTMAX,
                 top_p: None,
             },
+            RouterBias::default(),
         );
         let mut share = vec![0f64; n_experts];
         for &e in &routing.expert_ids {

@@ -25,7 +25,7 @@ pub use vars::{RandomLike, VarStore};
 use serde::{Deserialize, Serialize};
 
 use crate::config::family::{QWEN2_MOE, QWEN3_MOE};
-use crate::config::{AttentionConfig, ModelConfig, MoeConfig, format_bytes};
+use crate::config::{AttentionConfig, ModelConfig, MoeConfig, RouterSpec, format_bytes};
 use crate::error::{Error, Result};
 use crate::weights::StoredDtype;
 
@@ -325,7 +325,10 @@ impl TrainConfig {
                 num_experts: self.num_experts,
                 top_k: self.top_k,
                 expert_ffn: self.expert_ffn,
-                norm_topk_prob: true,
+                router: RouterSpec {
+                    norm_topk_prob: true,
+                    ..family.router
+                },
                 shared_expert_ffn: shared,
                 sparse_layers: vec![true; self.num_layers],
                 dense_ffn: 0,

@@ -7,7 +7,7 @@ use super::qwen3_moe::QWEN_NAMES;
 use super::{
     AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, SparseLayers,
 };
-use crate::config::QkNorm;
+use crate::config::{QkNorm, RouterSpec};
 use crate::weights::MoeNames;
 
 pub static MIXTRAL: Family = Family {
@@ -22,12 +22,7 @@ pub static MIXTRAL: Family = Family {
             keys: &[],
             default: false,
         },
-        // Mixtral's softmax runs over the top-k logits only, which equals a full
-        // softmax followed by renormalising the top-k.
-        norm_topk_prob: Flag {
-            keys: &[],
-            default: true,
-        },
+        norm_topk_prob: &[],
         sparse_layers: SparseLayers::All,
         sliding_window_switch: None,
         export: None,
@@ -51,6 +46,12 @@ pub static MIXTRAL: Family = Family {
     },
     attention: AttentionKind {
         qk_norm: QkNorm::None,
+    },
+    // Mixtral's softmax runs over the top-k logits only, which equals a full
+    // softmax followed by renormalising the top-k.
+    router: RouterSpec {
+        norm_topk_prob: true,
+        ..RouterSpec::SOFTMAX
     },
     norm: NormPlacement::Pre,
 };

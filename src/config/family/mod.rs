@@ -1,6 +1,6 @@
 //! What an architecture family is, as data: one file per family declares its
 //! Hugging Face and GGUF config keys, its MoE tensor names on both sides, its
-//! attention kind and norm placement. `config::hf`, `config::gguf`,
+//! attention kind, router rule and norm placement. `config::hf`, `config::gguf`,
 //! `weights` (through [`MoeNames`]) and `model` read these values; none of
 //! them names a family. Adding one is a file here plus a line in [`FAMILIES`].
 
@@ -14,7 +14,7 @@ pub use olmoe::OLMOE;
 pub use qwen2_moe::QWEN2_MOE;
 pub use qwen3_moe::QWEN3_MOE;
 
-use super::{ModelConfig, QkNorm};
+use super::{ModelConfig, QkNorm, RouterSpec};
 use crate::weights::MoeNames;
 
 /// Every family Switchyard runs, in the order errors list them.
@@ -29,6 +29,8 @@ pub struct Family {
     /// Router, routed-expert and shared-expert tensor names, HF and GGUF.
     pub names: MoeNames,
     pub attention: AttentionKind,
+    /// The router's rule; `norm_topk_prob` is the default the config may override.
+    pub router: RouterSpec,
     pub norm: NormPlacement,
 }
 
@@ -96,8 +98,8 @@ pub struct HfKeys {
     pub shared_expert_ffn: Keys,
     /// q/k/v projection biases.
     pub qkv_bias: Flag,
-    /// Renormalise the top-k routing weights to sum to one.
-    pub norm_topk_prob: Flag,
+    /// Where the config may override the router's `norm_topk_prob`.
+    pub norm_topk_prob: Keys,
     pub sparse_layers: SparseLayers,
     /// The key that turns `sliding_window` on; `None`: a set `sliding_window` is on.
     pub sliding_window_switch: Option<&'static str>,

@@ -6,7 +6,7 @@ use super::qwen3_moe::QWEN_NAMES;
 use super::{
     AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, SparseLayers,
 };
-use crate::config::QkNorm;
+use crate::config::{QkNorm, RouterSpec};
 
 pub static OLMOE: Family = Family {
     model_types: &["olmoe"],
@@ -20,10 +20,7 @@ pub static OLMOE: Family = Family {
             keys: &["attention_bias"],
             default: false,
         },
-        norm_topk_prob: Flag {
-            keys: &["norm_topk_prob"],
-            default: false,
-        },
+        norm_topk_prob: &["norm_topk_prob"],
         sparse_layers: SparseLayers::All,
         sliding_window_switch: Some("use_sliding_window"),
         export: None,
@@ -40,5 +37,6 @@ pub static OLMOE: Family = Family {
     attention: AttentionKind {
         qk_norm: QkNorm::Full,
     },
+    router: RouterSpec::SOFTMAX,
     norm: NormPlacement::Pre,
 };

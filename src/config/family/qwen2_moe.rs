@@ -7,7 +7,7 @@ use super::qwen3_moe::QWEN_NAMES;
 use super::{
     AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, SparseLayers,
 };
-use crate::config::{ModelConfig, QkNorm};
+use crate::config::{ModelConfig, QkNorm, RouterSpec};
 use crate::weights::{MoeNames, SharedExpertNames};
 
 pub static QWEN2_MOE: Family = Family {
@@ -23,10 +23,7 @@ pub static QWEN2_MOE: Family = Family {
             keys: &["qkv_bias"],
             default: true,
         },
-        norm_topk_prob: Flag {
-            keys: &["norm_topk_prob"],
-            default: false,
-        },
+        norm_topk_prob: &["norm_topk_prob"],
         sparse_layers: SparseLayers::Step {
             step: "decoder_sparse_step",
             dense: "mlp_only_layers",
@@ -57,6 +54,7 @@ pub static QWEN2_MOE: Family = Family {
     attention: AttentionKind {
         qk_norm: QkNorm::None,
     },
+    router: RouterSpec::SOFTMAX,
     norm: NormPlacement::Pre,
 };
 

@@ -5,7 +5,7 @@
 use super::{
     AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, SparseLayers,
 };
-use crate::config::{ModelConfig, QkNorm};
+use crate::config::{ModelConfig, QkNorm, RouterSpec};
 use crate::weights::MoeNames;
 
 pub static QWEN3_MOE: Family = Family {
@@ -20,10 +20,7 @@ pub static QWEN3_MOE: Family = Family {
             keys: &["attention_bias"],
             default: false,
         },
-        norm_topk_prob: Flag {
-            keys: &["norm_topk_prob"],
-            default: false,
-        },
+        norm_topk_prob: &["norm_topk_prob"],
         sparse_layers: SparseLayers::Step {
             step: "decoder_sparse_step",
             dense: "mlp_only_layers",
@@ -42,6 +39,7 @@ pub static QWEN3_MOE: Family = Family {
     attention: AttentionKind {
         qk_norm: QkNorm::PerHead,
     },
+    router: RouterSpec::SOFTMAX,
     norm: NormPlacement::Pre,
 };
 

@@ -3,7 +3,8 @@ use std::sync::Arc;
 use candle_core::{D, DType, Tensor};
 use rayon::prelude::*;
 
-use super::router::{RouterConfig, Routing, route};
+use super::router::{RouterBias, RouterConfig, Routing, route};
+use crate::config::ScoreFn;
 use crate::error::{Error, Result};
 use crate::experts::{CacheOutcome, CallExperts, ExpertProvider};
 use crate::model::batch::BatchLayout;
@@ -38,6 +39,7 @@ impl NextRouter {
             &logits.flatten_all()?.to_vec1::<f32>()?,
             n_experts,
             self.config,
+            RouterBias::default(),
         );
         let mut experts = routing.expert_ids;
         experts.retain(|&e| e != Routing::NO_EXPERT);
@@ -119,6 +121,7 @@ impl MoeBlock {
             &logits_f32.flatten_all()?.to_vec1::<f32>()?,
             n_experts,
             self.config,
+            RouterBias::default(),
         );
         let groups = routing.slots_by_expert();
         drop(router_span);
@@ -303,6 +306,16 @@ impl MoeBlock {
                 "dynamic expert top-p is for inference; training routes plain top-k".into(),
             ));
         }
+        let spec = self.config.spec;
+        if spec.score != ScoreFn::Softmax
+            || spec.groups.is_some()
+            || spec.routed_scaling_factor != 1.0
+        {
+            return Err(Error::InvalidInput(
+                "training differentiates the softmax router only (no sigmoid, groups or scaling)"
+                    .into(),
+            ));
+        }
         let n_tokens = routing.n_tokens();
         let ids = Tensor::from_slice(
             &routing.expert_ids,
@@ -311,7 +324,7 @@ impl MoeBlock {
         )?;
         let probs = candle_nn::ops::softmax(logits, D::Minus1)?;
         let mut top = probs.gather(&ids, 1)?; // [n_tokens, top_k]
-        if self.config.norm_topk_prob {
+        if spec.norm_topk_prob {
             let denom = top.sum_keepdim(1)?.clamp(f32::MIN_POSITIVE, f32::MAX)?;
             top = top.broadcast_div(&denom)?;
         }

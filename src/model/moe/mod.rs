@@ -5,4 +5,4 @@ mod block;
 mod router;
 
 pub use block::{MoeBlock, NextRouter, SharedExpert};
-pub use router::{ExpertTopP, RouterConfig, Routing, TopPMode, route};
+pub use router::{ExpertTopP, RouterBias, RouterConfig, Routing, TopPMode, route};
