@@ -36,7 +36,7 @@ use arrow_array::{
 };
 use arrow_schema::{DataType, Field, Schema};
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, limits};
 use crate::error::{Error, Result};
 use crate::experts::CacheOutcome;
 use crate::model::moe::Routing;
@@ -152,6 +152,34 @@ impl TraceMeta {
             moe_layers,
             model: get(KEY_MODEL)?.to_string(),
         };
+        // The shape sizes what analysis allocates (co-activation keeps `E * E`
+        // counts per layer pair), so it meets the same limits as a model config.
+        for (key, value, max) in [
+            (KEY_NUM_LAYERS, meta.num_layers, limits::MAX_LAYERS),
+            (KEY_NUM_EXPERTS, meta.num_experts, limits::MAX_EXPERTS),
+        ] {
+            if value == 0 || value > max {
+                return Err(Error::trace(
+                    path,
+                    format!("file metadata {key}={value} exceeds the limit 1..={max}"),
+                ));
+            }
+        }
+        if meta.moe_layers.is_empty() {
+            return Err(Error::trace(
+                path,
+                format!("file metadata {KEY_MOE_LAYERS} lists no MoE layer"),
+            ));
+        }
+        if meta.moe_layers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::trace(
+                path,
+                format!(
+                    "file metadata {KEY_MOE_LAYERS}=[{}] is not strictly ascending",
+                    join(&meta.moe_layers)
+                ),
+            ));
+        }
         if let Some(&bad) = meta.moe_layers.iter().find(|&&l| l >= meta.num_layers) {
             return Err(Error::trace(
                 path,
@@ -488,6 +516,7 @@ pub fn read_trace(path: &Path) -> Result<Trace> {
         };
         rows.sequence.extend(col.integers("sequence", u64::MAX)?);
         rows.position.extend(col.u32s("position", u32::MAX as u64)?);
+        // invariant: from_key_values refused zero layers, experts and top_k.
         rows.layer
             .extend(col.u32s("layer", meta.num_layers as u64 - 1)?);
         rows.rank.extend(col.u32s("rank", meta.top_k as u64 - 1)?);
@@ -870,6 +899,47 @@ mod tests {
         write_custom(&path, &cols, Some(meta().key_values()));
         let err = error_of(&path);
         assert!(err.contains("layer 0 is not a MoE layer"), "{err}");
+    }
+
+    /// Metadata is file-controlled: a zero layer count once underflowed the layer
+    /// bound, a huge expert count sized the co-activation matrix (`E * E` counts),
+    /// and unsorted layer ids broke the binary search that checks rows.
+    #[test]
+    fn metadata_out_of_shape_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        let with = |edits: &[(&str, &str)]| {
+            let mut kv = meta().key_values();
+            kv.retain(|e| !edits.iter().any(|(k, _)| e.key == *k));
+            kv.extend(
+                edits
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(k.to_string(), v.to_string())),
+            );
+            kv
+        };
+        let cases: [(&[(&str, &str)], &str); 6] = [
+            (
+                &[(KEY_NUM_LAYERS, "0"), (KEY_MOE_LAYERS, "")],
+                "num_layers=0 exceeds",
+            ),
+            (&[(KEY_MOE_LAYERS, "")], "lists no MoE layer"),
+            (
+                &[(KEY_NUM_EXPERTS, "4294967296")],
+                "switchyard.num_experts=4294967296 exceeds",
+            ),
+            (
+                &[(KEY_NUM_LAYERS, "1000000000")],
+                "switchyard.num_layers=1000000000 exceeds",
+            ),
+            (&[(KEY_MOE_LAYERS, "2,1")], "strictly ascending"),
+            (&[(KEY_MOE_LAYERS, "1,1,2")], "strictly ascending"),
+        ];
+        for (edits, says) in cases {
+            write_custom(&path, &pandas_style_columns(0), Some(with(edits)));
+            let err = error_of(&path);
+            assert!(err.contains(says), "{edits:?}: {err}");
+        }
     }
 
     #[test]
