@@ -1,8 +1,9 @@
 //! Structured fuzzing (proptest, no nightly toolchain) of everything a file or a
 //! flag controls: config.json, the safetensors header, the GGUF header and
-//! metadata, tokenizer.json, chat templates and the size flags' parsers. The
-//! property is the same everywhere: any input ends in a value or an error, never
-//! a panic, an abort or a hang; what is accepted is also consistent.
+//! metadata, tokenizer.json, chat templates, the size flags' parsers and the
+//! server's request bodies. The property is the same everywhere: any input ends
+//! in a value or an error, never a panic, an abort or a hang; what is accepted
+//! is also consistent.
 //!
 //! `cargo test --test fuzz` runs a few hundred cases per target (seconds); the
 //! long run is `SWITCHYARD_FUZZ_CASES=1000000 cargo test --release --test fuzz -- --ignored`.
@@ -18,10 +19,11 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::Value;
 use switchyard::config::{ByteSize, config_from_gguf, parse_config};
 use switchyard::generate::{
-    ChatMessage, ChatTemplate, TemplateLimits, TextTokenizer, chat_template_from_gguf,
+    ChatMessage, ChatTemplate, Sampler, TemplateLimits, TextTokenizer, chat_template_from_gguf,
     tokenizer_from_gguf,
 };
 use switchyard::model::check_checkpoint;
+use switchyard::server::{CompletionPrompt, Generation};
 use switchyard::train::TrainConfig;
 use switchyard::weights::{GgufFile, SafetensorsFiles, TensorSource};
 
@@ -670,4 +672,118 @@ fn size_flags_through_the_cli_fail_cleanly() {
             Ok(())
         })
         .unwrap();
+}
+
+// --- request bodies (`/v1/completions`, `/v1/chat/completions`) ---
+
+/// Valid bodies of both endpoints, with every field the API reads somewhere,
+/// for the JSON mutations to break.
+fn request_seeds() -> Vec<Value> {
+    use serde_json::json;
+    vec![
+        json!({"model": "demo", "prompt": "The capital of France is", "max_tokens": 16,
+               "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 7, "stop": ["\n", "."],
+               "stream": true, "stream_options": {"include_usage": true}, "logprobs": 2, "n": 1}),
+        json!({"prompt": [[1, 2, 3]], "max_tokens": 1, "echo": false, "suffix": "",
+               "best_of": 1, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}}),
+        json!({"model": "demo", "max_completion_tokens": 8, "temperature": 0, "stop": "x",
+               "logprobs": true, "top_logprobs": 3,
+               "messages": [{"role": "system", "content": "be brief"},
+                            {"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
+        json!({"max_tokens": 4, "tool_choice": "auto",
+               "tools": [{"type": "function", "function": {"name": "get_weather",
+                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+               "messages": [
+                   {"role": "user", "content": "Weather in Paris?"},
+                   {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                     "type": "function", "function": {"name": "get_weather",
+                     "arguments": "{\"city\": \"Paris\"}"}}]},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]}),
+    ]
+}
+
+/// A Hermes-style template that reads tools and tool calls, as Qwen's do.
+const TOOL_TEMPLATE: &str = "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t|tojson }}{% endfor %}</tools><|im_end|>\n{% endif %}\
+{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content %}{{ m.content }}{% endif %}\
+{% for c in m.tool_calls or [] %}<tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments|tojson }}}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}\
+{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+fn request_target(n: u32) {
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    let tokenizer = TextTokenizer::from_dir(&demo).unwrap();
+    let demo_template = ChatTemplate::from_dir(&demo).unwrap().unwrap();
+    let tool_template = ChatTemplate::new(TOOL_TEMPLATE.into(), None, None).unwrap();
+    let seeds = request_seeds();
+    let no_model_check = |_: Option<&str>| Ok(());
+    let strategy = (
+        0..seeds.len(),
+        mutations(),
+        prop::option::of(byte_edits(512)),
+    );
+    run("request body", n, strategy, |(seed, edits, bytes)| {
+        let mut body = mutate(&seeds[seed], &edits).to_string().into_bytes();
+        if let Some(bytes) = &bytes {
+            body = edited(&body, bytes);
+        }
+        // Both endpoints see every body: a chat body sent to /v1/completions
+        // is as likely as a well-formed one.
+        match switchyard::server::completion_body(&body, no_model_check) {
+            Ok(c) => {
+                check_generation(&c.generation)?;
+                match &c.prompt {
+                    CompletionPrompt::Text(t) => {
+                        prop_assert!(!t.is_empty());
+                        let _ = tokenizer.encode(t, false);
+                    }
+                    CompletionPrompt::Ids(ids) => prop_assert!(!ids.is_empty()),
+                }
+            }
+            Err(e) => check_refusal(&e)?,
+        }
+        match switchyard::server::chat_body(&body, no_model_check) {
+            Ok(c) => {
+                check_generation(&c.generation)?;
+                prop_assert!(!c.messages.is_empty());
+                for t in [&demo_template, &tool_template] {
+                    if let Ok(text) = t.render_with_tools(&c.messages, c.tools.tools.as_ref(), true)
+                    {
+                        let _ = tokenizer.encode(&text, false);
+                        let _ = switchyard::server::parse_tool_calls(&text);
+                    }
+                }
+            }
+            Err(e) => check_refusal(&e)?,
+        }
+        Ok(())
+    });
+}
+
+/// An accepted body's generation is one the sampler can run as is.
+fn check_generation(g: &Generation) -> Result<(), TestCaseError> {
+    prop_assert!(g.sampling.validate().is_ok(), "{:?}", g.sampling);
+    prop_assert!(g.max_tokens.is_none_or(|n| n >= 1));
+    prop_assert!(g.stop.len() <= 4 && g.stop.iter().all(|s| !s.is_empty()));
+    prop_assert!(g.top_logprobs.is_none_or(|k| k <= 20));
+    let mut sampler = Sampler::new(g.sampling.clone());
+    let id = sampler.sample(&[0.5, -1.0, 2.0, 0.0]);
+    prop_assert!(id < 4);
+    Ok(())
+}
+
+/// A refusal is a client error that says what is wrong.
+fn check_refusal(e: &switchyard::server::ApiError) -> Result<(), TestCaseError> {
+    prop_assert!(e.status.is_client_error(), "{e:?}");
+    prop_assert!(!e.message.is_empty());
+    Ok(())
+}
+
+#[test]
+fn fuzz_request_body() {
+    request_target(2000);
+}
+
+#[test]
+#[ignore]
+fn fuzz_request_body_long() {
+    request_target(cases(1_000_000));
 }

@@ -45,6 +45,51 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
+/// A checked `/v1/completions` body.
+#[derive(Debug, Clone)]
+pub struct CompletionBody {
+    pub prompt: CompletionPrompt,
+    pub generation: Generation,
+}
+
+/// A checked `/v1/chat/completions` body.
+#[derive(Debug, Clone)]
+pub struct ChatBody {
+    pub messages: Vec<ChatMessage>,
+    pub tools: ToolUse,
+    pub generation: Generation,
+}
+
+/// Everything a `/v1/completions` body controls, checked before the engine sees
+/// it: pure, so the fuzz target drives exactly what the route runs. `model`
+/// is asked about the `model` field before the other fields are checked.
+pub fn completion_body(
+    body: &[u8],
+    model: impl FnOnce(Option<&str>) -> Result<(), ApiError>,
+) -> Result<CompletionBody, ApiError> {
+    let common: CommonFields = parse_body(body)?;
+    let req: CompletionRequest = parse_body(body)?;
+    model(common.model.as_deref())?;
+    let (prompt, generation) = req.check(&common)?;
+    Ok(CompletionBody { prompt, generation })
+}
+
+/// [`completion_body`] for `/v1/chat/completions`.
+pub fn chat_body(
+    body: &[u8],
+    model: impl FnOnce(Option<&str>) -> Result<(), ApiError>,
+) -> Result<ChatBody, ApiError> {
+    let common: CommonFields = parse_body(body)?;
+    let req: ChatRequest = parse_body(body)?;
+    model(common.model.as_deref())?;
+    let (messages, tools, generation) = req.check(&common)?;
+    Ok(ChatBody {
+        messages,
+        tools,
+        generation,
+    })
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum StopField {
@@ -277,6 +322,7 @@ fn fresh_seed() -> u64 {
 }
 
 /// What the prompt of a completion request is.
+#[derive(Debug, Clone)]
 pub enum CompletionPrompt {
     Text(String),
     Ids(Vec<u32>),

@@ -14,6 +14,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+pub use api::{
+    ChatBody, CompletionBody, CompletionPrompt, Generation, ToolUse, chat_body, completion_body,
+};
 pub use error::ApiError;
 pub use output::{ToolCall, parse_tool_calls};
 

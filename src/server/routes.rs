@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::AppState;
 use super::api::{
-    ChatRequest, CommonFields, CompletionPrompt, CompletionRequest, Generation, parse_body,
+    ChatBody, CompletionBody, CompletionPrompt, Generation, chat_body, completion_body,
 };
 use super::error::ApiError;
 use super::output::{TextAssembler, ToolCall};
@@ -166,10 +166,8 @@ fn check_model(st: &AppState, model: Option<&str>) -> Result<(), ApiError> {
 async fn completions(State(st): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
     let prepared = (|| {
         let body = body_bytes(body)?;
-        let common: CommonFields = parse_body(&body)?;
-        let req: CompletionRequest = parse_body(&body)?;
-        check_model(&st, common.model.as_deref())?;
-        let (prompt, generation) = req.check(&common)?;
+        let CompletionBody { prompt, generation } =
+            completion_body(&body, |model| check_model(&st, model))?;
         let prompt = match prompt {
             CompletionPrompt::Ids(ids) => ids,
             CompletionPrompt::Text(text) => st
@@ -193,10 +191,11 @@ async fn chat_completions(
 ) -> Response {
     let prepared = (|| {
         let body = body_bytes(body)?;
-        let common: CommonFields = parse_body(&body)?;
-        let req: ChatRequest = parse_body(&body)?;
-        check_model(&st, common.model.as_deref())?;
-        let (messages, tools, generation) = req.check(&common)?;
+        let ChatBody {
+            messages,
+            tools,
+            generation,
+        } = chat_body(&body, |model| check_model(&st, model))?;
         let prompt = st
             .engine
             .encode_chat_with_tools(&messages, tools.tools.as_ref())
