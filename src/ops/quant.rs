@@ -382,6 +382,7 @@ impl PackedMatrix {
                 }
             }
             for j in 0..K_SUPER / BLOCK {
+                // invariant: the slice is exactly BLOCK bytes long.
                 let block: &[u8; BLOCK] = q[j * BLOCK..(j + 1) * BLOCK].try_into().unwrap();
                 let p = BlockParams {
                     d: f16::from_f32(d * sc[2 * j] as i8 as f32).to_f32(),

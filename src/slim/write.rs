@@ -183,6 +183,8 @@ pub fn write_pruned(
                         found: meta.shape.clone(),
                     });
                 }
+                // invariant: rows == num_experts >= 1 (checked above), the reader checked
+                // the byte length against the shape, and every kept id is < num_experts.
                 let row_bytes = bytes.len() / rows.max(1);
                 let mut data = Vec::with_capacity(kept.len() * row_bytes);
                 for &e in kept {

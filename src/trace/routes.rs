@@ -109,6 +109,8 @@ impl Routes {
         let rows = &trace.rows;
         let moe = &trace.meta.moe_layers;
         let layer_index = |layer: u32| moe.binary_search(&(layer as usize)).ok();
+        // invariant: read_trace fills every column from the same record batches, so
+        // each has rows.len() entries.
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_unstable_by_key(|&i| {
             (

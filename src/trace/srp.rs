@@ -75,6 +75,8 @@ impl SegmentHistogram {
             if e >= count.len() {
                 return;
             }
+            // invariant: e < num_experts (checked above); a window of m tokens holds an
+            // expert at most m times, as Routes refuses an expert twice in one token.
             self.counts[count[e]] += (w - since[e]) as u64;
             since[e] = w;
             if up {

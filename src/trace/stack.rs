@@ -37,7 +37,9 @@ pub enum StackPolicy {
 }
 
 /// Per cache size `1..=num_items`, the fraction of `tokens`' requests that hit.
-/// Empty sequences give all zeros.
+/// Empty sequences give all zeros. Every id in `tokens` must be below
+/// `num_items`: traces meet that in `read_trace`, which checks each expert
+/// against the metadata's `num_experts`, the `num_items` analysis passes.
 pub fn hit_curve(tokens: &TokenExperts, num_items: usize, policy: StackPolicy) -> Vec<f64> {
     let mut stack = PriorityStack::new(tokens, num_items, policy);
     let mut by_depth = vec![0u64; num_items + 1];
@@ -162,6 +164,8 @@ impl<'a> PriorityStack<'a> {
     /// Larger keeps. Unique among requested experts: every key ends in a
     /// distinct request counter (Belady: distinct next-request indices).
     fn priority(&self, x: u32) -> (u64, u64) {
+        // invariant: only resident experts are ranked, and residency was decided by
+        // `depth`'s bounds-checked lookup of the same id.
         let x = x as usize;
         match self.policy {
             StackPolicy::Lru => (0, self.last[x]),

@@ -162,6 +162,8 @@ impl GgufSource {
         }
         let head_dim = rows / heads;
         let half = head_dim / 2;
+        // invariant: rows = heads * head_dim divides the byte length (checked above),
+        // so every `src < rows` row lies inside `bytes`.
         let row_bytes = bytes.len() / rows;
         let mut out = Vec::with_capacity(bytes.len());
         for h in 0..heads {
@@ -189,7 +191,9 @@ impl GgufSource {
             .iter()
             .map(|&(name, rows)| self.piece(name, &[rows, cols]))
             .collect::<Result<Vec<_>>>()?;
-        let dtype = pieces[0].info.dtype;
+        let Some(dtype) = pieces.first().map(|p| p.info.dtype) else {
+            return Ok(None);
+        };
         if matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
             || pieces.iter().any(|p| p.info.dtype != dtype)
         {

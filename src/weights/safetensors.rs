@@ -170,6 +170,7 @@ impl SafetensorsFiles {
     }
 
     fn range(&self, meta: &TensorMeta, start: usize, end: usize) -> Result<Cow<'_, [u8]>> {
+        // invariant: `meta.file` is the index of the file the header was read from.
         self.files[meta.file].range(&self.paths[meta.file], start, end)
     }
 

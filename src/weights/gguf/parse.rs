@@ -77,6 +77,7 @@ impl<'a> Reader<'a> {
                 self.data.len()
             ));
         }
+        // invariant: n <= remaining, checked just above.
         let out = &self.data[self.pos..self.pos + n];
         self.pos += n;
         Ok(out)
