@@ -764,7 +764,7 @@ fn check_generation(g: &Generation) -> Result<(), TestCaseError> {
     prop_assert!(g.max_tokens.is_none_or(|n| n >= 1));
     prop_assert!(g.stop.len() <= 4 && g.stop.iter().all(|s| !s.is_empty()));
     prop_assert!(g.top_logprobs.is_none_or(|k| k <= 20));
-    let mut sampler = Sampler::new(g.sampling.clone());
+    let mut sampler = Sampler::new(g.sampling);
     let id = sampler.sample(&[0.5, -1.0, 2.0, 0.0]);
     prop_assert!(id < 4);
     Ok(())
