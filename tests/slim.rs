@@ -3,16 +3,18 @@
 
 mod common;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::fixture;
 use switchyard::eval::{PerplexityOptions, perplexity};
 use switchyard::model::moe::{ExpertTopP, TopPMode};
 use switchyard::model::{LoadOptions, Model, NoObserver};
-use switchyard::slim::{PrunePlan, write_pruned};
+use switchyard::slim::{PRUNING_KEY, PrunePlan, sidecar_path, write_pruned};
 use switchyard::trace::{ActiveExperts, read_trace};
+use switchyard::weights::{GgufFile, GgufTensorOut, GgufValue};
 
 fn load(dir: &Path, expert_top_p: Option<ExpertTopP>) -> Model {
     let opts = LoadOptions {
@@ -41,10 +43,12 @@ fn config_json(dir: &Path) -> serde_json::Value {
 
 /// Removes, in every MoE layer, experts the prompt's routing never used (the
 /// same number per layer, keeping at least top_k), writes the pruned
-/// checkpoint, and checks it gives the original's logits on that prompt.
-fn pruned_logits_match(name: &str, prompt: &[u32]) {
-    let src = fixture(name);
-    let original = load(&src, None);
+/// checkpoint (a directory, or `pruned.gguf` for a GGUF source), checks it
+/// gives the original's logits on that prompt, and returns the plan and the
+/// temporary directory holding the output.
+fn pruned_logits_match(src: &Path, prompt: &[u32]) -> (PrunePlan, tempfile::TempDir, PathBuf) {
+    let name = src.display();
+    let original = load(src, None);
     let cfg = original.config().clone();
     let (n, k) = (cfg.moe.num_experts, cfg.moe.top_k);
     let mut used = ActiveExperts::default();
@@ -72,12 +76,17 @@ fn pruned_logits_match(name: &str, prompt: &[u32]) {
         .collect();
     let plan = PrunePlan::new(n, kept.clone()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("pruned");
-    let summary = write_pruned(&src, &plan, &out, false, serde_json::json!({})).unwrap();
+    let gguf = GgufFile::is_gguf(src);
+    let out = tmp.path().join(if gguf { "pruned.gguf" } else { "pruned" });
+    let summary = write_pruned(src, &plan, &out, false, serde_json::json!({})).unwrap();
     assert_eq!(summary.experts_after, n - remove);
     assert!(summary.bytes_after < summary.bytes_before);
-    assert!(summary.copied.contains(&"tokenizer.json".to_string()));
-    assert!(out.join("tokenizer.json").exists() && out.join("pruning.json").exists());
+    if gguf {
+        assert!(out.is_file() && sidecar_path(&out).is_file());
+    } else {
+        assert!(summary.copied.contains(&"tokenizer.json".to_string()));
+        assert!(out.join("tokenizer.json").exists() && out.join("pruning.json").exists());
+    }
 
     let pruned = load(&out, None);
     assert_eq!(pruned.config().moe.num_experts, n - remove);
@@ -98,21 +107,22 @@ fn pruned_logits_match(name: &str, prompt: &[u32]) {
             );
         }
     }
+    (plan, tmp, out)
 }
 
 #[test]
 fn pruned_qwen3_moe_logits_equal_the_original_where_routing_avoided_removed_experts() {
-    pruned_logits_match("qwen3_moe", &[3, 17, 250]);
+    pruned_logits_match(&fixture("qwen3_moe"), &[3, 17, 250]);
 }
 
 #[test]
 fn pruned_fused_qwen3_moe_logits_equal_the_original() {
-    pruned_logits_match("qwen3_moe_fused", &[3, 17, 250]);
+    pruned_logits_match(&fixture("qwen3_moe_fused"), &[3, 17, 250]);
 }
 
 #[test]
 fn pruned_mixtral_logits_equal_the_original_where_routing_avoided_removed_experts() {
-    pruned_logits_match("mixtral", &[42, 7]);
+    pruned_logits_match(&fixture("mixtral"), &[42, 7]);
 }
 
 #[test]
@@ -185,7 +195,7 @@ fn prune_plans_that_cannot_be_written_are_refused() {
         1,
         "temp or old directories left: {leftovers:?}"
     );
-    // GGUF in.
+    // GGUF in: a file out, and the same plan checks before anything is written.
     let gguf = fixture("gguf").join("qwen3_moe-f16.gguf");
     let err = write_pruned(
         &gguf,
@@ -196,7 +206,203 @@ fn prune_plans_that_cannot_be_written_are_refused() {
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("GGUF"), "{err}");
+    assert!(err.contains(".gguf"), "{err}");
+    let bad_layers = PrunePlan::new(8, [(0, vec![0]), (1, vec![0])].into()).unwrap();
+    let err = write_pruned(
+        &gguf,
+        &bad_layers,
+        &tmp.path().join("g.gguf"),
+        false,
+        serde_json::json!({}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("[0, 2]"), "{err}");
+    // And a safetensors checkpoint is not written as a GGUF file.
+    let err = write_pruned(
+        &src,
+        &plan,
+        &tmp.path().join("s.gguf"),
+        false,
+        serde_json::json!({}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("Hugging Face directory"), "{err}");
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "files left: {leftovers:?}");
+}
+
+/// The merged expert tensors and the router of a MoE layer: what pruning cuts.
+fn expert_indexed(name: &str) -> bool {
+    [
+        "ffn_gate_exps",
+        "ffn_up_exps",
+        "ffn_down_exps",
+        "ffn_gate_inp",
+    ]
+    .iter()
+    .any(|base| name.ends_with(&format!(".{base}.weight")))
+}
+
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+/// `out` is `src` pruned by `plan`: every expert-indexed tensor of a MoE layer
+/// holds exactly the kept experts' bytes of the original, in order, in the
+/// original's encoding; every other tensor and metadata entry is the original's;
+/// the expert count is the kept count and the record names the kept experts.
+fn check_gguf_copy(src: &Path, out: &Path, plan: &PrunePlan) {
+    let (a, b) = (GgufFile::open(src).unwrap(), GgufFile::open(out).unwrap());
+    let n = plan.num_experts();
+    let keep = plan.keep_per_layer();
+    let mut names: Vec<&str> = a.tensor_names().collect();
+    names.sort_unstable();
+    let mut names_b: Vec<&str> = b.tensor_names().collect();
+    names_b.sort_unstable();
+    assert_eq!(names, names_b);
+    let mut cut = 0;
+    for name in names {
+        let (ia, ib) = (a.tensor_info(name).unwrap(), b.tensor_info(name).unwrap());
+        assert_eq!(ia.dtype, ib.dtype, "{name}");
+        let kept = layer_of(name).and_then(|l| plan.kept(l));
+        match kept.filter(|_| expert_indexed(name)) {
+            Some(kept) => {
+                assert_eq!(ia.shape[0], n, "{name}");
+                assert_eq!(ib.shape[0], keep, "{name}");
+                assert_eq!(ia.shape[1..], ib.shape[1..], "{name}");
+                let want: Vec<u8> = kept
+                    .iter()
+                    .flat_map(|&e| a.part_bytes(name, e as usize, n).unwrap().into_owned())
+                    .collect();
+                assert!(
+                    *b.bytes(name).unwrap() == want[..],
+                    "{name}: kept experts' bytes differ"
+                );
+                cut += 1;
+            }
+            None => {
+                assert_eq!(ia.shape, ib.shape, "{name}");
+                assert!(
+                    a.bytes(name).unwrap() == b.bytes(name).unwrap(),
+                    "{name} changed"
+                );
+            }
+        }
+    }
+    let moe_layers = (0..64).filter(|&l| plan.kept(l).is_some()).count();
+    assert_eq!(
+        cut,
+        4 * moe_layers,
+        "gate, up, down and router in every MoE layer"
+    );
+    let arch = a.get("general.architecture").unwrap().as_str().unwrap();
+    let (count, used) = (
+        format!("{arch}.expert_count"),
+        format!("{arch}.expert_used_count"),
+    );
+    assert_eq!(b.get(&count).unwrap().as_u64(), Some(keep as u64));
+    let top_k = a.get(&used).unwrap().as_u64().unwrap();
+    assert_eq!(b.get(&used).unwrap().as_u64(), Some(top_k.min(keep as u64)));
+    for (key, value) in a.metadata() {
+        if *key != count && *key != used {
+            assert_eq!(b.get(key), Some(value), "metadata `{key}`");
+        }
+    }
+    let record: serde_json::Value =
+        serde_json::from_str(b.get(PRUNING_KEY).unwrap().as_str().unwrap()).unwrap();
+    let sidecar: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sidecar_path(out)).unwrap()).unwrap();
+    assert_eq!(record, sidecar);
+    for l in 0..64 {
+        if let Some(kept) = plan.kept(l) {
+            assert_eq!(record["kept"][l.to_string()], serde_json::json!(kept));
+        }
+    }
+}
+
+#[test]
+fn pruned_gguf_logits_equal_the_original_and_tensors_are_the_originals_slices() {
+    for (file, prompt) in [
+        ("qwen3_moe-f16.gguf", &[3u32, 17, 250][..]),
+        ("mixtral-f16.gguf", &[42, 7][..]),
+    ] {
+        let src = fixture("gguf").join(file);
+        let (plan, _tmp, out) = pruned_logits_match(&src, prompt);
+        check_gguf_copy(&src, &out, &plan);
+    }
+}
+
+#[test]
+fn pruned_quantized_gguf_keeps_the_kept_experts_blocks_as_stored() {
+    // qwen3_moe's GGUF with its routed experts in Q8_0 (34-byte blocks of 32
+    // weights): an expert is a run of whole blocks, copied without re-encoding.
+    let f16 = fixture("gguf").join("qwen3_moe-f16.gguf");
+    let file = GgufFile::open(&f16).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let q8 = tmp.path().join("q8.gguf");
+    let tensors: Vec<GgufTensorOut> = file
+        .tensor_names_in_file_order()
+        .into_iter()
+        .map(|name| {
+            let info = file.tensor_info(name).unwrap();
+            let (dtype, data) = if name.contains("_exps.") {
+                let t = file.load(name, candle_core::DType::F32).unwrap();
+                let q = candle_core::quantized::QTensor::quantize(
+                    &t,
+                    candle_core::quantized::GgmlDType::Q8_0,
+                )
+                .unwrap();
+                (q.dtype(), Cow::Owned(q.data().unwrap().into_owned()))
+            } else {
+                (info.dtype, file.bytes(name).unwrap())
+            };
+            GgufTensorOut {
+                name: name.to_string(),
+                dtype,
+                shape: info.shape.clone(),
+                data: vec![data],
+            }
+        })
+        .collect();
+    file.write_edited(&q8, &[], &tensors).unwrap();
+    let (plan, _out_dir, out) = pruned_logits_match(&q8, &[3, 17, 250]);
+    check_gguf_copy(&q8, &out, &plan);
+    let pruned = GgufFile::open(&out).unwrap();
+    let gate = pruned.tensor_info("blk.0.ffn_gate_exps.weight").unwrap();
+    assert_eq!(gate.dtype, candle_core::quantized::GgmlDType::Q8_0);
+}
+
+#[test]
+fn pruned_gguf_lowers_expert_used_count_when_keeping_fewer_than_top_k() {
+    let src = fixture("gguf").join("mixtral-f16.gguf");
+    let plan = PrunePlan::new(4, [(0, vec![2]), (1, vec![0])].into()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("one.gguf");
+    let summary =
+        write_pruned(&src, &plan, &out, false, serde_json::json!({"by": "test"})).unwrap();
+    assert_eq!((summary.top_k_before, summary.top_k_after), (2, 1));
+    check_gguf_copy(&src, &out, &plan);
+    let model = load(&out, None);
+    assert_eq!(
+        (model.config().moe.num_experts, model.config().moe.top_k),
+        (1, 1)
+    );
+    let l = logits(&model, &[5, 6], &mut ActiveExperts::default());
+    assert!(l.iter().all(|x| x.is_finite()));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sidecar_path(&out)).unwrap()).unwrap();
+    assert_eq!(record["removed"]["0"], serde_json::json!([0, 1, 3]));
+    assert_eq!(record["how"]["by"], "test");
+    let metadata = GgufFile::open(&out).unwrap();
+    assert!(matches!(
+        metadata.get("llama.expert_count"),
+        Some(GgufValue::U32(1))
+    ));
 }
 
 #[test]
@@ -333,28 +539,118 @@ fn prune_cli_writes_a_loadable_checkpoint_and_refuses_bad_input() {
         &with(&["--keep", "1.5", "--out", "/nonexistent/x"]),
         "(0, 1]",
     );
+    let fresh = tmp.path().join("fresh");
+    let mut nine = with(&["--keep-per-layer", "9", "--out"]);
+    nine.push(fresh.to_str().unwrap());
+    fails_with(&nine, "8 experts");
+    assert!(!fresh.exists());
+    // An output directory under a directory that does not exist.
     fails_with(
-        &with(&["--keep-per-layer", "9", "--out", "/nonexistent/x"]),
-        "8 experts",
+        &with(&["--keep", "0.5", "--out", "/nonexistent/x"]),
+        "/nonexistent does not exist",
     );
     fails_with(&with(&["--keep", "0.5"]), "--out");
     fails_with(&with(&["--out", "/nonexistent/x"]), "--keep");
     let mut exists = with(&["--keep", "0.5", "--out"]);
     exists.push(out);
     fails_with(&exists, "--force");
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    walk(dir)
+        .into_iter()
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn prune_cli_prunes_gguf_to_gguf_and_bad_input_leaves_the_disk_as_it_was() {
     let gguf = fixture("gguf").join("qwen3_moe-f16.gguf");
-    let args = [
-        "prune",
-        "--model",
-        gguf.to_str().unwrap(),
-        "--calibration",
-        text,
-        "--keep",
-        "0.5",
-        "--out",
-        "/nonexistent/x",
-    ];
-    fails_with(&args, "GGUF");
+    let model = gguf.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("calibration.txt");
+    std::fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog. ".repeat(20),
+    )
+    .unwrap();
+    let text = text.to_str().unwrap();
+    let out = tmp.path().join("half.gguf");
+    let out_s = out.to_str().unwrap();
+    for by in ["frequency", "reap"] {
+        let (stdout, _) = ok(&[
+            "prune",
+            "--model",
+            model,
+            "--calibration",
+            text,
+            "--keep",
+            "0.5",
+            "--by",
+            by,
+            "--out",
+            out_s,
+            "--force",
+        ]);
+        assert!(stdout.contains("8 -> 4 experts"), "{stdout}");
+        let pruned = GgufFile::open(&out).unwrap();
+        assert_eq!(
+            pruned.get("qwen3moe.expert_count").unwrap().as_u64(),
+            Some(4)
+        );
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(sidecar_path(&out)).unwrap()).unwrap();
+        assert_eq!(record["how"]["by"], by);
+        assert_eq!(record["kept"]["0"].as_array().unwrap().len(), 4);
+        load(&out, None);
+    }
+    let truncated = tmp.path().join("truncated.gguf");
+    let bytes = std::fs::read(&gguf).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let missing = tmp.path().join("missing.gguf");
+    let before = snapshot(tmp.path());
+    let prune = |model: &Path, extra: &[&str], needle: &str| {
+        let mut args = vec![
+            "prune",
+            "--model",
+            model.to_str().unwrap(),
+            "--calibration",
+            text,
+        ];
+        args.extend(extra);
+        fails_with(&args, needle);
+        assert!(snapshot(tmp.path()) == before, "{args:?} changed the disk");
+    };
+    let fresh = tmp.path().join("new.gguf");
+    let fresh = fresh.to_str().unwrap();
+    prune(&missing, &["--keep", "0.5", "--out", fresh], "missing.gguf");
+    prune(&truncated, &["--keep", "0.5", "--out", fresh], "truncated");
+    prune(&gguf, &["--keep", "0", "--out", fresh], "(0, 1]");
+    prune(&gguf, &["--keep", "1.5", "--out", fresh], "(0, 1]");
+    prune(&gguf, &["--keep", "0.5", "--out", out_s], "--force");
+    let dir_out = tmp.path().join("dir");
+    prune(
+        &gguf,
+        &["--keep", "0.5", "--out", dir_out.to_str().unwrap()],
+        ".gguf",
+    );
 }
 
 #[test]

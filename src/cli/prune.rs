@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use switchyard::Engine;
 use switchyard::model::{ForwardOptions, LogitsFor, SequenceId, SequenceInput};
-use switchyard::slim::{ExpertScores, PruneCriterion, write_pruned};
+use switchyard::slim::{ExpertScores, PruneCriterion, check_out, sidecar_path, write_pruned};
 use switchyard::weights::GgufFile;
 
 use super::model_arg::{load_engine, model_name, resolve};
@@ -15,7 +15,7 @@ use super::model_arg::{load_engine, model_name, resolve};
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("amount").required(true).args(["keep", "keep_per_layer"])))]
 pub struct PruneArgs {
-    /// Hugging Face model directory (config.json + safetensors). Default: the bundled demo model.
+    /// Hugging Face model directory (config.json + safetensors) or GGUF file. Default: the bundled demo model.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Plain text the experts are scored on.
@@ -31,7 +31,9 @@ pub struct PruneArgs {
     /// REAP saliency (mean router probability times expert output norm over them).
     #[arg(long, value_enum, default_value_t = By::Frequency)]
     by: By,
-    /// Output directory (a Hugging Face checkpoint).
+    /// Output: a directory (a Hugging Face checkpoint with pruning.json) for a
+    /// safetensors model; a file ending in .gguf (its record in NAME.pruning.json
+    /// beside it and in the metadata) for a GGUF model.
     #[arg(long)]
     out: PathBuf,
     /// Replace --out if it exists.
@@ -56,24 +58,14 @@ const WINDOWS_PER_FORWARD: usize = 4;
 
 pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     let dir = resolve(args.model.clone())?;
-    if GgufFile::is_gguf(&dir) {
-        anyhow::bail!(
-            "{}: pruning a GGUF file is not supported yet; prune the Hugging Face (safetensors) checkpoint it came from",
-            dir.display()
-        );
-    }
     if let Some(f) = args.keep {
         anyhow::ensure!(
             f > 0.0 && f <= 1.0,
             "--keep {f}: must be a fraction in (0, 1] of each layer's experts"
         );
     }
-    if args.out.exists() && !args.force {
-        anyhow::bail!(
-            "{} already exists; pass --force to replace it",
-            args.out.display()
-        );
-    }
+    // Before the calibration run, which is most of the time.
+    check_out(&dir, &args.out, args.force)?;
     let engine = load_engine(&dir)?;
     let cfg = engine.model().config().clone();
     let n_experts = cfg.moe.num_experts;
@@ -120,7 +112,7 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     let summary = write_pruned(&dir, &plan, &args.out, args.force, record)
         .with_context(|| format!("writing the pruned checkpoint to {}", args.out.display()))?;
     println!(
-        "pruned by {} on {tokens} calibration tokens: {} -> {} experts per MoE layer, top_k {} -> {}, weights {:.1} MB -> {:.1} MB; wrote {} ({} copied)",
+        "pruned by {} on {tokens} calibration tokens: {} -> {} experts per MoE layer, top_k {} -> {}, weights {:.1} MB -> {:.1} MB; wrote {} ({})",
         format!("{:?}", args.by).to_lowercase(),
         summary.experts_before,
         summary.experts_after,
@@ -129,10 +121,15 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         summary.bytes_before as f64 / 1e6,
         summary.bytes_after as f64 / 1e6,
         args.out.display(),
-        if summary.copied.is_empty() {
-            "no tokenizer files".to_string()
+        if GgufFile::is_gguf(&dir) {
+            format!(
+                "record in {} and the metadata",
+                sidecar_path(&args.out).display()
+            )
+        } else if summary.copied.is_empty() {
+            "no tokenizer files copied".to_string()
         } else {
-            summary.copied.join(", ")
+            format!("{} copied", summary.copied.join(", "))
         }
     );
     Ok(())

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use safetensors::Dtype;
 use safetensors::tensor::View;
 
-use crate::config::load_model_config;
+use crate::config::{ModelConfig, load_model_config};
 use crate::error::{Error, Result};
 use crate::experts::moe_prefix;
 use crate::weights::{GgufFile, MoeNames, SafetensorsFiles, StoredDtype};
@@ -97,9 +97,10 @@ const COMPANION_FILES: [&str; 10] = [
     "generation_config.json",
 ];
 
-/// Writes `src` (a Hugging Face safetensors directory) pruned by `plan` to
-/// `out`. An existing `out` is refused unless `force`; `record` is stored as
-/// `pruning.json`'s `"how"` (criterion, calibration, scores).
+/// Writes `src` pruned by `plan` to `out`: a Hugging Face safetensors
+/// directory to a directory, a GGUF file to a file whose name ends in `.gguf`.
+/// An existing `out` is refused unless `force`; `record` is stored as the
+/// pruning record's `"how"` (criterion, calibration, scores).
 pub fn write_pruned(
     src: &Path,
     plan: &PrunePlan,
@@ -107,29 +108,12 @@ pub fn write_pruned(
     force: bool,
     record: serde_json::Value,
 ) -> Result<PruneSummary> {
+    check_out(src, out, force)?;
     if GgufFile::is_gguf(src) {
-        return Err(Error::InvalidInput(format!(
-            "{}: pruning a GGUF file is not supported yet; prune the Hugging Face (safetensors) checkpoint it came from",
-            src.display()
-        )));
-    }
-    if out.exists() && !force {
-        return Err(Error::InvalidInput(format!(
-            "{} already exists; pass --force to replace it",
-            out.display()
-        )));
+        return super::gguf::write_pruned_gguf(src, plan, out, record);
     }
     let config = load_model_config(src)?;
-    let moe_layers: Vec<usize> = (config.moe.sparse_layers.iter().enumerate())
-        .filter_map(|(l, &sparse)| sparse.then_some(l))
-        .collect();
-    let planned: Vec<usize> = plan.kept.keys().copied().collect();
-    if planned != moe_layers || plan.num_experts != config.moe.num_experts {
-        return Err(Error::InvalidInput(format!(
-            "the plan covers layers {planned:?} of {} experts; the model's MoE layers are {moe_layers:?} with {} experts",
-            plan.num_experts, config.moe.num_experts
-        )));
-    }
+    let moe_layers = check_plan(plan, &config)?;
     let keep = plan.keep_per_layer();
     let top_k_after = config.moe.top_k.min(keep);
     let config_path = src.join("config.json");
@@ -231,26 +215,11 @@ pub fn write_pruned(
                 copied.push(file.to_string());
             }
         }
-        let removed: BTreeMap<usize, Vec<u32>> = (plan.kept.iter())
-            .map(|(&l, kept)| {
-                let gone = (0..plan.num_experts as u32).filter(|e| !kept.contains(e));
-                (l, gone.collect())
-            })
-            .collect();
-        let pruning = serde_json::json!({
-            "source": src.display().to_string(),
-            "experts_before": plan.num_experts,
-            "experts_after": keep,
-            "top_k_before": config.moe.top_k,
-            "top_k_after": top_k_after,
-            "kept": plan.kept,
-            "removed": removed,
-            "how": record,
-        });
+        let pruning = pruning_record(src, plan, config.moe.top_k, top_k_after, record);
         let text = serde_json::to_string_pretty(&pruning)
             .map_err(|e| Error::InvalidInput(format!("pruning.json: {e}")))?;
         write_file(&tmp.join("pruning.json"), text.as_bytes())?;
-        replace_dir(&tmp, out)?;
+        replace_path(&tmp, out)?;
         Ok(copied)
     })();
     let copied = match result {
@@ -268,6 +237,98 @@ pub fn write_pruned(
         bytes_before,
         bytes_after,
         copied,
+    })
+}
+
+/// Refuses an output the input cannot be written to, before any work: GGUF
+/// in gives one `.gguf` file, safetensors in a directory; an existing `out`
+/// only with `force`, never a directory replaced by a file.
+pub fn check_out(src: &Path, out: &Path, force: bool) -> Result<()> {
+    if !src.exists() {
+        return Err(Error::InvalidInput(format!(
+            "{}: no such file or directory (the model to prune)",
+            src.display()
+        )));
+    }
+    let is_gguf_name = out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if GgufFile::is_gguf(src) {
+        if !is_gguf_name {
+            return Err(Error::InvalidInput(format!(
+                "--out {}: a GGUF model is pruned into one GGUF file; give a file name ending in .gguf",
+                out.display()
+            )));
+        }
+        if out.is_dir() {
+            return Err(Error::InvalidInput(format!(
+                "--out {}: is a directory; a GGUF model is pruned into one file",
+                out.display()
+            )));
+        }
+    } else if is_gguf_name {
+        return Err(Error::InvalidInput(format!(
+            "--out {}: a safetensors checkpoint is pruned into a Hugging Face directory, not a GGUF file (prune the GGUF file to get one)",
+            out.display()
+        )));
+    }
+    if out.exists() && !force {
+        return Err(Error::InvalidInput(format!(
+            "{} already exists; pass --force to replace it",
+            out.display()
+        )));
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent.filter(|p| !p.is_dir()) {
+        return Err(Error::InvalidInput(format!(
+            "--out {}: the directory {} does not exist",
+            out.display(),
+            parent.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a plan that does not cover exactly the model's MoE layers and
+/// experts; returns those layers.
+pub(super) fn check_plan(plan: &PrunePlan, config: &ModelConfig) -> Result<Vec<usize>> {
+    let moe_layers: Vec<usize> = (config.moe.sparse_layers.iter().enumerate())
+        .filter_map(|(l, &sparse)| sparse.then_some(l))
+        .collect();
+    let planned: Vec<usize> = plan.kept.keys().copied().collect();
+    if planned != moe_layers || plan.num_experts != config.moe.num_experts {
+        return Err(Error::InvalidInput(format!(
+            "the plan covers layers {planned:?} of {} experts; the model's MoE layers are {moe_layers:?} with {} experts",
+            plan.num_experts, config.moe.num_experts
+        )));
+    }
+    Ok(moe_layers)
+}
+
+/// The pruning record (`pruning.json`): kept and removed experts per layer,
+/// the counts before and after, and `how` (criterion, calibration, scores).
+pub(super) fn pruning_record(
+    src: &Path,
+    plan: &PrunePlan,
+    top_k_before: usize,
+    top_k_after: usize,
+    how: serde_json::Value,
+) -> serde_json::Value {
+    let removed: BTreeMap<usize, Vec<u32>> = (plan.kept.iter())
+        .map(|(&l, kept)| {
+            let gone = (0..plan.num_experts as u32).filter(|e| !kept.contains(e));
+            (l, gone.collect())
+        })
+        .collect();
+    serde_json::json!({
+        "source": src.display().to_string(),
+        "experts_before": plan.num_experts,
+        "experts_after": plan.keep_per_layer(),
+        "top_k_before": top_k_before,
+        "top_k_after": top_k_after,
+        "kept": plan.kept,
+        "removed": removed,
+        "how": how,
     })
 }
 
@@ -368,7 +429,7 @@ fn rewrite_config(path: &Path, count_keys: &[&str], keep: usize, top_k: usize) -
 }
 
 /// `.{name}.{what}.{pid}` beside `path`.
-fn sibling(path: &Path, what: &str) -> Result<PathBuf> {
+pub(super) fn sibling(path: &Path, what: &str) -> Result<PathBuf> {
     let name = path.file_name().ok_or_else(|| {
         Error::InvalidInput(format!("--out {}: needs a directory name", path.display()))
     })?;
@@ -379,9 +440,9 @@ fn sibling(path: &Path, what: &str) -> Result<PathBuf> {
     )))
 }
 
-/// Moves `tmp` to `out`; an existing `out` is moved aside first and deleted
-/// only once the new one is in place.
-fn replace_dir(tmp: &Path, out: &Path) -> Result<()> {
+/// Moves `tmp` (a directory or a file) to `out`; an existing `out` is moved
+/// aside first and deleted only once the new one is in place.
+pub(super) fn replace_path(tmp: &Path, out: &Path) -> Result<()> {
     if !out.exists() {
         return std::fs::rename(tmp, out).map_err(|e| Error::io(out, e));
     }

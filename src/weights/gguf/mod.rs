@@ -8,6 +8,7 @@
 //! innermost first, GGML type, offset), padding to `general.alignment`, data.
 
 mod parse;
+mod write;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -19,6 +20,7 @@ use super::backing::{Backing, ReadStats};
 use crate::error::{Error, Result};
 use candle_core::quantized::{GgmlDType, QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{DType, Device, Tensor};
+pub use write::GgufTensorOut;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 
@@ -132,6 +134,9 @@ pub struct GgufFile {
     backing: Backing,
     version: u32,
     metadata: BTreeMap<String, GgufValue>,
+    /// Metadata entries' keys and byte ranges in file order (for rewriting).
+    entries: Vec<(String, std::ops::Range<usize>)>,
+    alignment: usize,
     tensors: HashMap<String, GgufTensorInfo>,
 }
 
@@ -160,6 +165,8 @@ impl GgufFile {
             backing,
             version: parsed.version,
             metadata: parsed.metadata,
+            entries: parsed.entries,
+            alignment: parsed.alignment,
             tensors: parsed.tensors,
         })
     }
@@ -173,6 +180,8 @@ impl GgufFile {
             backing: Backing::reads(&self.path, stats.clone())?,
             version: self.version,
             metadata: BTreeMap::new(),
+            entries: Vec::new(),
+            alignment: self.alignment,
             tensors: self.tensors.clone(),
         };
         Ok((reopened, stats))
@@ -251,6 +260,20 @@ impl GgufFile {
 
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
+    }
+
+    /// Tensor names in the order their data lies in the file.
+    pub fn tensor_names_in_file_order(&self) -> Vec<&str> {
+        let mut names: Vec<(&str, usize)> = (self.tensors.iter())
+            .map(|(name, info)| (name.as_str(), info.start))
+            .collect();
+        names.sort_unstable_by_key(|&(name, start)| (start, name));
+        names.into_iter().map(|(name, _)| name).collect()
+    }
+
+    /// `general.alignment`, or GGUF's default (32): what tensor data offsets are multiples of.
+    pub fn alignment(&self) -> usize {
+        self.alignment
     }
 
     /// A GGUF-named tensor's info, or an error naming the file.

@@ -2,6 +2,7 @@
 //! file length: every count, length and extent is checked before it is used.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 
 use candle_core::quantized::GgmlDType;
 
@@ -50,9 +51,34 @@ fn ggml_dtype(code: u32) -> std::result::Result<GgmlDType, String> {
         }
     })
 }
+/// A GGML type's number in `ggml.h`, the inverse of [`ggml_dtype`].
+pub(super) fn ggml_code(dtype: GgmlDType) -> u32 {
+    match dtype {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
+    }
+}
+
 pub(super) struct Parsed {
     pub(super) version: u32,
     pub(super) metadata: BTreeMap<String, GgufValue>,
+    /// Each metadata entry's key and byte range (key, type and value), in file
+    /// order: what a rewrite copies unchanged.
+    pub(super) entries: Vec<(String, Range<usize>)>,
+    pub(super) alignment: usize,
     pub(super) tensors: HashMap<String, GgufTensorInfo>,
 }
 
@@ -195,13 +221,16 @@ pub(super) fn parse(data: &[u8]) -> Parse<Parsed> {
     let n_kv = r.count(13, "metadata count")?;
 
     let mut metadata = BTreeMap::new();
+    let mut entries = Vec::with_capacity(n_kv);
     for i in 0..n_kv {
+        let entry_start = r.pos;
         let key = r.string(&format!("metadata key #{i}"))?;
         let ty = r.u32(&format!("type of metadata `{key}`"))?;
         let value = r.value(ty, 0, &format!("metadata `{key}`"))?;
         if metadata.insert(key.clone(), value).is_some() {
             return Err(format!("metadata key `{key}` appears twice"));
         }
+        entries.push((key, entry_start..r.pos));
     }
 
     let alignment = match metadata.get("general.alignment") {
@@ -308,6 +337,8 @@ pub(super) fn parse(data: &[u8]) -> Parse<Parsed> {
     Ok(Parsed {
         version,
         metadata,
+        entries,
+        alignment,
         tensors,
     })
 }
