@@ -4,7 +4,8 @@
 //! kept runs are copied as stored, never re-quantized. The router
 //! (`ffn_gate_inp`, `[n_experts, hidden]`) keeps the kept rows, every other
 //! tensor and metadata entry is copied byte for byte, and `{arch}.expert_count`
-//! (and `{arch}.expert_used_count`, if above what is kept) is rewritten.
+//! (and `{arch}.expert_used_count`, if above what is kept) is rewritten. The
+//! tensor names are the family's ([`MoeNames`]), as the loader reads them.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -12,7 +13,7 @@ use std::path::Path;
 use super::write::{PrunePlan, PruneSummary, check_plan, pruning_record, replace_path, sibling};
 use crate::config::config_from_gguf;
 use crate::error::{Error, Result};
-use crate::weights::{GgufFile, GgufTensorOut, GgufValue};
+use crate::weights::{GgufFile, GgufTensorOut, GgufValue, MoeNames};
 
 /// The metadata key the pruning record (the `pruning.json` of a Hugging Face
 /// output) is embedded under, as a JSON string.
@@ -32,9 +33,8 @@ pub(super) fn write_pruned_gguf(
     check_plan(plan, &config)?;
     let keep = plan.keep_per_layer();
     let top_k_after = config.moe.top_k.min(keep);
-    let arch = (file.get("general.architecture").and_then(GgufValue::as_str))
-        .ok_or_else(|| Error::config(src, "missing string GGUF metadata `general.architecture`"))?
-        .to_string();
+    let arch = config.family.gguf.arch;
+    let names = &config.family.names;
 
     let (mut bytes_before, mut bytes_after) = (0u64, 0u64);
     let mut tensors = Vec::new();
@@ -43,7 +43,7 @@ pub(super) fn write_pruned_gguf(
         let bytes = file.bytes(name)?;
         bytes_before += bytes.len() as u64;
         let mut shape = info.shape.clone();
-        let data = match expert_indexed(name).and_then(|l| plan.kept(l)) {
+        let data = match expert_indexed(names, name).and_then(|l| plan.kept(l)) {
             None => vec![bytes],
             Some(kept) => {
                 if shape.first() != Some(&plan.num_experts()) {
@@ -114,14 +114,17 @@ pub fn sidecar_path(out: &Path) -> std::path::PathBuf {
 }
 
 /// The layer of a tensor indexed by routed expert along its outermost
-/// dimension: the merged experts (`ffn_*_exps`, not the shared `*_shexp`),
-/// the router, and the selection bias some families add (`exp_probs_b`).
-fn expert_indexed(name: &str) -> Option<usize> {
+/// dimension: the merged experts (`ffn_*_exps`, not the shared `*_shexp`)
+/// and the router.
+fn expert_indexed(names: &MoeNames, name: &str) -> Option<usize> {
     let rest = name.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
-    let base = rest.split('.').next()?;
-    let indexed = base.ends_with("_exps") || base == "ffn_gate_inp" || base == "exp_probs_b";
-    indexed.then(|| layer.parse().ok()).flatten()
+    let base = rest.strip_suffix(".weight")?;
+    let mut routed = std::iter::once(names.router).chain(names.experts);
+    routed
+        .any(|(_, g)| g == base)
+        .then(|| layer.parse().ok())
+        .flatten()
 }
 
 /// The kept experts' runs of a tensor whose outermost dimension is the
@@ -154,11 +157,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn expert_indexed_tensors_are_the_experts_router_and_bias() {
+    fn expert_indexed_tensors_are_the_experts_and_router() {
+        let names = &crate::config::family::QWEN2_MOE.names;
+        let expert_indexed = |name| expert_indexed(names, name);
         assert_eq!(expert_indexed("blk.3.ffn_gate_exps.weight"), Some(3));
         assert_eq!(expert_indexed("blk.0.ffn_down_exps.weight"), Some(0));
         assert_eq!(expert_indexed("blk.1.ffn_gate_inp.weight"), Some(1));
-        assert_eq!(expert_indexed("blk.1.exp_probs_b.bias"), Some(1));
         for shared in [
             "blk.1.ffn_gate_inp_shexp.weight",
             "blk.1.ffn_up_shexp.weight",
