@@ -154,24 +154,12 @@ impl ExpertLayout {
 mod tests {
     use super::*;
 
-    const MIXTRAL_LIKE: MoeNames = MoeNames {
-        modules: &["block_sparse_moe", "mlp"],
-        router: ("gate", "ffn_gate_inp"),
-        experts: [
-            ("w1", "ffn_gate_exps"),
-            ("w3", "ffn_up_exps"),
-            ("w2", "ffn_down_exps"),
-        ],
-        fused: ["gate_up_proj", "down_proj"],
-        shared_expert: None,
-    };
-
     #[test]
     fn names_per_expert_and_fused_tensors() {
         let per = LayerExperts {
             prefix: "model.layers.2.block_sparse_moe".into(),
             fused: false,
-            names: &MIXTRAL_LIKE,
+            names: &crate::config::family::MIXTRAL.names,
         };
         assert_eq!(
             per.tensor_names(5),
@@ -184,7 +172,7 @@ mod tests {
         let fused = LayerExperts {
             prefix: "model.layers.0.mlp".into(),
             fused: true,
-            names: &MIXTRAL_LIKE,
+            names: &crate::config::family::MIXTRAL.names,
         };
         assert_eq!(
             fused.tensor_names(3),
