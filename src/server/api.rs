@@ -60,6 +60,18 @@ pub struct ChatBody {
     pub generation: Generation,
 }
 
+/// The fields both endpoints share and the endpoint's own, with `model` asked
+/// about the `model` field before either is checked.
+fn parse_request<R: DeserializeOwned>(
+    body: &[u8],
+    model: impl FnOnce(Option<&str>) -> Result<(), ApiError>,
+) -> Result<(CommonFields, R), ApiError> {
+    let common: CommonFields = parse_body(body)?;
+    let req: R = parse_body(body)?;
+    model(common.model.as_deref())?;
+    Ok((common, req))
+}
+
 /// Everything a `/v1/completions` body controls, checked before the engine sees
 /// it: pure, so the fuzz target drives exactly what the route runs. `model`
 /// is asked about the `model` field before the other fields are checked.
@@ -67,9 +79,7 @@ pub fn completion_body(
     body: &[u8],
     model: impl FnOnce(Option<&str>) -> Result<(), ApiError>,
 ) -> Result<CompletionBody, ApiError> {
-    let common: CommonFields = parse_body(body)?;
-    let req: CompletionRequest = parse_body(body)?;
-    model(common.model.as_deref())?;
+    let (common, req) = parse_request::<CompletionRequest>(body, model)?;
     let (prompt, generation) = req.check(&common)?;
     Ok(CompletionBody { prompt, generation })
 }
@@ -79,9 +89,7 @@ pub fn chat_body(
     body: &[u8],
     model: impl FnOnce(Option<&str>) -> Result<(), ApiError>,
 ) -> Result<ChatBody, ApiError> {
-    let common: CommonFields = parse_body(body)?;
-    let req: ChatRequest = parse_body(body)?;
-    model(common.model.as_deref())?;
+    let (common, req) = parse_request::<ChatRequest>(body, model)?;
     let (messages, tools, generation) = req.check(&common)?;
     Ok(ChatBody {
         messages,
