@@ -497,12 +497,7 @@ fn prune_cli_writes_a_loadable_checkpoint_and_refuses_bad_input() {
     let model = fixture("qwen3_moe");
     let model = model.to_str().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let text = tmp.path().join("calibration.txt");
-    std::fs::write(
-        &text,
-        "The quick brown fox jumps over the lazy dog. ".repeat(20),
-    )
-    .unwrap();
+    let text = calibration_text(tmp.path());
     let text = text.to_str().unwrap();
     let out = tmp.path().join("half");
     let out = out.to_str().unwrap();
@@ -556,6 +551,17 @@ fn prune_cli_writes_a_loadable_checkpoint_and_refuses_bad_input() {
     fails_with(&exists, "--force");
 }
 
+/// A short calibration text in `dir`.
+fn calibration_text(dir: &Path) -> PathBuf {
+    let path = dir.join("calibration.txt");
+    std::fs::write(
+        &path,
+        "The quick brown fox jumps over the lazy dog. ".repeat(20),
+    )
+    .unwrap();
+    path
+}
+
 /// Every file under `dir` with its bytes.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     walk(dir)
@@ -585,12 +591,7 @@ fn prune_cli_prunes_gguf_to_gguf_and_bad_input_leaves_the_disk_as_it_was() {
     let gguf = fixture("gguf").join("qwen3_moe-f16.gguf");
     let model = gguf.to_str().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let text = tmp.path().join("calibration.txt");
-    std::fs::write(
-        &text,
-        "The quick brown fox jumps over the lazy dog. ".repeat(20),
-    )
-    .unwrap();
+    let text = calibration_text(tmp.path());
     let text = text.to_str().unwrap();
     let out = tmp.path().join("half.gguf");
     let out_s = out.to_str().unwrap();
