@@ -7,10 +7,11 @@
 //! (and `{arch}.expert_used_count`, if above what is kept) is rewritten. The
 //! tensor names are the family's ([`MoeNames`]), as the loader reads them.
 
-use std::borrow::Cow;
 use std::path::Path;
 
-use super::write::{PrunePlan, PruneSummary, check_plan, pruning_record, replace_path, sibling};
+use super::write::{
+    PrunePlan, PruneSummary, check_plan, expert_slices, pruning_record, replace_path, sibling,
+};
 use crate::config::config_from_gguf;
 use crate::error::{Error, Result};
 use crate::weights::{GgufFile, GgufTensorOut, GgufValue, MoeNames};
@@ -127,20 +128,6 @@ fn expert_indexed(names: &MoeNames, name: &str) -> Option<usize> {
         .flatten()
 }
 
-/// The kept experts' runs of a tensor whose outermost dimension is the
-/// `n_experts` experts, borrowed when the tensor is.
-fn expert_slices<'a>(bytes: Cow<'a, [u8]>, n_experts: usize, kept: &[u32]) -> Vec<Cow<'a, [u8]>> {
-    let len = bytes.len() / n_experts.max(1);
-    let run = |e: u32| e as usize * len..(e as usize + 1) * len;
-    match bytes {
-        Cow::Borrowed(b) => kept.iter().map(|&e| Cow::Borrowed(&b[run(e)])).collect(),
-        Cow::Owned(v) => kept
-            .iter()
-            .map(|&e| Cow::Owned(v[run(e)].to_vec()))
-            .collect(),
-    }
-}
-
 /// `value` in the integer type the source stored the key with (uint32 when absent).
 fn same_type(old: Option<&GgufValue>, value: usize) -> GgufValue {
     match old {
@@ -154,6 +141,8 @@ fn same_type(old: Option<&GgufValue>, value: usize) -> GgufValue {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use super::*;
 
     #[test]

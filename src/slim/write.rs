@@ -169,12 +169,7 @@ pub fn write_pruned(
                 }
                 // invariant: rows == num_experts >= 1 (checked above), the reader checked
                 // the byte length against the shape, and every kept id is < num_experts.
-                let row_bytes = bytes.len() / rows.max(1);
-                let mut data = Vec::with_capacity(kept.len() * row_bytes);
-                for &e in kept {
-                    let e = e as usize;
-                    data.extend_from_slice(&bytes[e * row_bytes..(e + 1) * row_bytes]);
-                }
+                let data = expert_slices(bytes, rows, kept).concat();
                 let mut shape = meta.shape.clone();
                 shape[0] = kept.len();
                 RawView {
@@ -490,5 +485,24 @@ impl View for &RawView<'_> {
 
     fn data_len(&self) -> usize {
         self.data.len()
+    }
+}
+
+/// The kept experts' runs of a tensor whose outermost dimension is the
+/// `n_experts` experts, borrowed when the tensor is. Callers check that the
+/// outermost dimension is `n_experts` and every kept id is below it.
+pub(super) fn expert_slices<'a>(
+    bytes: Cow<'a, [u8]>,
+    n_experts: usize,
+    kept: &[u32],
+) -> Vec<Cow<'a, [u8]>> {
+    let len = bytes.len() / n_experts.max(1);
+    let run = |e: u32| e as usize * len..(e as usize + 1) * len;
+    match bytes {
+        Cow::Borrowed(b) => kept.iter().map(|&e| Cow::Borrowed(&b[run(e)])).collect(),
+        Cow::Owned(v) => kept
+            .iter()
+            .map(|&e| Cow::Owned(v[run(e)].to_vec()))
+            .collect(),
     }
 }
