@@ -9,6 +9,7 @@ use candle_core::DType;
 use serde_json::{Value, json};
 use switchyard::Engine;
 use switchyard::generate::{Flow, GenerateOptions, SamplingParams};
+use switchyard::model::moe::{ExpertTopP, TopPMode};
 use switchyard::model::{LoadOptions, NoObserver};
 use switchyard::server::{ServerOptions, serve};
 
@@ -32,7 +33,10 @@ struct TestServer {
 
 impl TestServer {
     fn start(opts: ServerOptions) -> Self {
-        let engine = load_engine();
+        Self::start_with(load_engine(), opts)
+    }
+
+    fn start_with(engine: Engine, opts: ServerOptions) -> Self {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -722,4 +726,113 @@ fn the_binary_serves_and_exits_cleanly_on_sigterm() {
     assert!(killed.success());
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// A server on the demo model loaded with `--expert-top-p p`.
+fn start_with_expert_top_p(p: f32) -> TestServer {
+    let opts = LoadOptions {
+        dtype: DType::BF16,
+        expert_top_p: Some(ExpertTopP::new(p, TopPMode::TopK).unwrap()),
+        ..LoadOptions::default()
+    };
+    TestServer::start_with(Engine::load(&demo_dir(), &opts).unwrap(), self::opts())
+}
+
+fn greedy_completion(prompt: &str) -> Value {
+    json!({"model": "demo", "prompt": prompt, "max_tokens": 10, "temperature": 0})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expert_top_p_one_serves_plain_top_k_text_and_counts_top_k_experts() {
+    let plain = shared();
+    let mut one = start_with_expert_top_p(1.0);
+    let body = greedy_completion("The old lighthouse keeper");
+    let (status, want) = post(plain, "/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{want}");
+    let (status, got) = post(&one, "/v1/completions", body).await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["choices"][0]["text"], want["choices"][0]["text"]);
+
+    let engine = load_engine();
+    let top_k = engine.config().moe.top_k as f64;
+    assert_eq!(metric(&one, "switchyard_expert_top_k").await, top_k);
+    assert_eq!(
+        metric(&one, "switchyard_active_experts_per_token").await,
+        top_k
+    );
+    // Every token the model was fed (the prompt, then each sampled token but
+    // the last) passed through every MoE layer.
+    let moe_layers = engine
+        .model()
+        .layers()
+        .iter()
+        .filter(|l| l.moe().is_some())
+        .count();
+    let fed = got["usage"]["prompt_tokens"].as_u64().unwrap()
+        + got["usage"]["completion_tokens"].as_u64().unwrap()
+        - 1;
+    let routed = metric(&one, "switchyard_routed_tokens_total").await;
+    assert_eq!(routed, (fed * moe_layers as u64) as f64);
+    assert_eq!(
+        metric(&one, "switchyard_routed_expert_slots_total").await,
+        routed * top_k
+    );
+    // The server without the flag uses all top_k experts too.
+    assert_eq!(
+        metric(plain, "switchyard_active_experts_per_token").await,
+        top_k
+    );
+    one.shutdown().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_expert_top_p_lowers_the_active_experts_metric() {
+    let mut low = start_with_expert_top_p(0.3);
+    let (status, v) = post(
+        &low,
+        "/v1/completions",
+        greedy_completion("Once upon a time"),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let top_k = metric(&low, "switchyard_expert_top_k").await;
+    let active = metric(&low, "switchyard_active_experts_per_token").await;
+    assert!((1.0..top_k).contains(&active), "{active} of top_k {top_k}");
+    // The demo model picks 2 experts, and the best of two always holds at least
+    // half their probability, so P = 0.3 keeps exactly one.
+    assert_eq!(top_k, 2.0);
+    assert_eq!(active, 1.0);
+    assert!(metric(&low, "switchyard_routed_tokens_total").await > 0.0);
+    low.shutdown().unwrap();
+}
+
+#[test]
+fn serve_refuses_an_expert_top_p_outside_zero_to_one() {
+    for p in ["0", "1.5", "NaN", "-1"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["serve", "--port", "0", "--expert-top-p", p])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("serve --expert-top-p {p} still running after 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "--expert-top-p {p}: {status:?}");
+        assert!(
+            stderr.contains("--expert-top-p"),
+            "--expert-top-p {p}: {stderr}"
+        );
+        // Refused before the model loads, so no port was ever bound.
+        assert!(!stderr.contains("serving"), "--expert-top-p {p}: {stderr}");
+    }
 }

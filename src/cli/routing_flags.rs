@@ -17,10 +17,18 @@ pub struct RoutingFlags {
     /// layer and chosen expert (schema in the README; read by `analyze`).
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    #[command(flatten)]
+    pub top_p: ExpertTopPFlags,
+}
+
+/// `--expert-top-p` and its mode: on every model-running subcommand and on `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ExpertTopPFlags {
     /// Dynamic expert activation: each token keeps the fewest of its top-k
     /// experts whose router probability reaches this fraction of the top-k
     /// total, in (0, 1]; 1 is plain top-k. Not the sampler's --top-p.
-    #[arg(long)]
+    // Negative numbers parse, so `-1` meets the range check's message, not clap's.
+    #[arg(long, allow_negative_numbers = true)]
     pub expert_top_p: Option<f32>,
     /// The rule of --expert-top-p. dynamoe: DynaMoE's, the fewest of all
     /// experts whose softmax probability sums to P, mixed with raw probabilities.
@@ -34,8 +42,9 @@ pub enum TopPModeArg {
     Dynamoe,
 }
 
-impl RoutingFlags {
-    pub fn expert_top_p(&self) -> anyhow::Result<Option<ExpertTopP>> {
+impl ExpertTopPFlags {
+    /// The validated rule; an error naming `--expert-top-p` when P is outside (0, 1].
+    pub fn resolve(&self) -> anyhow::Result<Option<ExpertTopP>> {
         let mode = match self.expert_top_p_mode {
             TopPModeArg::TopK => TopPMode::TopK,
             TopPModeArg::Dynamoe => TopPMode::Dynamoe,
@@ -44,6 +53,12 @@ impl RoutingFlags {
             .expert_top_p
             .map(|p| ExpertTopP::new(p, mode))
             .transpose()?)
+    }
+}
+
+impl RoutingFlags {
+    pub fn expert_top_p(&self) -> anyhow::Result<Option<ExpertTopP>> {
+        self.top_p.resolve()
     }
 
     /// The observer for a run of `model` (named `model_name` in the trace).

@@ -12,6 +12,7 @@ use switchyard::server::{ServerOptions, serve};
 
 use super::expert_memory::ExpertMemoryArgs;
 use super::model_arg::resolve;
+use super::routing_flags::ExpertTopPFlags;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -55,9 +56,13 @@ pub struct ServeArgs {
     prefill_chunk: usize,
     #[command(flatten)]
     experts: ExpertMemoryArgs,
+    #[command(flatten)]
+    top_p: ExpertTopPFlags,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Before the model loads and long before the port is bound: a bad P fails at once.
+    let expert_top_p = args.top_p.resolve()?;
     let dir = resolve(args.model)?;
     let dtype = super::bench::parse_dtype(&args.dtype)?;
     let opts = LoadOptions {
@@ -65,7 +70,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         progress: true,
         quant: args.quant,
         expert_memory: args.experts.server_memory(),
-        expert_top_p: None,
+        expert_top_p,
     };
     let engine = Engine::load(&dir, &opts)
         .with_context(|| format!("loading model from {}", dir.display()))?;

@@ -7,6 +7,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::trace::ActiveExperts;
+
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
 
@@ -106,6 +108,15 @@ pub struct Metrics {
     pub kv_allocated_bytes: Gauge,
     pub kv_budget_bytes: Gauge,
     pub expert_resident_bytes: Gauge,
+    /// The model's `top_k`, beside the experts tokens actually used.
+    pub expert_top_k: Gauge,
+    /// Experts used, over every (token, MoE layer) pair the model routed.
+    routed_expert_slots: Counter,
+    /// (token, MoE layer) pairs routed: tokens fed times MoE layers.
+    routed_tokens: Counter,
+    /// `routed_expert_slots / routed_tokens` as one value (f64 bits), so a
+    /// scrape between the two stores never sees a torn ratio.
+    active_experts_per_token: Gauge,
     steps: Counter,
     step_ns: Counter,
     /// Tokens per second of the last step (f64 bits).
@@ -128,6 +139,10 @@ impl Default for Metrics {
             kv_allocated_bytes: Gauge::default(),
             kv_budget_bytes: Gauge::default(),
             expert_resident_bytes: Gauge::default(),
+            expert_top_k: Gauge::default(),
+            routed_expert_slots: Counter::default(),
+            routed_tokens: Counter::default(),
+            active_experts_per_token: Gauge::default(),
             steps: Counter::default(),
             step_ns: Counter::default(),
             last_step_tokens_per_s: Gauge::default(),
@@ -150,6 +165,17 @@ impl Metrics {
         self.generated_tokens.add(tokens);
         let rate = tokens as f64 / took.as_secs_f64().max(1e-9);
         self.last_step_tokens_per_s.set(rate.to_bits());
+    }
+
+    /// The model thread's running totals of what the router chose (they only grow).
+    pub fn record_routing(&self, active: &ActiveExperts) {
+        let slots = active.routed_slots();
+        self.routed_expert_slots.0.store(slots, Ordering::Relaxed);
+        self.routed_tokens
+            .0
+            .store(active.routed_tokens(), Ordering::Relaxed);
+        self.active_experts_per_token
+            .set(active.mean_active_per_token().to_bits());
     }
 
     pub fn render(&self) -> String {
@@ -186,6 +212,16 @@ impl Metrics {
                 "switchyard_rejected_queue_full_total",
                 "Requests refused with 429 because the queue was full.",
                 &self.rejected_full,
+            ),
+            (
+                "switchyard_routed_expert_slots_total",
+                "Experts used, summed over every token and MoE layer the model routed.",
+                &self.routed_expert_slots,
+            ),
+            (
+                "switchyard_routed_tokens_total",
+                "Tokens routed times MoE layers (prompt and generated).",
+                &self.routed_tokens,
             ),
             (
                 "switchyard_decode_steps_total",
@@ -235,6 +271,16 @@ impl Metrics {
                 "switchyard_expert_resident_bytes",
                 "Expert weight bytes resident in memory.",
                 self.expert_resident_bytes.get() as f64,
+            ),
+            (
+                "switchyard_expert_top_k",
+                "Experts per token the model's router picks (its top_k).",
+                self.expert_top_k.get() as f64,
+            ),
+            (
+                "switchyard_active_experts_per_token",
+                "Experts used per token and MoE layer, averaged (below top_k under --expert-top-p).",
+                f64::from_bits(self.active_experts_per_token.get()),
             ),
             (
                 "switchyard_decode_tokens_per_second",
@@ -346,5 +392,38 @@ mod tests {
             text.contains("switchyard_requests_total{route=\"/v1/completions\",status=\"200\"} 1")
         );
         assert_eq!(sample(&text, "switchyard_running_sequences"), Some(3.0));
+    }
+
+    #[test]
+    fn routing_totals_and_their_ratio_are_exposed() {
+        use crate::model::moe::Routing;
+        use crate::model::{RoutingObserver, RoutingSite, SequenceId};
+        let mut active = ActiveExperts::default();
+        // Three tokens: two use both slots, one only its first (dynamic top-p).
+        let routing = Routing {
+            top_k: 2,
+            expert_ids: vec![0, 1, 2, Routing::NO_EXPERT, 3, 0],
+            weights: vec![0.5, 0.5, 1.0, 0.0, 0.5, 0.5],
+            scores: vec![0.5; 6],
+        };
+        let site = RoutingSite {
+            layer: 0,
+            sequence: SequenceId(0),
+            start_position: 0,
+            cache: None,
+        };
+        active.on_routing(site, &routing);
+        let m = Metrics::default();
+        m.expert_top_k.set(2);
+        m.record_routing(&active);
+        let text = m.render();
+        assert_eq!(
+            sample(&text, "switchyard_routed_expert_slots_total"),
+            Some(5.0)
+        );
+        assert_eq!(sample(&text, "switchyard_routed_tokens_total"), Some(3.0));
+        let ratio = sample(&text, "switchyard_active_experts_per_token").unwrap();
+        assert!((ratio - 5.0 / 3.0).abs() < 1e-12, "{ratio}");
+        assert_eq!(sample(&text, "switchyard_expert_top_k"), Some(2.0));
     }
 }

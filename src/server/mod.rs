@@ -90,6 +90,7 @@ pub async fn serve(
     metrics
         .kv_budget_bytes
         .set(opts.kv_budget_bytes.unwrap_or(0) as u64);
+    metrics.expert_top_k.set(engine.config().moe.top_k as u64);
     let scheduler = SchedulerOptions {
         max_running: opts.max_concurrent.max(1),
         kv_budget_bytes: opts.kv_budget_bytes,

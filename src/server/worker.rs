@@ -12,7 +12,8 @@ use super::metrics::Metrics;
 use crate::Engine;
 use crate::error::{Error, Result};
 use crate::generate::{SchedulerOptions, SequenceRequest, StepEvent, TokenEvent};
-use crate::model::{NoObserver, SequenceId};
+use crate::model::SequenceId;
+use crate::trace::ActiveExperts;
 
 /// What a request hears about its sequence.
 #[derive(Debug)]
@@ -76,6 +77,8 @@ struct Worker<'e> {
     scheduler: crate::generate::Scheduler<'e>,
     clients: HashMap<SequenceId, Client>,
     metrics: Arc<Metrics>,
+    /// Every routing since start: what `/metrics` reports as experts per token.
+    active: ActiveExperts,
 }
 
 impl<'e> Worker<'e> {
@@ -85,6 +88,7 @@ impl<'e> Worker<'e> {
             scheduler: engine.scheduler(opts),
             clients: HashMap::new(),
             metrics,
+            active: ActiveExperts::default(),
         }
     }
 
@@ -188,7 +192,8 @@ impl<'e> Worker<'e> {
     fn step(&mut self) {
         let start = Instant::now();
         let scheduler = &mut self.scheduler;
-        let events = crate::ops::on_pool(|| scheduler.step(&mut NoObserver));
+        let active = &mut self.active;
+        let events = crate::ops::on_pool(|| scheduler.step(active));
         let now = Instant::now();
         // Before any client hears of this step, so what it reads in /metrics is current.
         self.publish();
@@ -241,5 +246,6 @@ impl<'e> Worker<'e> {
             .set(self.scheduler.allocated_kv_bytes() as u64);
         m.expert_resident_bytes
             .set(self.engine.resident_expert_bytes() as u64);
+        m.record_routing(&self.active);
     }
 }

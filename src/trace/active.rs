@@ -27,16 +27,22 @@ impl ActiveExperts {
         &self.layers
     }
 
+    /// (token, MoE layer) pairs routed.
+    pub fn routed_tokens(&self) -> u64 {
+        self.layers.values().map(|l| l.tokens).sum()
+    }
+
+    /// Experts used, summed over every (token, MoE layer) pair.
+    pub fn routed_slots(&self) -> u64 {
+        self.layers.values().flat_map(|l| &l.picks).sum()
+    }
+
     /// Experts per token per MoE layer, averaged over every (token, layer) pair;
     /// 0 when nothing was routed.
     pub fn mean_active_per_token(&self) -> f64 {
-        let (tokens, picks) = self.layers.values().fold((0u64, 0u64), |(t, p), l| {
-            (t + l.tokens, p + l.picks.iter().sum::<u64>())
-        });
-        if tokens == 0 {
-            0.0
-        } else {
-            picks as f64 / tokens as f64
+        match self.routed_tokens() {
+            0 => 0.0,
+            tokens => self.routed_slots() as f64 / tokens as f64,
         }
     }
 
@@ -109,6 +115,7 @@ mod tests {
         assert_eq!(active.layers()[&0].picks, vec![1, 1, 0, 2]);
         assert_eq!(active.layers()[&1].picks, vec![0, 0, 1]);
         // (4 + 1) picks over 3 (token, layer) pairs.
+        assert_eq!((active.routed_slots(), active.routed_tokens()), (5, 3));
         assert!((active.mean_active_per_token() - 5.0 / 3.0).abs() < 1e-12);
         // Layer 0: 4 picks of 10 bytes over 2 tokens = 20; layer 1: 100 bytes over 1 token.
         let bytes = active.expert_bytes_per_token(|layer, _| if layer == 0 { 10 } else { 100 });
