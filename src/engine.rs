@@ -148,16 +148,13 @@ impl Engine {
         let top_k = model.config().moe.top_k;
         let mut total = model.lm_head().weight_bytes();
         for (l, layer) in model.layers().iter().enumerate() {
-            let a = &layer.attention;
-            total += [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]
-                .iter()
-                .map(|p| p.weight_bytes())
-                .sum::<usize>();
+            total += layer.attention.weight_bytes();
             match layer.moe() {
                 Some(moe) => {
                     total += moe.router().weight_bytes() + self.layer_expert_bytes(l, top_k);
                     if let Some(shared) = moe.shared() {
-                        total += shared.ffn.weight_bytes() + shared.gate.weight_bytes();
+                        total += shared.ffn.weight_bytes()
+                            + shared.gate.as_ref().map_or(0, |g| g.weight_bytes());
                     }
                 }
                 None => {

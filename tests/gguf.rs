@@ -313,8 +313,18 @@ fn quantized_gguf_runs_natively_and_matches_its_dequantized_weights() {
                     .clone(),
             ),
             (
-                native.layers()[0].attention.q_proj.clone(),
-                dense.layers()[0].attention.q_proj.clone(),
+                native.layers()[0]
+                    .attention
+                    .grouped()
+                    .unwrap()
+                    .q_proj
+                    .clone(),
+                dense.layers()[0]
+                    .attention
+                    .grouped()
+                    .unwrap()
+                    .q_proj
+                    .clone(),
             ),
             (native.lm_head().clone(), dense.lm_head().clone()),
         ];

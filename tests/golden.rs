@@ -124,7 +124,10 @@ golden_tests!(
     qwen3_moe_bf16_sharded,
     mixtral,
     qwen2_moe,
-    olmoe
+    olmoe,
+    deepseek_v2_lite,
+    deepseek_v2,
+    deepseek_v3
 );
 
 #[test]

@@ -71,9 +71,18 @@ fn quantized_fixtures_stay_close_to_f32() {
             q4 * 100.0
         );
         // Measured: q8_0 3.6-7.1 %, q4 35-111 % (a broken kernel gives ~10x).
-        assert!(q8 < 0.08, "{name}: q8_0 logits relative rms {q8}");
+        // The DeepSeek fixtures: q8_0 6.5-19 %, q4 87-124 %. Their position-0
+        // logits move 2.5-3.2 % under q8_0 (qwen2_moe: 2.4 %), but q8_0 flips
+        // 8-12 of 232 token-layer expert choices (qwen2_moe: 3 of 166): V3's
+        // selection bias and the group limits leave many tokens near a tie.
+        let (q8_max, q4_max) = if name.starts_with("deepseek") {
+            (0.25, 1.5)
+        } else {
+            (0.08, 1.25)
+        };
+        assert!(q8 < q8_max, "{name}: q8_0 logits relative rms {q8}");
         assert!(
-            q4 < 1.25,
+            q4 < q4_max,
             "{name}: q4 perplexity off by {:.0} %",
             q4 * 100.0
         );

@@ -37,6 +37,11 @@ golden outputs computed in float32 on the bf16 values, each with a third, one-to
   ernie4_5_moe  MoE layers 1 and 3 (`moe_layer_start_index` / `moe_layer_interval`), a shared expert, a
                 `moe_statics` selection bias that changes the chosen experts (golden.json
                 `selection_bias_changed_fraction`), interleaved rotary.
+  deepseek_v2_lite  multi-head latent attention with `q_proj`, softmax greedy top-k, YaRN (mscale == mscale_all_dim);
+  deepseek_v2   `q_lora_rank`, `group_limited_greedy` (4 groups, best 2), routed_scaling_factor 2;
+  deepseek_v3   sigmoid + a random `e_score_correction_bias` that changes most choices (golden.json
+                `selection_bias_changed_fraction`), `noaux_tc`, norm_topk_prob, scaling 2.5, YaRN with
+                mscale != mscale_all_dim, interleaved rotary (float32, with the one-token prompt too).
 `--only NAME...` regenerates some of them.
 transformers 5 keeps MoE experts fused in memory (experts.gate_up_proj [E,2I,H], experts.down_proj
 [E,H,I]) but `save_pretrained` (save_original_format=True, the default) reverts to the Hub layout:
@@ -72,6 +77,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
+    DeepseekV2Config,
+    DeepseekV3Config,
     Ernie4_5_MoeConfig,
     FlexOlmoConfig,
     GptOssConfig,
@@ -336,6 +343,77 @@ def ernie4_5_moe_config(special):
     )
 
 
+# DeepSeek: multi-head latent attention (heads split into a rotary and a non-rotary part, a latent
+# KV of kv_lora_rank), layer 0 dense (first_k_dense_replace), ungated shared experts.
+def deepseek_mla(special, rope=None, **over):
+    kw = common(special, 1e4)
+    if rope is not None:
+        kw["rope_parameters"] = rope
+    kw.update(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        n_shared_experts=1,
+        moe_intermediate_size=24,
+        intermediate_size=80,
+        first_k_dense_replace=1,
+        tie_word_embeddings=False,
+    )
+    kw.update(over)
+    return kw
+
+
+# YaRN as DeepSeek-V2-Lite ships it (mscale == mscale_all_dim, so the cos/sin scale is 1 and the
+# softmax scale carries mscale^2), on a 16-position original context.
+DEEPSEEK_V2_YARN = {
+    "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16,
+    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+}
+
+
+def deepseek_v2_lite_config(special):
+    """V2-Lite's shape: q_proj (no q_lora_rank), softmax greedy top-k, YaRN."""
+    return DeepseekV2Config(**deepseek_mla(
+        special, DEEPSEEK_V2_YARN, q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2,
+        topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+    ))
+
+
+def deepseek_v2_config(special):
+    """V2's shape: q_lora_rank, group_limited_greedy (4 groups of 4, the best 2), scaled weights."""
+    return DeepseekV2Config(**deepseek_mla(
+        special, q_lora_rank=24, n_routed_experts=16, num_experts_per_tok=3,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.0,
+    ))
+
+
+def deepseek_v3_config(special):
+    """V3: sigmoid scores + e_score_correction_bias, noaux_tc groups, norm_topk_prob, scaling,
+    YaRN with mscale != mscale_all_dim (both the cos/sin and the softmax scale move), interleaved rotary."""
+    rope = dict(DEEPSEEK_V2_YARN, mscale=1.0, mscale_all_dim=0.8)
+    return DeepseekV3Config(**deepseek_mla(
+        special, rope, q_lora_rank=24, n_routed_experts=16, num_experts_per_tok=4,
+        n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+        rope_interleave=True,
+    ))
+
+
+@torch.no_grad()
+def deepseek_selection_bias(model):
+    """V3's `e_score_correction_bias` is a buffer (reinit draws parameters only): ~0.2 N(0, 1),
+    large against sigmoid scores that differ by ~0.1, so it changes choices."""
+    g = torch.Generator().manual_seed(99)
+    for _, blk in moe_layers(model):
+        if blk is not None:
+            b = blk.gate.e_score_correction_bias
+            b.copy_(0.2 * torch.randn(b.shape, generator=g))
+
+
 # E2M1 magnitudes, code order (transformers' FP4_VALUES[:8]).
 FP4_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
@@ -449,14 +527,34 @@ def router_of(blk):
     return blk.router if hasattr(blk, "router") else blk.gate
 
 
-def selection_scores(blk, router_logits):
+def selection_scores(blk, router_logits, with_bias=True):
     """What the router ranks experts by: softmax probabilities, plus ERNIE's `moe_statics`
-    selection bias (gpt-oss ranks raw logits, which orders experts as their softmax does)."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    statics = getattr(router_of(blk), "moe_statics", None)
-    if statics is not None:
+    selection bias (gpt-oss ranks raw logits, which orders experts as their softmax does);
+    DeepSeek-V3: sigmoid + `e_score_correction_bias`, experts outside the best groups (by the sum of
+    their two best) at -inf; V2 `group_limited_greedy`: softmax, outside the best groups (by their
+    best) at 0. `with_bias=False`: the same without the selection bias."""
+    router = router_of(blk)
+    logits = router_logits.float()
+    correction = getattr(router, "e_score_correction_bias", None)
+    if correction is not None:
+        probs = torch.sigmoid(logits) + (correction if with_bias else 0.0)
+        return group_limited(probs, router, lambda g: g.topk(2, dim=-1)[0].sum(-1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if getattr(router, "topk_method", None) == "group_limited_greedy":
+        return group_limited(probs, router, lambda g: g.max(dim=-1).values, 0.0)
+    statics = getattr(router, "moe_statics", None)
+    if statics is not None and with_bias:
         probs = statics(probs)
     return probs
+
+
+def group_limited(scores, router, group_score, fill):
+    """`scores` with every expert outside the router's `topk_group` best groups set to `fill`."""
+    n, e = scores.shape
+    groups = group_score(scores.view(n, router.num_group, e // router.num_group))
+    best = torch.topk(groups, k=router.topk_group, dim=-1).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, best, True)
+    return scores.masked_fill(~keep.repeat_interleave(e // router.num_group, dim=1), fill)
 
 
 def count_params(model):
@@ -556,14 +654,18 @@ def run_golden(model, prompts):
                 r_logits, r_scores, r_idx = captured[idx]
                 k = router_of(blk).top_k
                 assert r_idx.shape == (len(ids), k)
+                probs = selection_scores(blk, r_logits)
+                # DeepSeek's routers take an unsorted top-k: record the choices best first.
+                order = probs.gather(1, r_idx).argsort(dim=-1, descending=True, stable=True)
+                r_idx, r_scores = r_idx.gather(1, order), r_scores.gather(1, order)
                 topk_all.append(r_idx.tolist())
                 weights_all.append([[float(w) for w in row] for row in r_scores.float()])
-                # Margins on the selection scores (softmax in float32, as the routers do).
-                probs = selection_scores(blk, r_logits)
+                # Margins on the selection scores (in float32, as the routers compute them).
                 sp, si = torch.sort(probs, dim=-1, descending=True)
                 assert torch.equal(si[:, :k], r_idx), "router order differs from sorted selection scores"
-                if getattr(router_of(blk), "moe_statics", None) is not None:
-                    plain = torch.topk(torch.softmax(r_logits.float(), dim=-1), k, dim=-1).indices
+                router = router_of(blk)
+                if getattr(router, "moe_statics", None) is not None or hasattr(router, "e_score_correction_bias"):
+                    plain = torch.topk(selection_scores(blk, r_logits, with_bias=False), k, dim=-1).indices
                     bias_changed[0] += int((plain.sort(-1).values != r_idx.sort(-1).values).any(-1).sum())
                     bias_changed[1] += len(ids)
                 router_min = min(router_min, float((sp[:, k - 1] - sp[:, k]).min()))
@@ -708,7 +810,7 @@ def save_model(model, out_dir, **kw):
 
 
 def make_fixture(name, out_root, tok, special, prompts, make_config, base_seed,
-                 bf16_sharded=False, eos_list=False, mxfp4_experts=False, bf16=False):
+                 bf16_sharded=False, eos_list=False, mxfp4_experts=False, bf16=False, transform=None):
     """`bf16`: saved in bf16 (golden outputs on the bf16-rounded weights, computed in float32), to keep
     the fixture small. `mxfp4_experts`: gpt-oss as the Hub ships it: bf16 weights, experts as MXFP4 `*_blocks` /
     `*_scales` U8 tensors (golden outputs computed on exactly those values)."""
@@ -717,7 +819,7 @@ def make_fixture(name, out_root, tok, special, prompts, make_config, base_seed,
     os.makedirs(out_dir)
     seed, model, res, logits, gmin, rmin, rgap, extra = find_model(
         name, make_config, base_seed, prompts, round_bf16=bf16_sharded or mxfp4_experts or bf16,
-        transform=quantize_experts_mxfp4 if mxfp4_experts else None,
+        transform=quantize_experts_mxfp4 if mxfp4_experts else transform,
     )
     meta = base_meta(model, seed, gmin, rmin, rgap, extra, special, tok)
     if eos_list:
@@ -850,6 +952,13 @@ def main():
         make_bf16_copy("gpt_oss", "gpt_oss_bf16", args.out, go, tok, prompts_1, go_meta, go_res, go_logits)
     if want("flex_olmo"):
         make_fixture("flex_olmo", args.out, tok, special, prompts_1, lambda: flex_olmo_config(special), 7890, bf16=True)
+    if want("deepseek_v2_lite"):
+        make_fixture("deepseek_v2_lite", args.out, tok, special, prompts_1, lambda: deepseek_v2_lite_config(special), 9012)
+    if want("deepseek_v2"):
+        make_fixture("deepseek_v2", args.out, tok, special, prompts_1, lambda: deepseek_v2_config(special), 9123)
+    if want("deepseek_v3"):
+        make_fixture("deepseek_v3", args.out, tok, special, prompts_1, lambda: deepseek_v3_config(special), 9234,
+                     transform=deepseek_selection_bias)
     if want("ernie4_5_moe"):
         make_fixture("ernie4_5_moe", args.out, tok, special, prompts_1, lambda: ernie4_5_moe_config(special), 8901, bf16=True)
 

@@ -134,20 +134,21 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         .ok_or_else(|| {
             Error::config(path, "missing string GGUF metadata `general.architecture`")
         })?;
-    let family = Family::by_gguf_arch(arch_name).ok_or_else(|| {
-        let supported: Vec<String> = FAMILIES
-            .iter()
-            .map(|f| format!("{} ({})", f.gguf.arch, f.model_type()))
-            .collect();
-        Error::config(
-            path,
-            format!(
-                "GGUF architecture {arch_name:?} is not supported; supported: {}",
-                supported.join(", ")
-            ),
-        )
-    })?;
-    let keys = &family.gguf;
+    let (family, keys) = Family::by_gguf_arch(arch_name)
+        .and_then(|f| Some((f, f.gguf.as_ref()?)))
+        .ok_or_else(|| {
+            let supported: Vec<String> = FAMILIES
+                .iter()
+                .filter_map(|f| Some(format!("{} ({})", f.gguf?.arch, f.model_type())))
+                .collect();
+            Error::config(
+                path,
+                format!(
+                    "GGUF architecture {arch_name:?} is not supported; supported: {}",
+                    supported.join(", ")
+                ),
+            )
+        })?;
     let names = &family.names;
     let m = Meta {
         file,
@@ -301,6 +302,9 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         qkv_bias: file.contains("blk.0.attn_q.bias"),
         qk_norm: family.attention.qk_norm,
         clip_qkv: m.f64_opt("attention.clamp_kqv")?,
+        yarn: None,
+        rope_interleaved: false,
+        mla: None,
     };
 
     let vocab_size = match m.usize_opt("vocab_size")? {
@@ -352,7 +356,8 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
 pub fn open_gguf(path: &std::path::Path) -> Result<(ModelConfig, GgufSource)> {
     let file = GgufFile::open(path)?;
     let cfg = config_from_gguf(&file)?;
-    let permuted_qk = cfg.family.gguf.permuted_qk.then_some(QkHeads {
+    let permuted = cfg.family.gguf.is_some_and(|g| g.permuted_qk);
+    let permuted_qk = permuted.then_some(QkHeads {
         num_heads: cfg.attention.num_heads,
         num_kv_heads: cfg.attention.num_kv_heads,
     });

@@ -10,9 +10,12 @@ use std::path::Path;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::family::{Family, Flag, SparseLayers};
-use super::{AttentionConfig, ModelConfig, MoeConfig, RouterSpec};
+use super::family::{Family, Flag, RouterKeys, SparseLayers};
+use super::{
+    AttentionConfig, GroupLimit, GroupRank, MlaDims, ModelConfig, MoeConfig, RouterSpec, ScoreFn,
+};
 use crate::error::{Error, Result};
+use crate::ops::Yarn;
 use crate::weights::StoredDtype;
 
 #[derive(Debug, Deserialize)]
@@ -31,10 +34,57 @@ impl OneOrMany {
     }
 }
 
+/// `rope_parameters` (transformers 5) or `rope_scaling` (Hub configs, which
+/// spell `rope_type` as `type`).
 #[derive(Debug, Deserialize)]
 struct RopeParameters {
     rope_theta: Option<f64>,
+    #[serde(alias = "type")]
     rope_type: Option<String>,
+    factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
+    beta_fast: Option<f64>,
+    beta_slow: Option<f64>,
+    truncate: Option<bool>,
+    attention_factor: Option<f64>,
+    mscale: Option<f64>,
+    mscale_all_dim: Option<f64>,
+}
+
+impl RopeParameters {
+    /// The YaRN scaling these parameters describe; `None` for plain RoPE.
+    fn yarn(&self, max_position_embeddings: usize) -> std::result::Result<Option<Yarn>, String> {
+        match self.rope_type.as_deref() {
+            None | Some("default") => Ok(None),
+            Some("yarn") => {
+                let original = self.original_max_position_embeddings.ok_or(
+                    "rope_type \"yarn\" needs `original_max_position_embeddings`".to_string(),
+                )?;
+                // transformers: a missing factor is the context growth.
+                let factor = self
+                    .factor
+                    .unwrap_or(max_position_embeddings as f64 / original.max(1) as f64);
+                if !(factor.is_finite() && factor > 0.0) || original == 0 {
+                    return Err(format!(
+                        "yarn `factor` {factor} and `original_max_position_embeddings` {original} must be positive"
+                    ));
+                }
+                Ok(Some(Yarn {
+                    factor,
+                    original_max_position_embeddings: original,
+                    beta_fast: self.beta_fast.unwrap_or(32.0),
+                    beta_slow: self.beta_slow.unwrap_or(1.0),
+                    truncate: self.truncate.unwrap_or(true),
+                    attention_factor: self.attention_factor,
+                    mscale: self.mscale,
+                    mscale_all_dim: self.mscale_all_dim,
+                }))
+            }
+            Some(kind) => Err(format!(
+                "rope_type {kind:?} is not supported (only \"default\" and \"yarn\")"
+            )),
+        }
+    }
 }
 
 /// The fields every family reads the same way.
@@ -176,13 +226,10 @@ fn map_config(
     };
 
     let rope = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
-    if let Some(kind) = rope.and_then(|r| r.rope_type.as_deref())
-        && kind != "default"
-    {
-        return Err(bad(format!(
-            "rope_type {kind:?} is not supported (only \"default\")"
-        )));
-    }
+    let yarn = match rope {
+        Some(r) => r.yarn(raw.max_position_embeddings).map_err(bad)?,
+        None => None,
+    };
     let rope_theta = raw
         .rope_parameters
         .as_ref()
@@ -212,7 +259,22 @@ fn map_config(
             "num_attention_heads ({num_heads}) must be a positive multiple of num_key_value_heads ({num_kv_heads})"
         )));
     }
-    let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / num_heads);
+    let mla = if family.attention.latent {
+        Some(mla_dims(keyed)?)
+    } else {
+        None
+    };
+    if mla.is_some() && keyed.flag(keys.qkv_bias)? {
+        return Err(bad(
+            "`attention_bias` with multi-head latent attention is not supported".into(),
+        ));
+    }
+    // MLA's rotary table spans the rotary part of each head, as transformers
+    // sets `head_dim = qk_rope_head_dim`.
+    let head_dim = match mla {
+        Some(m) => m.qk_rope_head_dim,
+        None => raw.head_dim.unwrap_or(raw.hidden_size / num_heads),
+    };
     if head_dim == 0 || !head_dim.is_multiple_of(2) {
         return Err(bad(format!(
             "head_dim {head_dim} must be even and positive"
@@ -234,9 +296,11 @@ fn map_config(
     }
     let expert_ffn = required(keys.expert_ffn)?;
     let dense_ffn = keyed.get(keys.dense_ffn)?.unwrap_or(0);
-    let shared_expert_ffn = keyed
-        .get(keys.shared_expert_ffn)?
-        .filter(|&w: &usize| w > 0);
+    let shared_expert_ffn = match keyed.get::<usize>(keys.shared_experts)? {
+        Some(n) => Some(n * expert_ffn),
+        None => keyed.get(keys.shared_expert_ffn)?,
+    }
+    .filter(|&w| w > 0);
 
     // Before the per-layer table below is allocated from it.
     super::limits::check_size(
@@ -259,17 +323,31 @@ fn map_config(
                 .map(|l| !dense_layers.contains(&l) && step > 0 && (l + 1) % step == 0)
                 .collect()
         }
+        SparseLayers::FirstDense { first_dense, step } => {
+            let first = keyed.get::<usize>(&[first_dense])?.unwrap_or(0);
+            let every = keyed.get::<usize>(&[step])?.unwrap_or(1);
+            if every == 0 {
+                return Err(bad(format!("`{step}` must be at least 1")));
+            }
+            (0..raw.num_hidden_layers)
+                .map(|l| l >= first && l.is_multiple_of(every))
+                .collect()
+        }
         SparseLayers::All => vec![true; raw.num_hidden_layers],
     };
     let moe = MoeConfig {
         num_experts,
         top_k,
         expert_ffn,
-        router: RouterSpec {
-            norm_topk_prob: (keyed.get(keys.norm_topk_prob)?)
-                .unwrap_or(family.router.norm_topk_prob),
-            ..family.router
-        },
+        router: router_spec(
+            family,
+            keyed,
+            RouterSpec {
+                norm_topk_prob: (keyed.get(keys.norm_topk_prob)?)
+                    .unwrap_or(family.router.norm_topk_prob),
+                ..family.router
+            },
+        )?,
         shared_expert_ffn,
         sparse_layers,
         dense_ffn,
@@ -303,6 +381,9 @@ fn map_config(
             qkv_bias: keyed.flag(keys.qkv_bias)?,
             qk_norm: family.attention.qk_norm,
             clip_qkv: raw.clip_qkv,
+            yarn,
+            rope_interleaved: keyed.flag(family.attention.rope_interleave)?,
+            mla,
         },
         moe,
         bos_token_id: raw.bos_token_id,
@@ -314,6 +395,75 @@ fn map_config(
     };
     super::limits::validate(&cfg).map_err(bad)?;
     Ok(cfg)
+}
+
+/// Multi-head latent attention's widths, as transformers' DeepSeek configs name them.
+fn mla_dims(keyed: &Keyed<'_>) -> Result<MlaDims> {
+    let need = |key: &str| -> Result<usize> {
+        match keyed.get::<usize>(&[key])? {
+            Some(v) if v > 0 => Ok(v),
+            Some(_) => Err(Error::config(
+                keyed.path,
+                format!("`{key}` must be positive"),
+            )),
+            None => Err(Error::config(keyed.path, format!("missing field `{key}`"))),
+        }
+    };
+    let dims = MlaDims {
+        q_lora_rank: keyed.get::<usize>(&["q_lora_rank"])?.filter(|&r| r > 0),
+        kv_lora_rank: need("kv_lora_rank")?,
+        qk_nope_head_dim: need("qk_nope_head_dim")?,
+        qk_rope_head_dim: need("qk_rope_head_dim")?,
+        v_head_dim: need("v_head_dim")?,
+    };
+    if !dims.qk_rope_head_dim.is_multiple_of(2) {
+        return Err(Error::config(
+            keyed.path,
+            format!("`qk_rope_head_dim` {} must be even", dims.qk_rope_head_dim),
+        ));
+    }
+    Ok(dims)
+}
+
+/// The family's router completed by the config's [`RouterKeys`].
+fn router_spec(family: &Family, keyed: &Keyed<'_>, mut spec: RouterSpec) -> Result<RouterSpec> {
+    let keys: RouterKeys = family.hf.router;
+    let bad = |reason: String| Error::config(keyed.path, reason);
+    if let Some(f) = keyed.get::<String>(keys.scoring_func)? {
+        spec.score = match f.as_str() {
+            "softmax" => ScoreFn::Softmax,
+            "sigmoid" => ScoreFn::Sigmoid,
+            other => {
+                return Err(bad(format!(
+                    "scoring_func {other:?} is not supported (\"softmax\" or \"sigmoid\")"
+                )));
+            }
+        };
+    }
+    // Checked with the rest of the limits (`limits::validate`).
+    if let Some(s) = keyed.get::<f32>(keys.routed_scaling_factor)? {
+        spec.routed_scaling_factor = s;
+    }
+    let rank = match keyed.get::<String>(keys.topk_method)?.as_deref() {
+        None => spec.groups.map(|g| g.rank),
+        Some("greedy") => None,
+        Some("group_limited_greedy") => Some(GroupRank::Best),
+        Some("noaux_tc") => Some(GroupRank::SumOfTopTwo),
+        Some(other) => {
+            return Err(bad(format!(
+                "topk_method {other:?} is not supported (\"greedy\", \"group_limited_greedy\" or \"noaux_tc\")"
+            )));
+        }
+    };
+    spec.groups = match rank {
+        Some(rank) => Some(GroupLimit {
+            n_group: keyed.get(keys.n_group)?.unwrap_or(1),
+            topk_group: keyed.get(keys.topk_group)?.unwrap_or(1),
+            rank,
+        }),
+        None => None,
+    };
+    Ok(spec)
 }
 
 /// `config.json` for a model Switchyard trained, with the fields transformers 5
@@ -374,4 +524,133 @@ pub fn to_hf_json(cfg: &ModelConfig) -> Result<serde_json::Value> {
     })?;
     export(cfg, obj);
     Ok(json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// DeepSeek-V2-Lite's `config.json` as the Hub ships it (trimmed to tiny
+    /// sizes): `rope_scaling` with `type`, a top-level `rope_theta`.
+    const V2_LITE: &str = r#"{
+        "model_type": "deepseek_v2", "vocab_size": 100, "hidden_size": 64,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        "q_lora_rank": null, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 24, "intermediate_size": 80,
+        "n_shared_experts": 2, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "topk_method": "greedy", "scoring_func": "softmax", "n_group": 1, "topk_group": 1,
+        "routed_scaling_factor": 1.0, "norm_topk_prob": false, "attention_bias": false
+    }"#;
+
+    fn parse(text: &str) -> Result<ModelConfig> {
+        parse_config(text, Path::new("config.json"))
+    }
+
+    fn with(over: &str) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(V2_LITE).unwrap();
+        let over: serde_json::Value = serde_json::from_str(over).unwrap();
+        for (k, x) in over.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v.to_string()
+    }
+
+    #[test]
+    fn deepseek_v2_lite_hub_config_maps_every_key() {
+        let cfg = parse(V2_LITE).unwrap();
+        let a = &cfg.attention;
+        let mla = a.mla.unwrap();
+        assert_eq!(mla.q_lora_rank, None);
+        assert_eq!(
+            (mla.kv_lora_rank, mla.qk_head_dim(), mla.v_head_dim),
+            (32, 24, 16)
+        );
+        // The rotary table spans qk_rope_head_dim, as transformers sets head_dim.
+        assert_eq!(a.head_dim, 8);
+        assert_eq!(a.rope_theta, 10000.0);
+        assert!(a.rope_interleaved);
+        let yarn = a.yarn.unwrap();
+        assert_eq!(
+            (yarn.factor, yarn.original_max_position_embeddings),
+            (40.0, 4096)
+        );
+        // 1/sqrt(24) * (0.1 * 0.707 * ln 40 + 1)^2
+        let m = 0.1 * 0.707 * 40f64.ln() + 1.0;
+        assert!((a.softmax_scale() - m * m / 24f64.sqrt()).abs() < 1e-12);
+        let moe = &cfg.moe;
+        assert_eq!(moe.sparse_layers, [false, true, true, true]);
+        // Two shared experts of moe_intermediate_size each, one SwiGLU.
+        assert_eq!(moe.shared_expert_ffn, Some(48));
+        assert_eq!(moe.router, RouterSpec::SOFTMAX);
+    }
+
+    #[test]
+    fn deepseek_router_keys_complete_the_family_spec() {
+        let cfg = parse(&with(
+            r#"{"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+                "routed_scaling_factor": 16.0, "moe_layer_freq": 2, "first_k_dense_replace": 0}"#,
+        ))
+        .unwrap();
+        let r = cfg.moe.router;
+        assert_eq!(
+            r.groups,
+            Some(GroupLimit {
+                n_group: 4,
+                topk_group: 2,
+                rank: GroupRank::Best
+            })
+        );
+        assert_eq!(r.routed_scaling_factor, 16.0);
+        assert_eq!(cfg.moe.sparse_layers, [true, false, true, false]);
+        // V3: sigmoid and noaux_tc whatever the (ignored) method keys say, as
+        // transformers; transformers 5's `rope_parameters` spelling.
+        let v3 = parse(&with(
+            r#"{"model_type": "deepseek_v3", "topk_method": "greedy", "n_group": 2,
+                "topk_group": 1, "norm_topk_prob": true, "rope_scaling": null,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}"#,
+        ))
+        .unwrap();
+        let r = v3.moe.router;
+        assert_eq!(r.score, ScoreFn::Sigmoid);
+        assert!(r.norm_topk_prob);
+        assert_eq!(
+            r.groups.map(|g| (g.n_group, g.rank)),
+            Some((2, GroupRank::SumOfTopTwo))
+        );
+        assert_eq!(v3.attention.rope_theta, 5e5);
+        assert_eq!(v3.attention.yarn, None);
+    }
+
+    #[test]
+    fn deepseek_config_errors_name_the_field() {
+        for (over, needle) in [
+            (r#"{"topk_method": "top1"}"#, "topk_method \"top1\""),
+            (r#"{"scoring_func": "relu"}"#, "scoring_func \"relu\""),
+            (r#"{"kv_lora_rank": null}"#, "`kv_lora_rank`"),
+            (
+                r#"{"qk_rope_head_dim": 7}"#,
+                "`qk_rope_head_dim` 7 must be even",
+            ),
+            (r#"{"attention_bias": true}"#, "`attention_bias`"),
+            (
+                r#"{"moe_layer_freq": 0}"#,
+                "`moe_layer_freq` must be at least 1",
+            ),
+            (
+                r#"{"topk_method": "group_limited_greedy", "n_group": 3}"#,
+                "`n_group` 3",
+            ),
+            (
+                r#"{"rope_scaling": {"type": "dynamic", "factor": 2}}"#,
+                "\"dynamic\"",
+            ),
+        ] {
+            let err = parse(&with(over)).unwrap_err().to_string();
+            assert!(err.contains(needle), "{over}: {err}");
+        }
+    }
 }

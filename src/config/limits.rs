@@ -40,6 +40,19 @@ pub fn validate(cfg: &ModelConfig) -> Result<(), String> {
     check_size("num_attention_heads", a.num_heads, MAX_HEADS)?;
     check_size("num_key_value_heads", a.num_kv_heads, MAX_HEADS)?;
     check_size("head_dim", a.head_dim, MAX_HEAD_DIM)?;
+    if let Some(mla) = a.mla {
+        if let Some(r) = mla.q_lora_rank {
+            check_size("q_lora_rank", r, MAX_FFN)?;
+        }
+        for (field, v) in [
+            ("kv_lora_rank", mla.kv_lora_rank),
+            ("qk_nope_head_dim", mla.qk_nope_head_dim),
+            ("qk_rope_head_dim", mla.qk_rope_head_dim),
+            ("v_head_dim", mla.v_head_dim),
+        ] {
+            check_size(field, v, MAX_FFN)?;
+        }
+    }
     let hf = &cfg.family.hf;
     check_size(&hf.num_experts.join("` / `"), m.num_experts, MAX_EXPERTS)?;
     check_size("num_experts_per_tok", m.top_k, m.num_experts)?;
@@ -113,6 +126,9 @@ mod tests {
                 qkv_bias: true,
                 qk_norm: QkNorm::Full,
                 clip_qkv: None,
+                yarn: None,
+                rope_interleaved: false,
+                mla: None,
             },
             moe: MoeConfig {
                 num_experts: MAX_EXPERTS,

@@ -17,6 +17,7 @@ pub use params::ParameterCounts;
 pub use router::{GroupLimit, GroupRank, RouterSpec, ScoreFn};
 pub use size::{ByteSize, format_bytes};
 
+use crate::ops::Yarn;
 use crate::weights::StoredDtype;
 
 /// Where the query/key RMS-norms sit, if any.
@@ -39,6 +40,33 @@ pub struct AttentionConfig {
     pub qk_norm: QkNorm,
     /// OLMoE clamps q, k and v to `[-c, c]` right after projection.
     pub clip_qkv: Option<f64>,
+    /// YaRN context extension of the rotary table (`rope_type: yarn`).
+    pub yarn: Option<Yarn>,
+    /// The rotary dimensions come in adjacent pairs `(x0, x1), (x2, x3), ..`
+    /// (DeepSeek) rather than as two halves.
+    pub rope_interleaved: bool,
+    /// Multi-head latent attention (DeepSeek-V2/V3); `head_dim` is then its
+    /// rotary part, `qk_rope_head_dim`, as transformers sets it.
+    pub mla: Option<MlaDims>,
+}
+
+/// The widths of multi-head latent attention (DeepSeek-V2 section 2.1): keys and
+/// values come from one latent of `kv_lora_rank` per token, each head's query and
+/// key split into a non-rotary part and a rotary part shared by all heads' keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlaDims {
+    /// Low-rank query (`q_a_proj` -> `q_a_layernorm` -> `q_b_proj`); `None`: one `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+}
+
+impl MlaDims {
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
 }
 
 impl AttentionConfig {
@@ -50,6 +78,50 @@ impl AttentionConfig {
     }
     pub fn group_size(&self) -> usize {
         self.num_heads / self.num_kv_heads
+    }
+
+    /// What the KV cache keeps per token and layer: `(heads, key width, value
+    /// width)`. Under MLA one "head" of the normed latent and the rotary key.
+    pub fn cache_row(&self) -> (usize, usize, usize) {
+        match self.mla {
+            Some(m) => (1, m.kv_lora_rank, m.qk_rope_head_dim),
+            None => (self.num_kv_heads, self.head_dim, self.head_dim),
+        }
+    }
+
+    /// Cached values per token and layer: [`Self::cache_row`]'s total.
+    pub fn cache_values_per_token(&self) -> usize {
+        let (heads, k, v) = self.cache_row();
+        heads * (k + v)
+    }
+
+    /// What multi-head attention of the same shape would cache per token and
+    /// layer: every head's key and value (for MLA, the up-projected ones).
+    pub fn full_cache_values_per_token(&self) -> usize {
+        match self.mla {
+            Some(m) => self.num_heads * (m.qk_head_dim() + m.v_head_dim),
+            None => self.cache_values_per_token(),
+        }
+    }
+
+    /// The softmax scale: `1/sqrt(d)` of the query-key width, which DeepSeek's
+    /// attention multiplies by YaRN's `mscale(factor, mscale_all_dim)^2`
+    /// (transformers `yarn_apply_mscale`).
+    pub fn softmax_scale(&self) -> f64 {
+        let Some(m) = self.mla else {
+            return 1.0 / (self.head_dim as f64).sqrt();
+        };
+        let base = 1.0 / (m.qk_head_dim() as f64).sqrt();
+        match self.yarn {
+            Some(y) => match y.mscale_all_dim.filter(|&a| a != 0.0) {
+                Some(all) => {
+                    let mscale = Yarn::mscale(y.factor, all);
+                    base * mscale * mscale
+                }
+                None => base,
+            },
+            None => base,
+        }
     }
 }
 

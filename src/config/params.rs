@@ -40,9 +40,30 @@ impl ParameterCounts {
             QkNorm::PerHead => 2 * a.head_dim,
             QkNorm::Full => a.q_dim() + a.kv_dim(),
         };
-        let attention = h * a.q_dim() + 2 * h * a.kv_dim() + a.q_dim() * h + qkv_bias + qk_norm;
+        let attention = match a.mla {
+            Some(mla) => {
+                let q_width = a.num_heads * mla.qk_head_dim();
+                let query = match mla.q_lora_rank {
+                    // q_a_proj, q_a_layernorm, q_b_proj
+                    Some(r) => h * r + r + r * q_width,
+                    None => h * q_width,
+                };
+                let kv_a = h * (mla.kv_lora_rank + mla.qk_rope_head_dim) + mla.kv_lora_rank;
+                let kv_b = mla.kv_lora_rank * a.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim);
+                query + kv_a + kv_b + a.num_heads * mla.v_head_dim * h
+            }
+            None => h * a.q_dim() + 2 * h * a.kv_dim() + a.q_dim() * h + qkv_bias + qk_norm,
+        };
         let per_expert = 3 * h * m.expert_ffn;
-        let shared = m.shared_expert_ffn.map_or(0, |ffn| 3 * h * ffn + h);
+        // Qwen2-MoE's shared expert has a `[1, hidden]` gate; DeepSeek's none.
+        let shared_gate = cfg
+            .family
+            .names
+            .shared_expert
+            .map_or(0, |s| if s.gate.is_some() { h } else { 0 });
+        let shared = m
+            .shared_expert_ffn
+            .map_or(0, |ffn| 3 * h * ffn + shared_gate);
         let router = m.num_experts * h;
         let dense_mlp = 3 * h * m.dense_ffn;
         let norms = 2 * h;

@@ -47,6 +47,14 @@ pub struct AttentionInput<'a> {
 }
 
 impl Attention {
+    /// Bytes of the four projection weights (what one token reads).
+    pub fn weight_bytes(&self) -> usize {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+            .iter()
+            .map(|p| p.weight_bytes())
+            .sum()
+    }
+
     /// # Shapes
     /// `x: [n, hidden] -> [n, hidden]`, the `n` rows being consecutive positions
     /// of one sequence starting at `input.start_position`.
@@ -96,7 +104,7 @@ impl Attention {
         // is read in place instead of being repeated per head.
         let group = cfg.group_size();
         let q = q.reshape((nkv, group * n, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = cfg.softmax_scale();
         if n == 1 && !q.track_op() && q.dtype() == DType::F32 && k.dtype() == DType::F32 {
             // Decode: the one new position sees the whole cache (or its window, the
             // newest positions) without a mask, read in place.
@@ -151,7 +159,7 @@ fn norm(norm: &Option<RmsNorm>, x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// `[n, total]`: query `i` (at position `total - n + i`) sees keys up to its own
 /// position, and with a `window`, only the `window` newest of those.
-fn causal_mask(
+pub(super) fn causal_mask(
     n: usize,
     total: usize,
     window: Option<usize>,

@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 /// One layer's buffers: row `i` holds position `base + i`.
 #[derive(Debug, Clone)]
 struct LayerKv {
-    k: Tensor, // [n_kv_heads, rows, head_dim]
-    v: Tensor, // [n_kv_heads, rows, head_dim]
+    k: Tensor, // [n_kv_heads, rows, k_width]
+    v: Tensor, // [n_kv_heads, rows, v_width]
     base: usize,
     rows: usize,
 }
@@ -29,7 +29,10 @@ pub struct KvCache {
     initial_capacity: usize,
     max_capacity: usize,
     n_kv_heads: usize,
-    head_dim: usize,
+    /// Widths of a cached key and value row: `head_dim` each, or under
+    /// multi-head latent attention the latent and the rotary key.
+    k_width: usize,
+    v_width: usize,
     dtype: DType,
 }
 
@@ -39,14 +42,16 @@ impl KvCache {
     /// keeps all positions until [`KvCache::with_windows`] says otherwise.
     pub fn new(config: &ModelConfig, initial_capacity: usize, dtype: DType) -> Self {
         let max_capacity = config.max_position_embeddings;
+        let (n_kv_heads, k_width, v_width) = config.attention.cache_row();
         Self {
             layers: vec![None; config.num_layers],
             windows: vec![None; config.num_layers],
             len: 0,
             initial_capacity: initial_capacity.clamp(1, max_capacity.max(1)),
             max_capacity,
-            n_kv_heads: config.attention.num_kv_heads,
-            head_dim: config.attention.head_dim,
+            n_kv_heads,
+            k_width,
+            v_width,
             dtype,
         }
     }
@@ -68,7 +73,7 @@ impl KvCache {
     }
 
     fn row_bytes(&self) -> usize {
-        2 * self.n_kv_heads * self.head_dim * self.dtype.size_in_bytes()
+        self.n_kv_heads * (self.k_width + self.v_width) * self.dtype.size_in_bytes()
     }
 
     /// Bytes the cache holds now.
@@ -125,7 +130,8 @@ impl KvCache {
     /// [`KvCache::advance`] commits them.
     ///
     /// # Shapes
-    /// `k, v: [n_kv_heads, n, head_dim] -> ([n_kv_heads, seen, head_dim], same)`
+    /// `k: [n_kv_heads, n, k_width], v: [n_kv_heads, n, v_width]` -> the
+    /// same with `seen` rows
     pub(crate) fn append(
         &mut self,
         layer: usize,
@@ -178,10 +184,10 @@ impl KvCache {
     }
 
     fn alloc(&self, rows: usize, base: usize) -> Result<LayerKv> {
-        let shape = (self.n_kv_heads, rows, self.head_dim);
+        let (heads, kw, vw) = (self.n_kv_heads, self.k_width, self.v_width);
         Ok(LayerKv {
-            k: Tensor::zeros(shape, self.dtype, &Device::Cpu)?,
-            v: Tensor::zeros(shape, self.dtype, &Device::Cpu)?,
+            k: Tensor::zeros((heads, rows, kw), self.dtype, &Device::Cpu)?,
+            v: Tensor::zeros((heads, rows, vw), self.dtype, &Device::Cpu)?,
             base,
             rows,
         })
@@ -222,7 +228,8 @@ mod tests {
             initial_capacity: 2,
             max_capacity: 1000,
             n_kv_heads: 1,
-            head_dim: 1,
+            k_width: 1,
+            v_width: 1,
             dtype: DType::F32,
         }
     }

@@ -10,7 +10,8 @@ use rayon::prelude::*;
 
 use super::Model;
 use super::attention::Attention;
-use super::layer::{DecoderLayer, LayerFfn};
+use super::layer::{AttentionBlock, DecoderLayer, LayerFfn};
+use super::mla::{LatentAttention, LatentQuery};
 use super::moe::{ExpertTopP, MoeBlock, NextRouter, RouterConfig, SharedExpert};
 use crate::config::family::NormPlacement;
 use crate::config::{ModelConfig, QkNorm};
@@ -120,12 +121,22 @@ pub(super) fn build(
         wire_next_routers(&mut layers);
     }
     let norm = loader.norm("model.norm.weight", h)?;
-    let rope = RopeTable::new(
-        cfg.attention.head_dim,
-        cfg.attention.rope_theta,
-        cfg.max_position_embeddings,
-        embed.device(),
-    )?;
+    let a = &cfg.attention;
+    let rope = match &a.yarn {
+        Some(yarn) => RopeTable::yarn(
+            a.head_dim,
+            a.rope_theta,
+            yarn,
+            cfg.max_position_embeddings,
+            embed.device(),
+        )?,
+        None => RopeTable::new(
+            a.head_dim,
+            a.rope_theta,
+            cfg.max_position_embeddings,
+            embed.device(),
+        )?,
+    };
     Ok(Model {
         config: cfg.clone(),
         embed,
@@ -147,6 +158,7 @@ fn wire_next_routers(layers: &mut [DecoderLayer]) {
                 layer: l,
                 router: b.router().clone(),
                 config: b.config(),
+                selection_bias: b.selection_bias().map(<[f32]>::to_vec),
             })
         })
         .collect();
@@ -293,6 +305,55 @@ impl Loader<'_> {
             .collect()
     }
 
+    /// Multi-head latent attention of layer `l`.
+    fn latent_attention(&self, l: usize) -> Result<LatentAttention> {
+        let a = &self.cfg.attention;
+        let h = self.cfg.hidden_size;
+        let p = format!("model.layers.{l}.self_attn");
+        let mla = a
+            .mla
+            .ok_or_else(|| Error::InvalidInput("latent attention without its MLA widths".into()))?;
+        let q_width = a.num_heads * mla.qk_head_dim();
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            self.quantized(self.linear(&format!("{p}.{name}"), out, inp, false)?)
+        };
+        let query = match mla.q_lora_rank {
+            None => LatentQuery::Full(linear("q_proj", q_width, h)?),
+            Some(r) => LatentQuery::LowRank {
+                a: linear("q_a_proj", r, h)?,
+                norm: self.norm(&format!("{p}.q_a_layernorm.weight"), r)?,
+                b: linear("q_b_proj", q_width, r)?,
+            },
+        };
+        let kv = [
+            linear(
+                "kv_a_proj_with_mqa",
+                mla.kv_lora_rank + mla.qk_rope_head_dim,
+                h,
+            )?,
+            linear(
+                "kv_b_proj",
+                a.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim),
+                mla.kv_lora_rank,
+            )?,
+        ];
+        LatentAttention::new(
+            query,
+            kv,
+            self.norm(&format!("{p}.kv_a_layernorm.weight"), mla.kv_lora_rank)?,
+            linear("o_proj", h, a.num_heads * mla.v_head_dim)?,
+            a,
+        )
+    }
+
+    fn attention_block(&self, l: usize) -> Result<AttentionBlock> {
+        Ok(if self.cfg.family.attention.latent {
+            AttentionBlock::Latent(self.latent_attention(l)?)
+        } else {
+            AttentionBlock::Grouped(self.attention(l)?)
+        })
+    }
+
     fn attention(&self, l: usize) -> Result<Attention> {
         let a = &self.cfg.attention;
         let h = self.cfg.hidden_size;
@@ -335,6 +396,18 @@ impl Loader<'_> {
         })
     }
 
+    /// The router's selection bias under `prefix`, if the family has one.
+    fn selection_bias(&self, prefix: &str) -> Result<Option<Vec<f32>>> {
+        let Some((name, _)) = self.names.selection_bias else {
+            return Ok(None);
+        };
+        let name = format!("{prefix}.{name}");
+        let bias = self
+            .src
+            .load(&name, &[self.cfg.moe.num_experts], DType::F32)?;
+        Ok(Some(self.finite(&name, bias)?.to_vec1::<f32>()?))
+    }
+
     fn layer(&self, l: usize, experts: &Arc<dyn ExpertProvider>) -> Result<DecoderLayer> {
         let h = self.cfg.hidden_size;
         let m = &self.cfg.moe;
@@ -350,7 +423,12 @@ impl Loader<'_> {
                             width,
                         )?
                         .quantize_opt(self.quant)?,
-                    gate: self.linear(&format!("{prefix}.{}", names.gate.0), 1, h, false)?,
+                    gate: match names.gate {
+                        Some((gate, _)) => {
+                            Some(self.linear(&format!("{prefix}.{gate}"), 1, h, false)?)
+                        }
+                        None => None,
+                    },
                 }),
                 (Some(_), None) => {
                     return Err(Error::InvalidInput(format!(
@@ -365,17 +443,20 @@ impl Loader<'_> {
             if let Some(w) = router.dense_weight() {
                 self.finite(&format!("{router_name}.weight"), w.clone())?;
             }
-            LayerFfn::Moe(MoeBlock::new(
-                l,
-                router,
-                RouterConfig {
-                    top_k: m.top_k,
-                    spec: m.router,
-                    top_p: self.expert_top_p,
-                },
-                experts.clone(),
-                shared,
-            ))
+            LayerFfn::Moe(
+                MoeBlock::new(
+                    l,
+                    router,
+                    RouterConfig {
+                        top_k: m.top_k,
+                        spec: m.router,
+                        top_p: self.expert_top_p,
+                    },
+                    experts.clone(),
+                    shared,
+                )
+                .with_selection_bias(self.selection_bias(&prefix)?),
+            )
         } else {
             LayerFfn::Dense(
                 self.ffn(
@@ -389,7 +470,7 @@ impl Loader<'_> {
         match self.cfg.family.norm {
             NormPlacement::Pre => Ok(DecoderLayer {
                 input_norm: self.norm(&format!("{p}.input_layernorm.weight"), h)?,
-                attention: self.attention(l)?,
+                attention: self.attention_block(l)?,
                 post_attention_norm: self
                     .norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 ffn,

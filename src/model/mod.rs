@@ -8,6 +8,7 @@ mod check;
 mod kv_cache;
 mod layer;
 mod load;
+mod mla;
 pub mod moe;
 mod observer;
 pub mod profile;
@@ -21,8 +22,9 @@ pub use attention::{Attention, AttentionInput, LayerAttention};
 pub use batch::{BatchLayout, SequenceRows};
 pub use check::{CheckReport, check_checkpoint};
 pub use kv_cache::KvCache;
-pub use layer::{DecoderLayer, LayerFfn};
+pub use layer::{AttentionBlock, DecoderLayer, LayerFfn};
 pub use load::LoadOptions;
+pub use mla::{LatentAttention, LatentQuery};
 pub use observer::{NoObserver, RoutingObserver, RoutingSite, SequenceId};
 pub use profile::Phase;
 
@@ -138,7 +140,7 @@ impl Model {
         let windows = self
             .layers
             .iter()
-            .map(|l| l.attention.layer.sliding_window)
+            .map(|l| l.attention.sliding_window())
             .collect();
         KvCache::new(&self.config, initial_capacity, DType::F32).with_windows(windows)
     }

@@ -61,16 +61,20 @@ pub struct Yarn {
 }
 
 impl Yarn {
+    /// YaRN's `0.1 m ln(s) + 1` for a context growth `s` (1 when `s <= 1`),
+    /// transformers' `get_mscale`.
+    pub fn mscale(scale: f64, m: f64) -> f64 {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * scale.ln() + 1.0
+        }
+    }
+
     /// Per-pair inverse frequencies and the cos/sin scale.
     pub fn inv_freq(&self, head_dim: usize, theta: f64) -> (Vec<f32>, f64) {
         let dim = head_dim as f64;
-        let get_mscale = |scale: f64, m: f64| {
-            if scale <= 1.0 {
-                1.0
-            } else {
-                0.1 * m * scale.ln() + 1.0
-            }
-        };
+        let get_mscale = Self::mscale;
         let attention = self
             .attention_factor
             .unwrap_or(match (self.mscale, self.mscale_all_dim) {

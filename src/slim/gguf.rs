@@ -34,7 +34,8 @@ pub(super) fn write_pruned_gguf(
     check_plan(plan, &config)?;
     let keep = plan.keep_per_layer();
     let top_k_after = config.moe.top_k.min(keep);
-    let arch = config.family.gguf.arch;
+    // A GGUF file's config came from a family with GGUF keys.
+    let arch = config.family.gguf.map_or("", |g| g.arch);
     let names = &config.family.names;
 
     let (mut bytes_before, mut bytes_after) = (0u64, 0u64);

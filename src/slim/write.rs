@@ -358,10 +358,9 @@ fn cut_tensor<'a>(
     names: &MoeNames,
 ) -> Result<Cut<'a>> {
     // The shared expert and its gate (`shared_expert.*`, `shared_expert_gate.*`).
-    if names
-        .shared_expert
-        .is_some_and(|s| rest.starts_with(s.module) || rest.starts_with(s.gate.0))
-    {
+    if names.shared_expert.is_some_and(|s| {
+        rest.starts_with(s.module) || s.gate.is_some_and(|g| rest.starts_with(g.0))
+    }) {
         return Ok(Cut::Copy);
     }
     if let Some(tail) = rest.strip_prefix("experts.") {

@@ -320,6 +320,9 @@ impl TrainConfig {
                 qkv_bias: family.hf.qkv_bias.default,
                 qk_norm: family.attention.qk_norm,
                 clip_qkv: None,
+                yarn: None,
+                rope_interleaved: false,
+                mla: None,
             },
             moe: MoeConfig {
                 num_experts: self.num_experts,

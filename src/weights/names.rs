@@ -51,16 +51,20 @@ pub struct MoeNames {
     pub fused: [&'static str; 2],
     /// The always-on shared expert, for families that have one.
     pub shared_expert: Option<SharedExpertNames>,
+    /// `[n_experts]`, added to the scores only to choose experts
+    /// (DeepSeek-V3's `gate.e_score_correction_bias`, stored with its own
+    /// suffix, here part of the name).
+    pub selection_bias: Option<NamePair>,
 }
 
 /// A shared expert's SwiGLU under `{module}.{module_name}.` and the gate that
-/// scales its output, `{module}.{gate}`.
+/// scales its output, `{module}.{gate}` (none: added unscaled, as DeepSeek's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SharedExpertNames {
     pub module: &'static str,
     /// Gate, up and down projections.
     pub projections: [NamePair; 3],
-    pub gate: NamePair,
+    pub gate: Option<NamePair>,
 }
 
 /// Where a Hugging Face tensor lives in a GGUF file.
@@ -108,8 +112,8 @@ impl MoeNames {
             return Some(in_layer(&format!("{}.weight", self.router.1)));
         }
         let shared = self.shared_expert?;
-        if local == shared.gate.0 {
-            return Some(in_layer(&format!("{}.weight", shared.gate.1)));
+        if let Some(gate) = shared.gate.filter(|g| g.0 == local) {
+            return Some(in_layer(&format!("{}.weight", gate.1)));
         }
         let proj = local.strip_prefix(shared.module)?.strip_prefix('.')?;
         let &(_, g) = shared.projections.iter().find(|(h, _)| *h == proj)?;
@@ -137,8 +141,9 @@ mod tests {
                 ("up_proj", "ffn_up_shexp"),
                 ("down_proj", "ffn_down_shexp"),
             ],
-            gate: ("shared_expert_gate", "ffn_gate_inp_shexp"),
+            gate: Some(("shared_expert_gate", "ffn_gate_inp_shexp")),
         }),
+        selection_bias: None,
     };
 
     #[test]

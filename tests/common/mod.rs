@@ -124,13 +124,16 @@ pub fn golden_logits(name: &str, prompt: usize) -> Vec<Vec<f32>> {
         .expect("logits load")
 }
 
-pub const ALL_FIXTURES: [&str; 6] = [
+pub const ALL_FIXTURES: [&str; 9] = [
     "qwen3_moe",
     "qwen3_moe_fused",
     "qwen3_moe_bf16_sharded",
     "mixtral",
     "qwen2_moe",
     "olmoe",
+    "deepseek_v2_lite",
+    "deepseek_v2",
+    "deepseek_v3",
 ];
 
 /// exp(mean negative log-likelihood of `ids[1..]`) under `logits` `[seq][vocab]`.

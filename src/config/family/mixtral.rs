@@ -5,7 +5,8 @@
 
 use super::qwen3_moe::QWEN_NAMES;
 use super::{
-    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, SparseLayers,
+    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, RouterKeys,
+    SparseLayers,
 };
 use crate::config::{QkNorm, RouterSpec};
 use crate::weights::MoeNames;
@@ -18,6 +19,8 @@ pub static MIXTRAL: Family = Family {
         expert_ffn: &["intermediate_size"],
         dense_ffn: &[],
         shared_expert_ffn: &[],
+        shared_experts: &[],
+        router: RouterKeys::NONE,
         qkv_bias: Flag {
             keys: &[],
             default: false,
@@ -27,14 +30,14 @@ pub static MIXTRAL: Family = Family {
         sliding_window_switch: None,
         export: None,
     },
-    gguf: GgufKeys {
+    gguf: Some(GgufKeys {
         arch: "llama",
         // `feed_forward_length` is the expert width: every layer is sparse.
         expert_ffn: &["expert_feed_forward_length", "feed_forward_length"],
         dense_ffn: None,
         norm_topk_prob: true,
         permuted_qk: true,
-    },
+    }),
     names: MoeNames {
         modules: &["block_sparse_moe", "mlp"],
         experts: [
@@ -44,9 +47,7 @@ pub static MIXTRAL: Family = Family {
         ],
         ..QWEN_NAMES
     },
-    attention: AttentionKind {
-        qk_norm: QkNorm::None,
-    },
+    attention: AttentionKind::grouped(QkNorm::None),
     // Mixtral's softmax runs over the top-k logits only, which equals a full
     // softmax followed by renormalising the top-k.
     router: RouterSpec {

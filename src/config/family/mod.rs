@@ -4,11 +4,15 @@
 //! `weights` (through [`MoeNames`]) and `model` read these values; none of
 //! them names a family. Adding one is a file here plus a line in [`FAMILIES`].
 
+mod deepseek_v2;
+mod deepseek_v3;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
 mod qwen3_moe;
 
+pub use deepseek_v2::DEEPSEEK_V2;
+pub use deepseek_v3::DEEPSEEK_V3;
 pub use mixtral::MIXTRAL;
 pub use olmoe::OLMOE;
 pub use qwen2_moe::QWEN2_MOE;
@@ -18,14 +22,22 @@ use super::{ModelConfig, QkNorm, RouterSpec};
 use crate::weights::MoeNames;
 
 /// Every family Switchyard runs, in the order errors list them.
-pub static FAMILIES: &[&Family] = &[&QWEN3_MOE, &MIXTRAL, &QWEN2_MOE, &OLMOE];
+pub static FAMILIES: &[&Family] = &[
+    &QWEN3_MOE,
+    &MIXTRAL,
+    &QWEN2_MOE,
+    &OLMOE,
+    &DEEPSEEK_V2,
+    &DEEPSEEK_V3,
+];
 
 /// One architecture family.
 pub struct Family {
     /// Hugging Face `model_type`s it loads from; the first names the family.
     pub model_types: &'static [&'static str],
     pub hf: HfKeys,
-    pub gguf: GgufKeys,
+    /// `None`: Switchyard does not read this family from GGUF (yet).
+    pub gguf: Option<GgufKeys>,
     /// Router, routed-expert and shared-expert tensor names, HF and GGUF.
     pub names: MoeNames,
     pub attention: AttentionKind,
@@ -47,7 +59,10 @@ impl Family {
     }
 
     pub fn by_gguf_arch(arch: &str) -> Option<&'static Family> {
-        FAMILIES.iter().copied().find(|f| f.gguf.arch == arch)
+        FAMILIES
+            .iter()
+            .copied()
+            .find(|f| f.gguf.is_some_and(|g| g.arch == arch))
     }
 
     /// Every `model_type` some family loads, for errors that list them.
@@ -96,6 +111,11 @@ pub struct HfKeys {
     pub dense_ffn: Keys,
     /// Width of the shared expert; absent or 0 means none.
     pub shared_expert_ffn: Keys,
+    /// Number of shared experts, each `expert_ffn` wide, run as one SwiGLU of
+    /// their summed width (DeepSeek's `n_shared_experts`); absent or 0 means none.
+    pub shared_experts: Keys,
+    /// Keys that complete the family's [`RouterSpec`].
+    pub router: RouterKeys,
     /// q/k/v projection biases.
     pub qkv_bias: Flag,
     /// Where the config may override the router's `norm_topk_prob`.
@@ -106,6 +126,37 @@ pub struct HfKeys {
     /// The family-specific fields `train` writes when exporting a model of this
     /// family; `None` where `train` does not write it.
     pub export: Option<ExportFields>,
+}
+
+/// Router settings `config.json` may give; empty keys leave the family's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterKeys {
+    /// `"softmax"` or `"sigmoid"`.
+    pub scoring_func: Keys,
+    /// `"greedy"`, `"group_limited_greedy"` (groups by their best score) or
+    /// `"noaux_tc"` (by the sum of their two best biased scores).
+    pub topk_method: Keys,
+    pub n_group: Keys,
+    pub topk_group: Keys,
+    pub routed_scaling_factor: Keys,
+}
+
+impl RouterKeys {
+    pub const NONE: RouterKeys = RouterKeys {
+        scoring_func: &[],
+        topk_method: &[],
+        n_group: &[],
+        topk_group: &[],
+        routed_scaling_factor: &[],
+    };
+    /// DeepSeek's spellings, as its Hub configs write them.
+    pub const DEEPSEEK: RouterKeys = RouterKeys {
+        scoring_func: &["scoring_func"],
+        topk_method: &["topk_method"],
+        n_group: &["n_group"],
+        topk_group: &["topk_group"],
+        routed_scaling_factor: &["routed_scaling_factor"],
+    };
 }
 
 /// Adds a family's own fields to the `config.json` object `train` writes.
@@ -121,6 +172,13 @@ pub enum SparseLayers {
     Step {
         step: &'static str,
         dense: &'static str,
+    },
+    /// Layer `l` is sparse when `l >= first_dense` and `l % step == 0`
+    /// (DeepSeek's `first_k_dense_replace`, `moe_layer_freq`; both default to
+    /// 0 and 1).
+    FirstDense {
+        first_dense: &'static str,
+        step: &'static str,
     },
 }
 
@@ -147,6 +205,25 @@ pub struct GgufKeys {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionKind {
     pub qk_norm: QkNorm,
+    /// Multi-head latent attention (`model::mla`) instead of grouped-query heads.
+    pub latent: bool,
+    /// Rotary dimensions in adjacent pairs rather than halves (DeepSeek's
+    /// `rope_interleave`).
+    pub rope_interleave: Flag,
+}
+
+impl AttentionKind {
+    /// Grouped-query attention with `qk_norm`, rotary halves.
+    pub const fn grouped(qk_norm: QkNorm) -> AttentionKind {
+        AttentionKind {
+            qk_norm,
+            latent: false,
+            rope_interleave: Flag {
+                keys: &[],
+                default: false,
+            },
+        }
+    }
 }
 
 /// Where the decoder layer's RMS-norms sit.
@@ -169,7 +246,9 @@ mod tests {
         for (i, a) in FAMILIES.iter().enumerate() {
             for b in &FAMILIES[i + 1..] {
                 assert!(a.model_types.iter().all(|t| !b.model_types.contains(t)));
-                assert_ne!(a.gguf.arch, b.gguf.arch);
+                if let (Some(ga), Some(gb)) = (a.gguf, b.gguf) {
+                    assert_ne!(ga.arch, gb.arch);
+                }
             }
         }
     }
@@ -179,10 +258,18 @@ mod tests {
         assert_eq!(Family::by_model_type("mixtral"), Some(&MIXTRAL));
         assert_eq!(Family::by_gguf_arch("llama"), Some(&MIXTRAL));
         assert_eq!(Family::by_gguf_arch("qwen2moe"), Some(&QWEN2_MOE));
-        assert_eq!(Family::by_model_type("deepseek_v2"), None);
+        assert_eq!(Family::by_model_type("deepseek_v2"), Some(&DEEPSEEK_V2));
+        assert_eq!(Family::by_model_type("glm4_moe"), None);
         assert_eq!(
             Family::supported_model_types(),
-            ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"]
+            [
+                "qwen3_moe",
+                "mixtral",
+                "qwen2_moe",
+                "olmoe",
+                "deepseek_v2",
+                "deepseek_v3"
+            ]
         );
     }
 }

@@ -4,7 +4,8 @@
 
 use super::qwen3_moe::QWEN_NAMES;
 use super::{
-    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, SparseLayers,
+    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, RouterKeys,
+    SparseLayers,
 };
 use crate::config::{QkNorm, RouterSpec};
 
@@ -16,6 +17,8 @@ pub static OLMOE: Family = Family {
         expert_ffn: &["intermediate_size"],
         dense_ffn: &[],
         shared_expert_ffn: &[],
+        shared_experts: &[],
+        router: RouterKeys::NONE,
         qkv_bias: Flag {
             keys: &["attention_bias"],
             default: false,
@@ -25,18 +28,16 @@ pub static OLMOE: Family = Family {
         sliding_window_switch: Some("use_sliding_window"),
         export: None,
     },
-    gguf: GgufKeys {
+    gguf: Some(GgufKeys {
         arch: "olmoe",
         expert_ffn: &["expert_feed_forward_length"],
         // `feed_forward_length` is the expert width: every layer is sparse.
         dense_ffn: None,
         norm_topk_prob: false,
         permuted_qk: false,
-    },
+    }),
     names: QWEN_NAMES,
-    attention: AttentionKind {
-        qk_norm: QkNorm::Full,
-    },
+    attention: AttentionKind::grouped(QkNorm::Full),
     router: RouterSpec::SOFTMAX,
     norm: NormPlacement::Pre,
 };

@@ -5,7 +5,8 @@
 
 use super::qwen3_moe::QWEN_NAMES;
 use super::{
-    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, SparseLayers,
+    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, RouterKeys,
+    SparseLayers,
 };
 use crate::config::{ModelConfig, QkNorm, RouterSpec};
 use crate::weights::{MoeNames, SharedExpertNames};
@@ -18,6 +19,8 @@ pub static QWEN2_MOE: Family = Family {
         expert_ffn: &["moe_intermediate_size"],
         dense_ffn: &["intermediate_size"],
         shared_expert_ffn: &["shared_expert_intermediate_size"],
+        shared_experts: &[],
+        router: RouterKeys::NONE,
         // Qwen2 always has q/k/v biases.
         qkv_bias: Flag {
             keys: &["qkv_bias"],
@@ -31,13 +34,13 @@ pub static QWEN2_MOE: Family = Family {
         sliding_window_switch: Some("use_sliding_window"),
         export: Some(export),
     },
-    gguf: GgufKeys {
+    gguf: Some(GgufKeys {
         arch: "qwen2moe",
         expert_ffn: &["expert_feed_forward_length"],
         dense_ffn: Some("feed_forward_length"),
         norm_topk_prob: false,
         permuted_qk: false,
-    },
+    }),
     names: MoeNames {
         shared_expert: Some(SharedExpertNames {
             module: "shared_expert",
@@ -47,13 +50,11 @@ pub static QWEN2_MOE: Family = Family {
                 ("down_proj", "ffn_down_shexp"),
             ],
             // Stored 1-D in GGUF: `[hidden]`.
-            gate: ("shared_expert_gate", "ffn_gate_inp_shexp"),
+            gate: Some(("shared_expert_gate", "ffn_gate_inp_shexp")),
         }),
         ..QWEN_NAMES
     },
-    attention: AttentionKind {
-        qk_norm: QkNorm::None,
-    },
+    attention: AttentionKind::grouped(QkNorm::None),
     router: RouterSpec::SOFTMAX,
     norm: NormPlacement::Pre,
 };

@@ -3,7 +3,8 @@
 //! `configuration_qwen3_moe.py`; llama.cpp `LLM_ARCH_QWEN3MOE`.
 
 use super::{
-    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, SparseLayers,
+    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, RouterKeys,
+    SparseLayers,
 };
 use crate::config::{ModelConfig, QkNorm, RouterSpec};
 use crate::weights::MoeNames;
@@ -16,6 +17,8 @@ pub static QWEN3_MOE: Family = Family {
         expert_ffn: &["moe_intermediate_size"],
         dense_ffn: &["intermediate_size"],
         shared_expert_ffn: &[],
+        shared_experts: &[],
+        router: RouterKeys::NONE,
         qkv_bias: Flag {
             keys: &["attention_bias"],
             default: false,
@@ -28,17 +31,15 @@ pub static QWEN3_MOE: Family = Family {
         sliding_window_switch: Some("use_sliding_window"),
         export: Some(export),
     },
-    gguf: GgufKeys {
+    gguf: Some(GgufKeys {
         arch: "qwen3moe",
         expert_ffn: &["expert_feed_forward_length"],
         dense_ffn: Some("feed_forward_length"),
         norm_topk_prob: true,
         permuted_qk: false,
-    },
+    }),
     names: QWEN_NAMES,
-    attention: AttentionKind {
-        qk_norm: QkNorm::PerHead,
-    },
+    attention: AttentionKind::grouped(QkNorm::PerHead),
     router: RouterSpec::SOFTMAX,
     norm: NormPlacement::Pre,
 };
@@ -54,6 +55,7 @@ pub(super) const QWEN_NAMES: MoeNames = MoeNames {
     ],
     fused: ["gate_up_proj", "down_proj"],
     shared_expert: None,
+    selection_bias: None,
 };
 
 /// The fields transformers 5 writes for `qwen3_moe` beyond the common ones.

@@ -13,11 +13,12 @@ use crate::model::profile::{self, Phase};
 use crate::ops::matmul::as_task;
 use crate::ops::{Ffn, FfnInput, Linear, with_thread_scratch};
 
-/// Qwen2-MoE's always-on expert, mixed in with weight `sigmoid(gate(x))`.
+/// An always-on expert: Qwen2-MoE's mixed in with weight `sigmoid(gate(x))`,
+/// DeepSeek's (no gate) added as it is.
 #[derive(Debug, Clone)]
 pub struct SharedExpert {
     pub ffn: Ffn,
-    pub gate: Linear, // [1, hidden]
+    pub gate: Option<Linear>, // [1, hidden]
 }
 
 /// The next MoE layer's router, applied to this layer's input to predict the
@@ -28,6 +29,7 @@ pub struct NextRouter {
     pub layer: usize,
     pub router: Linear, // [n_experts, hidden]
     pub config: RouterConfig,
+    pub selection_bias: Option<Vec<f32>>, // [n_experts]
 }
 
 impl NextRouter {
@@ -39,7 +41,10 @@ impl NextRouter {
             &logits.flatten_all()?.to_vec1::<f32>()?,
             n_experts,
             self.config,
-            RouterBias::default(),
+            RouterBias {
+                logits: None,
+                selection: self.selection_bias.as_deref(),
+            },
         );
         let mut experts = routing.expert_ids;
         experts.retain(|&e| e != Routing::NO_EXPERT);
@@ -58,6 +63,9 @@ pub struct MoeBlock {
     config: RouterConfig,
     experts: Arc<dyn ExpertProvider>,
     shared: Option<SharedExpert>,
+    /// Added to the scores for choosing only (DeepSeek-V3's
+    /// `e_score_correction_bias`). `[n_experts]`
+    selection_bias: Option<Vec<f32>>,
     /// Boxed: most blocks have none, and `LayerFfn` stays small.
     next: Option<Box<NextRouter>>,
 }
@@ -76,8 +84,19 @@ impl MoeBlock {
             config,
             experts,
             shared,
+            selection_bias: None,
             next: None,
         }
+    }
+
+    /// The block with a selection bias, `[n_experts]`.
+    pub fn with_selection_bias(mut self, bias: Option<Vec<f32>>) -> Self {
+        self.selection_bias = bias;
+        self
+    }
+
+    pub fn selection_bias(&self) -> Option<&[f32]> {
+        self.selection_bias.as_deref()
     }
 
     /// Predict the next MoE layer's experts from this layer's input and ask
@@ -121,7 +140,10 @@ impl MoeBlock {
             &logits_f32.flatten_all()?.to_vec1::<f32>()?,
             n_experts,
             self.config,
-            RouterBias::default(),
+            RouterBias {
+                logits: None,
+                selection: self.selection_bias.as_deref(),
+            },
         );
         let groups = routing.slots_by_expert();
         drop(router_span);
@@ -150,8 +172,14 @@ impl MoeBlock {
         }
         if let Some(shared) = &self.shared {
             let _span = profile::span(Phase::SharedExpert, layer);
-            let gate = candle_nn::ops::sigmoid(&shared.gate.forward(x)?)?; // [n_tokens, 1]
-            out = (out + shared.ffn.forward(x)?.broadcast_mul(&gate)?)?;
+            let y = shared.ffn.forward(x)?;
+            out = match &shared.gate {
+                Some(gate) => {
+                    let gate = candle_nn::ops::sigmoid(&gate.forward(x)?)?; // [n_tokens, 1]
+                    (out + y.broadcast_mul(&gate)?)?
+                }
+                None => (out + y)?,
+            };
         }
         if let Some(all) = router_logits {
             all.push(logits);

@@ -270,8 +270,9 @@ fn score(kind: ScoreFn, logits: &[f32], probs: &mut [f32]) {
 }
 
 /// Sets the selection score of every expert outside the `topk_group` best
-/// groups to 0, as transformers' `masked_fill(~mask, 0.0)` does (so such an
-/// expert can still beat a negative biased score, exactly as upstream).
+/// groups to what transformers fills in: 0 for V2's `group_limited_greedy`
+/// (its softmax scores are never negative), `-inf` for V3's `noaux_tc`, so a
+/// negative bias inside the kept groups still beats every expert outside.
 /// A limit that does not divide the experts evenly leaves them all
 /// (`GroupLimit::check` refuses such a config at load).
 fn limit_to_groups(choice: &mut [f32], groups: GroupLimit) {
@@ -306,9 +307,13 @@ fn limit_to_groups(choice: &mut [f32], groups: GroupLimit) {
     for &g in ranked.iter().take(groups.topk_group) {
         keep[g] = true;
     }
+    let fill = match groups.rank {
+        GroupRank::Best => 0.0,
+        GroupRank::SumOfTopTwo => f32::NEG_INFINITY,
+    };
     for (g, chunk) in choice.chunks_exact_mut(size).enumerate() {
         if !keep[g] {
-            chunk.fill(0.0);
+            chunk.fill(fill);
         }
     }
 }
@@ -588,6 +593,33 @@ mod tests {
         let r = route(&logits, 8, spec(ScoreFn::Sigmoid, true, 2.5, None), bias);
         assert_eq!(r.experts_of(0), &[0, 6]);
         close(r.weights_of(0), &[1.915212, 0.584788]);
+    }
+
+    #[test]
+    fn noaux_tc_never_picks_outside_the_kept_groups() {
+        // sigmoid(0) = 0.5 everywhere; biased: -1.5 in groups 0-2, -2.5 in
+        // group 3. Two-best sums -3, -3, -3, -5 keep groups 0-2, so the six
+        // picks are experts 0-5 (ties: lower id first). transformers' V3 fills
+        // dropped experts with -inf; a 0 fill would put 6 and 7 first.
+        let logits = [0.0; 8];
+        let selection = [-2.0, -2.0, -2.0, -2.0, -2.0, -2.0, -3.0, -3.0];
+        let bias = RouterBias {
+            logits: None,
+            selection: Some(&selection),
+        };
+        let groups = GroupLimit {
+            n_group: 4,
+            topk_group: 3,
+            rank: GroupRank::SumOfTopTwo,
+        };
+        let cfg = RouterConfig {
+            top_k: 6,
+            ..spec(ScoreFn::Sigmoid, false, 1.0, Some(groups))
+        };
+        let r = route(&logits, 8, cfg, bias);
+        assert_eq!(r.experts_of(0), &[0, 1, 2, 3, 4, 5]);
+        // Weights are the unbiased sigmoids.
+        close(r.weights_of(0), &[0.5; 6]);
     }
 
     #[test]

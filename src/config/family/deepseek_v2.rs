@@ -1,0 +1,75 @@
+//! `deepseek_v2`: multi-head latent attention (with or without `q_lora_rank`),
+//! interleaved rotary pairs, softmax routing `greedy` or `group_limited_greedy`
+//! scaled by `routed_scaling_factor` and never renormalised (transformers'
+//! `DeepseekV2TopkRouter` ignores `norm_topk_prob`), `n_shared_experts`
+//! ungated shared experts, the first `first_k_dense_replace` layers dense.
+//! Upstream: transformers `configuration_deepseek_v2.py` / `modeling_deepseek_v2.py`.
+
+use super::{AttentionKind, Family, Flag, HfKeys, NormPlacement, RouterKeys, SparseLayers};
+use crate::config::{QkNorm, RouterSpec};
+use crate::weights::{MoeNames, SharedExpertNames};
+
+pub static DEEPSEEK_V2: Family = Family {
+    model_types: &["deepseek_v2"],
+    hf: DEEPSEEK_HF,
+    // llama.cpp's `deepseek2` splits `kv_b_proj`; not read yet.
+    gguf: None,
+    names: DEEPSEEK_NAMES,
+    attention: AttentionKind {
+        qk_norm: QkNorm::None,
+        latent: true,
+        // transformers' V2 always rotates adjacent pairs (`view_as_complex`).
+        rope_interleave: Flag {
+            keys: &[],
+            default: true,
+        },
+    },
+    router: RouterSpec::SOFTMAX,
+    norm: NormPlacement::Pre,
+};
+
+/// The `config.json` keys both DeepSeek generations share.
+pub(super) const DEEPSEEK_HF: HfKeys = HfKeys {
+    class: "DeepseekV2ForCausalLM",
+    // transformers' `attribute_map` sends `num_experts` to `n_routed_experts`.
+    num_experts: &["n_routed_experts", "num_experts"],
+    expert_ffn: &["moe_intermediate_size"],
+    dense_ffn: &["intermediate_size"],
+    shared_expert_ffn: &[],
+    shared_experts: &["n_shared_experts"],
+    router: RouterKeys::DEEPSEEK,
+    // MLA's biases (on q_a / kv_a / o) are refused at load when set.
+    qkv_bias: Flag {
+        keys: &["attention_bias"],
+        default: false,
+    },
+    norm_topk_prob: &[],
+    sparse_layers: SparseLayers::FirstDense {
+        first_dense: "first_k_dense_replace",
+        step: "moe_layer_freq",
+    },
+    sliding_window_switch: None,
+    export: None,
+};
+
+/// DeepSeek's MoE tensors; the GGUF side is llama.cpp's `deepseek2` naming.
+pub(super) const DEEPSEEK_NAMES: MoeNames = MoeNames {
+    modules: &["mlp"],
+    router: ("gate", "ffn_gate_inp"),
+    experts: [
+        ("gate_proj", "ffn_gate_exps"),
+        ("up_proj", "ffn_up_exps"),
+        ("down_proj", "ffn_down_exps"),
+    ],
+    fused: ["gate_up_proj", "down_proj"],
+    shared_expert: Some(SharedExpertNames {
+        module: "shared_experts",
+        projections: [
+            ("gate_proj", "ffn_gate_shexp"),
+            ("up_proj", "ffn_up_shexp"),
+            ("down_proj", "ffn_down_shexp"),
+        ],
+        gate: None,
+    }),
+    selection_bias: None,
+};

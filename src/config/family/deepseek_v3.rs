@@ -1,0 +1,52 @@
+//! `deepseek_v3` (also Moonlight, Kimi-K2): DeepSeek-V2's attention and
+//! layout, routed by sigmoid scores plus the `e_score_correction_bias`
+//! selection bias, group-limited by `noaux_tc` (groups ranked by the sum of
+//! their two best biased scores), renormalised (`norm_topk_prob`) and scaled;
+//! `rope_interleave` picks the rotary layout.
+//! Upstream: transformers `configuration_deepseek_v3.py` / `modeling_deepseek_v3.py`.
+
+use super::deepseek_v2::{DEEPSEEK_HF, DEEPSEEK_NAMES};
+use super::{AttentionKind, Family, Flag, HfKeys, NormPlacement, RouterKeys};
+use crate::config::{GroupLimit, GroupRank, QkNorm, RouterSpec, ScoreFn};
+use crate::weights::MoeNames;
+
+pub static DEEPSEEK_V3: Family = Family {
+    model_types: &["deepseek_v3"],
+    hf: HfKeys {
+        class: "DeepseekV3ForCausalLM",
+        norm_topk_prob: &["norm_topk_prob"],
+        // transformers' `DeepseekV3TopkRouter` always takes sigmoid scores and
+        // `noaux_tc` groups, whatever `scoring_func` / `topk_method` say.
+        router: RouterKeys {
+            scoring_func: &[],
+            topk_method: &[],
+            ..RouterKeys::DEEPSEEK
+        },
+        ..DEEPSEEK_HF
+    },
+    gguf: None,
+    names: MoeNames {
+        selection_bias: Some(("gate.e_score_correction_bias", "exp_probs_b.bias")),
+        ..DEEPSEEK_NAMES
+    },
+    attention: AttentionKind {
+        qk_norm: QkNorm::None,
+        latent: true,
+        rope_interleave: Flag {
+            keys: &["rope_interleave"],
+            default: true,
+        },
+    },
+    // `n_group`, `topk_group` and `routed_scaling_factor` complete it.
+    router: RouterSpec {
+        score: ScoreFn::Sigmoid,
+        norm_topk_prob: true,
+        routed_scaling_factor: 1.0,
+        groups: Some(GroupLimit {
+            n_group: 1,
+            topk_group: 1,
+            rank: GroupRank::SumOfTopTwo,
+        }),
+    },
+    norm: NormPlacement::Pre,
+};
