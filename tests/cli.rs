@@ -167,6 +167,43 @@ fn info_json_agrees_with_torch_parameter_counts() {
     }
 }
 
+/// MLA caches the normed latent and the shared rotary key per token and layer;
+/// full attention of the same shape would cache every head's key and value.
+#[test]
+fn info_prints_latent_kv_cache_bytes_beside_full_attention() {
+    let dir = fixture("deepseek_v3");
+    let (stdout, _) = run_ok(&["info", "--model", dir.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // config.json: 3 layers, kv_lora_rank 32, qk_rope_head_dim 8, 4 heads of
+    // qk_nope 16 + rope 8 keys and 12-wide values; the cache holds f32.
+    assert_eq!(v["kv_cache_bytes_per_token"], 3 * (32 + 8) * 4);
+    assert_eq!(
+        v["kv_cache_bytes_per_token_full_attention"],
+        3 * 4 * ((16 + 8) + 12) * 4
+    );
+    let (text, _) = run_ok(&["info", "--model", dir.to_str().unwrap()]);
+    assert!(
+        text.contains("480 B per token (latent 32 + rotary key 8 per layer)")
+            && text.contains("full multi-head attention: 1.69 KiB (1728 bytes)")
+            && text.contains("multi-head latent, q_lora_rank 24, kv_lora_rank 32"),
+        "{text}"
+    );
+    // Grouped-query attention: the two numbers agree (qwen2_moe: 2 layers,
+    // 2 KV heads of 16, keys and values).
+    let (stdout, _) = run_ok(&[
+        "info",
+        "--model",
+        fixture("qwen2_moe").to_str().unwrap(),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["kv_cache_bytes_per_token"], 2 * 2 * 2 * 16 * 4);
+    assert_eq!(
+        v["kv_cache_bytes_per_token_full_attention"],
+        v["kv_cache_bytes_per_token"]
+    );
+}
+
 #[test]
 fn chat_prompt_renders_like_transformers() {
     let dir = fixture("qwen3_moe");

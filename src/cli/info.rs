@@ -58,6 +58,10 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     let non_expert_bytes = (counts.non_expert as f64 * bytes_per_param) as usize;
     let m = &cfg.moe;
     let a = &cfg.attention;
+    // The KV cache holds f32, like the activations.
+    let cache_value_bytes = std::mem::size_of::<f32>() * cfg.num_layers;
+    let kv_bytes = a.cache_values_per_token() * cache_value_bytes;
+    let kv_full_bytes = a.full_cache_values_per_token() * cache_value_bytes;
     let json = serde_json::json!({
         "model_dir": dir.display().to_string(),
         "architecture": cfg.family.model_type(),
@@ -74,6 +78,8 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         "expert_ffn": m.expert_ffn,
         "norm_topk_prob": m.router.norm_topk_prob,
         "context": cfg.max_position_embeddings,
+        "kv_cache_bytes_per_token": kv_bytes,
+        "kv_cache_bytes_per_token_full_attention": kv_full_bytes,
         "total_parameters": counts.total,
         "active_parameters_per_token": counts.active,
         "parameters_per_expert": counts.per_expert,
@@ -95,10 +101,31 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         m.num_sparse_layers(),
         cfg.num_layers - m.num_sparse_layers()
     );
-    println!(
-        "attention:        {} query / {} KV heads of {}",
-        a.num_heads, a.num_kv_heads, a.head_dim
-    );
+    match a.mla {
+        Some(mla) => println!(
+            "attention:        {} heads, multi-head latent, q_lora_rank {}, kv_lora_rank {}, q/k {} + rotary {}, v {}",
+            a.num_heads,
+            mla.q_lora_rank.map_or("none".into(), |r| r.to_string()),
+            mla.kv_lora_rank,
+            mla.qk_nope_head_dim,
+            mla.qk_rope_head_dim,
+            mla.v_head_dim
+        ),
+        None => println!(
+            "attention:        {} query / {} KV heads of {}",
+            a.num_heads, a.num_kv_heads, a.head_dim
+        ),
+    }
+    match a.mla {
+        Some(mla) => println!(
+            "kv cache:         {} per token (latent {} + rotary key {} per layer); full multi-head attention: {}",
+            human_bytes(kv_bytes),
+            mla.kv_lora_rank,
+            mla.qk_rope_head_dim,
+            human_bytes(kv_full_bytes)
+        ),
+        None => println!("kv cache:         {} per token", human_bytes(kv_bytes)),
+    }
     println!(
         "experts:          {} per layer, top-{}, width {}, {} shared",
         m.num_experts,
