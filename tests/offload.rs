@@ -596,3 +596,74 @@ fn bench_under_a_budget_checks_peak_rss_against_its_bound() {
         .unwrap_or_else(|| panic!("no memory line in {stderr}"));
     assert!(memory.contains(" within bound "), "{memory}");
 }
+
+/// DeepSeek-V3 (selection bias, group limits, latent attention) decoded token by
+/// token under a budget with next-layer prefetch: the same bits as resident, the
+/// predictor (which routes with the next layer's selection bias) prefetching.
+#[test]
+fn deepseek_v3_under_a_budget_with_prefetch_keeps_the_logits() {
+    let dir = fixture("deepseek_v3");
+    // A prompt and its continuation (the fixture's context is 64 positions).
+    let ids: Vec<u32> = common::texts("deepseek_v3").swap_remove(1);
+    let decode = |model: &Model| {
+        let mut cache = model.new_cache(4);
+        ids.iter()
+            .map(|&id| {
+                model
+                    .forward_last(&[id], &mut cache, &mut NoObserver)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    for quant in [None, Some(QuantKind::Q8_0)] {
+        let expected = decode(&load(&dir, quant, None));
+        let memory = ExpertMemory {
+            budget: "50%".parse().unwrap(),
+            policy: PolicyKind::Lru,
+            prefetch: Prefetch::NextLayer,
+            miss_precision: MissPrecision::Off,
+            record_routing: true,
+        };
+        let cached = load(&dir, quant, Some(memory));
+        assert!(decode(&cached) == expected, "{quant:?}: logits differ");
+        let report = cached.experts().cache_report().unwrap();
+        assert!(report.peak_resident_bytes as u64 <= report.budget_bytes);
+        let p = report.prefetch.expect("prefetch report");
+        assert!(p.reads > 0, "{p:?}");
+    }
+}
+
+/// `bench` runs the MLA families quantized under a budget.
+#[test]
+fn bench_runs_deepseek_quantized_under_a_budget() {
+    for name in ["deepseek_v2_lite", "deepseek_v3"] {
+        let dir = fixture(name);
+        let (ok, stdout, stderr) = switchyard(&[
+            "bench",
+            "--model",
+            dir.to_str().unwrap(),
+            "--quant",
+            "q8_0",
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "4",
+            "--repeat",
+            "1",
+            "--expert-memory",
+            "50%",
+            "--prefetch",
+            "next-layer",
+        ]);
+        assert!(ok, "{name}: {stderr}");
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("| switchyard | q8_0 |")),
+            "{name}: {stdout}"
+        );
+        assert!(stderr.contains("expert cache: hit "), "{name}: {stderr}");
+    }
+}
