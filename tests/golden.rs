@@ -103,6 +103,33 @@ fn check_greedy(name: &str) {
     }
 }
 
+/// Each prompt fed one token at a time through the KV cache (the decode path,
+/// e.g. MLA's absorbed form): every position's logits match transformers'.
+fn check_decode_logits(name: &str) {
+    let model = load(name);
+    let g = golden(name);
+    for (i, p) in g.prompts.iter().enumerate() {
+        let theirs = golden_logits(name, i);
+        let mut cache = model.new_cache(2);
+        for (pos, &id) in p.input_ids.iter().enumerate() {
+            let ours = model
+                .forward_last(&[id], &mut cache, &mut NoObserver)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let max_diff = ours
+                .iter()
+                .zip(&theirs[pos])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                max_diff < 1e-4,
+                "{name} prompt {i} position {pos}: max |logit diff| {max_diff}"
+            );
+        }
+    }
+}
+
 macro_rules! golden_tests {
     ($($fixture:ident),*) => {$(
         mod $fixture {
@@ -113,6 +140,10 @@ macro_rules! golden_tests {
             #[test]
             fn greedy_continuation_matches_transformers() {
                 super::check_greedy(stringify!($fixture));
+            }
+            #[test]
+            fn decode_logits_match_transformers() {
+                super::check_decode_logits(stringify!($fixture));
             }
         }
     )*};

@@ -3,12 +3,16 @@
 //! key is one vector shared by all heads. The KV cache keeps only those two,
 //! `kv_lora_rank + qk_rope_head_dim` values per token and layer, instead of
 //! `heads * (qk_head_dim + v_head_dim)`; they are up-projected through `kv_b_proj`
-//! at attention time (transformers' form; folding `kv_b_proj` into the query
-//! and output would skip that, at the same result).
+//! for a prefill (transformers' form). A decode step instead folds `kv_b_proj`
+//! into the query and the output (DeepSeek-V2's "absorbed" form): each head's
+//! query is mapped into latent space, scored against the cached latents
+//! directly, and the weighted latent sum mapped to the head's value.
 //!
-//! Cost per decoded token: the projections, plus `kv_b_proj` over all `len`
-//! cached latents (`len * kv_lora_rank * heads * (nope + v)` multiply-adds) and
-//! the scores and weighted sum over them.
+//! Cost per decoded token: the projections, plus per head `2 * len *
+//! (kv_lora_rank + qk_rope_head_dim)` multiply-adds over the `len` cached
+//! positions and `(nope + v) * kv_lora_rank` to absorb `kv_b_proj`.
+
+use std::sync::OnceLock;
 
 use candle_core::{D, Tensor};
 
@@ -47,6 +51,10 @@ pub struct LatentAttention {
     /// the two-halves layout the rotary table rotates, and q·k is unchanged by
     /// applying one permutation to both.
     deinterleave: Option<Tensor>,
+    /// `kv_b_proj` split per head for the decode step: `[nh, nope, rank]` (key)
+    /// and `[nh, v, rank]` (value), f32. Built at the first decode step, so a
+    /// shape-only dry run of the loader never expands it.
+    absorbed: OnceLock<(Tensor, Tensor)>,
 }
 
 impl LatentAttention {
@@ -77,7 +85,54 @@ impl LatentAttention {
             config: config.clone(),
             dims,
             deinterleave,
+            absorbed: OnceLock::new(),
         })
+    }
+
+    fn absorbed(&self) -> Result<&(Tensor, Tensor)> {
+        if let Some(a) = self.absorbed.get() {
+            return Ok(a);
+        }
+        let MlaDims {
+            kv_lora_rank: rank,
+            qk_nope_head_dim: nope,
+            v_head_dim: vd,
+            ..
+        } = self.dims;
+        let nh = self.config.num_heads;
+        let w = self.kv_b_proj.dense_f32()?.reshape((nh, nope + vd, rank))?; // [nh, nope + v, rank]
+        let split = (
+            w.narrow(1, 0, nope)?.contiguous()?,
+            w.narrow(1, nope, vd)?.contiguous()?,
+        );
+        Ok(self.absorbed.get_or_init(|| split))
+    }
+
+    /// One query position over the cache, `kv_b_proj` folded in.
+    ///
+    /// # Shapes
+    /// `q_nope: [nh, 1, nope]`, `q_rot: [nh, 1, rope]`, `latent: [1, total, rank]`,
+    /// `k_rot: [1, total, rope]` -> `[nh, 1, v]`
+    fn attend_absorbed(
+        &self,
+        q_nope: &Tensor,
+        q_rot: &Tensor,
+        latent: &Tensor,
+        k_rot: &Tensor,
+    ) -> Result<Tensor> {
+        let (w_k, w_v) = self.absorbed()?;
+        let nh = self.config.num_heads;
+        let latent = latent.squeeze(0)?; // [total, rank]
+        let q_latent = q_nope.matmul(w_k)?.squeeze(1)?; // [nh, rank]
+        let scores = (q_latent.matmul(&latent.t()?)?
+            + q_rot.squeeze(1)?.matmul(&k_rot.squeeze(0)?.t()?)?)?; // [nh, total]
+        let probs = softmax_last_dim(&(scores * self.config.softmax_scale())?)?;
+        let context = probs.matmul(&latent.contiguous()?)?; // [nh, rank]
+        let rank = context.dim(1)?;
+        // Per head: value = W_v[h] · context[h].
+        Ok(context
+            .reshape((nh, 1, rank))?
+            .matmul(&w_v.transpose(1, 2)?)?) // [nh, 1, v]
     }
 
     /// Bytes of all projection weights (what one token reads).
@@ -142,6 +197,12 @@ impl LatentAttention {
             None => (latent, k_rot),
         };
         let total = latent.dim(1)?; // cached + new positions
+        if n == 1 && !x.track_op() {
+            let out = self.attend_absorbed(&q_nope, &q_rot, &latent, &k_rot)?;
+            drop(core);
+            let _proj = profile::span(Phase::AttentionProjections, layer);
+            return self.o_proj.forward(&out.reshape((1, nh * vd))?);
+        }
         drop(core);
         let proj = profile::span(Phase::AttentionProjections, layer);
         let kv = self.kv_b_proj.forward(&latent.squeeze(0)?.contiguous()?)?; // [total, nh * (nope + vd)]
