@@ -66,6 +66,10 @@ pub enum Error {
     #[error("training: {0}")]
     Training(String),
 
+    /// The HTTP server's listener failed (the model thread stopped with it).
+    #[error("the HTTP listener: {0}")]
+    Serve(std::io::Error),
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

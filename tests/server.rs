@@ -836,3 +836,185 @@ fn serve_refuses_an_expert_top_p_outside_zero_to_one() {
         assert!(!stderr.contains("serving"), "--expert-top-p {p}: {stderr}");
     }
 }
+
+/// Each sequence's routing in a trace: (position, layer, rank) -> expert.
+type SequenceExperts = std::collections::BTreeMap<(u32, u32, u32), u32>;
+
+fn experts_by_sequence(
+    trace: &switchyard::trace::Trace,
+) -> std::collections::BTreeMap<u64, SequenceExperts> {
+    let mut by_sequence = std::collections::BTreeMap::<u64, SequenceExperts>::new();
+    for row in trace.rows.iter() {
+        let previous = by_sequence
+            .entry(row.sequence)
+            .or_default()
+            .insert((row.position, row.layer, row.rank), row.expert);
+        assert!(previous.is_none(), "row {row:?} written twice");
+    }
+    by_sequence
+}
+
+/// `switchyard run --trace` of `prompt` alone, at f32 as the traced server below.
+fn run_trace(
+    dir: &std::path::Path,
+    name: &str,
+    prompt: &str,
+    max_tokens: usize,
+) -> SequenceExperts {
+    let path = dir.join(name);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "--prompt", prompt, "--max-tokens"])
+        .arg(max_tokens.to_string())
+        .arg("--trace")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trace = switchyard::trace::read_trace(&path).unwrap();
+    let mut by_sequence = experts_by_sequence(&trace);
+    assert_eq!(by_sequence.len(), 1, "run traces one sequence");
+    by_sequence.pop_first().unwrap().1
+}
+
+#[test]
+fn serve_trace_writes_every_request_routing_as_run_does() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("serve.parquet");
+    // f32, as `run` loads the model, so the two traces can be compared.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--port", "0", "--dtype", "f32", "--trace"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("serve printed its address").unwrap();
+        if let Some(at) = line.find("http://") {
+            break line[at..].split_whitespace().next().unwrap().to_string();
+        }
+    };
+    // The rest of stderr, read as it comes so the pipe never fills.
+    let rest = std::thread::spawn(move || lines.map_while(|l| l.ok()).collect::<Vec<_>>());
+    let prompts = [
+        "The old lighthouse keeper",
+        "Once upon a time in a small town",
+    ];
+    let max_tokens = 5;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let usage: Vec<(u64, u64)> = rt.block_on(async {
+        let tasks: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let body = json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0});
+                let url = format!("{url}/completions");
+                tokio::spawn(async move {
+                    let v: Value = client()
+                        .post(url)
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    (
+                        v["usage"]["prompt_tokens"].as_u64().unwrap(),
+                        v["usage"]["completion_tokens"].as_u64().unwrap(),
+                    )
+                })
+            })
+            .collect();
+        let mut usage = Vec::new();
+        for t in tasks {
+            usage.push(t.await.unwrap());
+        }
+        usage
+    });
+    // Until the server shuts down gracefully the trace is a temporary file.
+    assert!(!path.exists(), "the trace appeared before shutdown");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    let stderr = rest.join().unwrap().join("\n");
+    assert!(status.success(), "{status:?}: {stderr}");
+
+    let trace = switchyard::trace::read_trace(&path).unwrap();
+    assert!(
+        stderr.contains(&format!("wrote {} trace rows", trace.rows.len())),
+        "{stderr}"
+    );
+    let top_k = trace.meta.top_k;
+    let moe_layers: Vec<u32> = trace.meta.moe_layers.iter().map(|&l| l as u32).collect();
+    let served = experts_by_sequence(&trace);
+    assert_eq!(served.len(), 2, "two requests, two sequence ids");
+    let mut fed: Vec<u64> = usage.iter().map(|(p, c)| p + c - 1).collect();
+    let mut lengths = Vec::new();
+    for (sequence, experts) in &served {
+        // Rows per (position, layer): exactly top_k, in every MoE layer.
+        let mut per_site = std::collections::BTreeMap::<(u32, u32), usize>::new();
+        for &(position, layer, _) in experts.keys() {
+            *per_site.entry((position, layer)).or_default() += 1;
+        }
+        assert!(
+            per_site.values().all(|&n| n == top_k),
+            "sequence {sequence}"
+        );
+        let positions: std::collections::BTreeSet<u32> = per_site.keys().map(|&(p, _)| p).collect();
+        let len = positions.len() as u32;
+        // Contiguous from 0: the request's tokens, in order, none missing.
+        assert_eq!(
+            positions,
+            (0..len).collect(),
+            "sequence {sequence} positions"
+        );
+        for p in 0..len {
+            let layers: Vec<u32> = (per_site.keys())
+                .filter(|&&(q, _)| q == p)
+                .map(|&(_, l)| l)
+                .collect();
+            assert_eq!(layers, moe_layers, "sequence {sequence} position {p}");
+        }
+        lengths.push(len as u64);
+    }
+    // Every token the model was fed (the prompt, then each sampled token but the last).
+    lengths.sort_unstable();
+    fed.sort_unstable();
+    assert_eq!(lengths, fed);
+
+    // Batched with each other, each request routed as its prompt does alone.
+    let mut alone: Vec<SequenceExperts> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| run_trace(tmp.path(), &format!("run{i}.parquet"), p, max_tokens))
+        .collect();
+    assert_ne!(alone[0], alone[1], "the two prompts route differently");
+    let mut served: Vec<SequenceExperts> = served.into_values().collect();
+    alone.sort();
+    served.sort();
+    assert!(served == alone, "the server's routing differs from run's");
+}
+
+#[test]
+fn serve_refuses_a_trace_it_cannot_create_before_binding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("no/such/dir/serve.parquet");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--port", "0", "--trace"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("creating the trace"), "{stderr}");
+    assert!(stderr.contains("no/such/dir"), "{stderr}");
+    assert!(!stderr.contains("serving"), "{stderr}");
+}

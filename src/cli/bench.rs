@@ -17,10 +17,11 @@ use switchyard::Engine;
 use switchyard::generate::{SamplingParams, SchedulerOptions, SequenceRequest, StepEvent};
 use switchyard::model::{LoadOptions, NoObserver, RoutingObserver, SequenceId};
 use switchyard::ops::{QuantKind, bandwidth};
+use switchyard::trace::RunObserver;
 use switchyard::weights::GgufFile;
 
 use super::expert_memory::{ExpertMemoryArgs, MemoryBound, process_read_bytes};
-use super::routing_flags::{RoutingFlags, RunObserver};
+use super::routing_flags::{self, RoutingFlags};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -124,7 +125,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         runs: 0,
     };
     let ours = measure(&mut runner, &prompt, &args)?;
-    let routed = runner.observer.finish(engine.model())?;
+    let routed = routing_flags::finish(runner.observer, engine.model())?;
     eprintln!("{}", routed.line(engine.model()));
     // Under --expert-top-p tokens use fewer experts than top_k: the row shows
     // the expert bytes the runs actually routed to (prefill and decode alike).

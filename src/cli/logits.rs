@@ -7,7 +7,7 @@ use switchyard::ops::QuantKind;
 
 use super::expert_memory::{ExpertMemoryArgs, print_summary};
 use super::model_arg::{load_engine_opts, model_name, parse_ids};
-use super::routing_flags::RoutingFlags;
+use super::routing_flags::{self, RoutingFlags};
 
 #[derive(Debug, Args)]
 pub struct LogitsArgs {
@@ -48,7 +48,7 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
         .routing
         .observer(engine.model(), &model_name(Some(&args.model)))?;
     let logits = engine.score(&ids, &mut observer)?;
-    let active = observer.finish(engine.model())?;
+    let active = routing_flags::finish(observer, engine.model())?;
     let logits = logits.to_dtype(candle_core::DType::F32)?;
     // Write next to the target, then rename: a failed run never leaves half a
     // file, nor the temporary one.

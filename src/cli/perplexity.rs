@@ -11,7 +11,7 @@ use switchyard::ops::QuantKind;
 
 use super::expert_memory::{ExpertMemoryArgs, summary_json};
 use super::model_arg::{load_engine_opts, model_name, resolve};
-use super::routing_flags::RoutingFlags;
+use super::routing_flags::{self, RoutingFlags};
 
 #[derive(Debug, Args)]
 pub struct PerplexityArgs {
@@ -77,7 +77,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     };
     let report = perplexity(model, &ids, opts, &mut observer)
         .with_context(|| format!("scoring {}", args.text.display()))?;
-    let active = observer.finish(model)?;
+    let active = routing_flags::finish(observer, model)?;
     let experts = model.experts();
     if args.json {
         let json = serde_json::json!({

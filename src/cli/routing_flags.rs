@@ -1,15 +1,15 @@
 //! Flags every model-running subcommand shares: `--trace` (record the routing)
-//! and `--expert-top-p` (dynamic expert activation), and the observer that
-//! records the trace and counts the experts actually used.
+//! and `--expert-top-p` (dynamic expert activation), and the command-line side
+//! of the observer ([`RunObserver`]) that records the trace and counts the
+//! experts actually used.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use switchyard::experts::ExpertId;
-use switchyard::model::moe::{ExpertTopP, Routing, TopPMode};
-use switchyard::model::{Model, RoutingObserver, RoutingSite, SequenceId};
-use switchyard::trace::{ActiveExperts, TraceMeta, TraceWriter};
+use switchyard::model::Model;
+use switchyard::model::moe::{ExpertTopP, TopPMode};
+use switchyard::trace::{ActiveSummary, RunObserver};
 
 #[derive(Debug, Clone, Args)]
 pub struct RoutingFlags {
@@ -63,98 +63,32 @@ impl RoutingFlags {
 
     /// The observer for a run of `model` (named `model_name` in the trace).
     pub fn observer(&self, model: &Model, model_name: &str) -> anyhow::Result<RunObserver> {
-        let trace = match &self.trace {
-            Some(path) => {
-                let mut meta = TraceMeta::of_model(model.config(), model_name);
-                meta.top_k = max_experts_per_token(model);
-                let writer = TraceWriter::create(path, &meta)
-                    .with_context(|| format!("creating the trace {}", path.display()))?;
-                Some((writer, path.clone()))
-            }
-            None => None,
-        };
-        Ok(RunObserver {
-            trace,
-            active: ActiveExperts::default(),
-            sequence: None,
-        })
+        observer(model, model_name, self.trace.as_deref())
     }
 }
 
-/// Slots per token of the model's routers (more than `top_k` under DynaMoE).
-fn max_experts_per_token(model: &Model) -> usize {
-    let top_k = model.config().moe.top_k;
-    model
-        .layers()
-        .iter()
-        .filter_map(|l| l.moe())
-        .map(|moe| moe.config().max_experts_per_token(moe.num_experts()))
-        .max()
-        .unwrap_or(top_k)
+/// The observer of a run, its trace file (when given) created now.
+pub fn observer(
+    model: &Model,
+    model_name: &str,
+    trace: Option<&Path>,
+) -> anyhow::Result<RunObserver> {
+    RunObserver::create(model, model_name, trace).with_context(|| match trace {
+        Some(path) => format!("creating the trace {}", path.display()),
+        None => "starting the routing observer".into(),
+    })
 }
 
-/// Records the trace (when asked) and counts the experts each token used.
-pub struct RunObserver {
-    trace: Option<(TraceWriter, PathBuf)>,
-    active: ActiveExperts,
-    /// Reports every routing as this sequence (bench's repeated runs would
-    /// otherwise all be sequence 0 at the same positions).
-    sequence: Option<SequenceId>,
+/// Finishes `observer`'s trace (reporting its rows on stderr) and returns the
+/// expert counts.
+pub fn finish(observer: RunObserver, model: &Model) -> anyhow::Result<ActiveSummary> {
+    let summary = observer.finish(model).context("writing the trace")?;
+    report_trace(&summary);
+    Ok(summary)
 }
 
-impl RoutingObserver for RunObserver {
-    fn on_routing(&mut self, mut site: RoutingSite<'_>, routing: &Routing) {
-        if let Some(id) = self.sequence {
-            site.sequence = id;
-        }
-        self.active.on_routing(site, routing);
-        if let Some((writer, _)) = self.trace.as_mut() {
-            writer.on_routing(site, routing);
-        }
-    }
-}
-
-/// What [`RunObserver::finish`] measured.
-pub struct ActiveSummary {
-    pub mean_active_per_token: f64,
-    pub expert_bytes_per_token: f64,
-}
-
-impl ActiveSummary {
-    /// `experts/token: 1.62 (top_k 2) | expert MB/token: 0.52`
-    pub fn line(&self, model: &Model) -> String {
-        format!(
-            "experts/token: {:.2} (top_k {}) | expert MB/token: {:.3}",
-            self.mean_active_per_token,
-            model.config().moe.top_k,
-            self.expert_bytes_per_token / 1e6
-        )
-    }
-}
-
-impl RunObserver {
-    pub fn set_sequence(&mut self, id: SequenceId) {
-        self.sequence = Some(id);
-    }
-
-    /// Finishes the trace file (temp file renamed into place) and returns the
-    /// expert counts.
-    pub fn finish(self, model: &Model) -> anyhow::Result<ActiveSummary> {
-        if let Some((writer, path)) = self.trace {
-            let rows = writer
-                .finish()
-                .with_context(|| format!("writing the trace {}", path.display()))?;
-            eprintln!("wrote {rows} trace rows to {}", path.display());
-        }
-        let experts = model.experts();
-        Ok(ActiveSummary {
-            mean_active_per_token: self.active.mean_active_per_token(),
-            expert_bytes_per_token: self.active.expert_bytes_per_token(|layer, expert| {
-                experts.expert_bytes(ExpertId {
-                    layer: layer as u32,
-                    expert,
-                })
-            }),
-        })
+pub fn report_trace(summary: &ActiveSummary) {
+    if let Some((path, rows)) = &summary.trace {
+        eprintln!("wrote {rows} trace rows to {}", path.display());
     }
 }

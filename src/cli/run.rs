@@ -9,7 +9,7 @@ use switchyard::ops::QuantKind;
 
 use super::expert_memory::{ExpertMemoryArgs, print_summary, summary_json};
 use super::model_arg::{load_engine_opts, model_name, parse_ids, resolve};
-use super::routing_flags::RoutingFlags;
+use super::routing_flags::{self, RoutingFlags};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -120,7 +120,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         writeln!(out)?;
     }
-    let active = observer.finish(engine.model())?;
+    let active = routing_flags::finish(observer, engine.model())?;
     eprintln!(
         "prompt tokens: {} | generated tokens: {} | prefill: {:.1} tokens/s | decode: {:.1} tokens/s | {}",
         stats.prompt_tokens,

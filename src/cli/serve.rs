@@ -8,11 +8,11 @@ use switchyard::Engine;
 use switchyard::config::ByteSize;
 use switchyard::model::LoadOptions;
 use switchyard::ops::QuantKind;
-use switchyard::server::{ServerOptions, serve};
+use switchyard::server::{ServerOptions, serve_observed};
 
 use super::expert_memory::ExpertMemoryArgs;
 use super::model_arg::resolve;
-use super::routing_flags::ExpertTopPFlags;
+use super::routing_flags::{self, ExpertTopPFlags};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// Prompt tokens a sequence feeds per step, so long prompts do not stall running streams.
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
+    /// Write every routing decision of every request to this Parquet file, as
+    /// `run --trace` does (sequence: the request's sequence id); finished on shutdown.
+    #[arg(long)]
+    trace: Option<PathBuf>,
     #[command(flatten)]
     experts: ExpertMemoryArgs,
     #[command(flatten)]
@@ -81,6 +85,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         dir.file_stem()
             .map_or("switchyard".into(), |s| s.to_string_lossy().into_owned())
     });
+    // Created before the port is bound: a trace that cannot be written refuses to serve.
+    let observer = routing_flags::observer(engine.model(), &model_id, args.trace.as_deref())?;
     let kv_budget = match args.kv_memory {
         ByteSize::Bytes(b) => b as usize,
         ByteSize::Fraction(_) => {
@@ -113,9 +119,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             "serving {} on http://{local}/v1 (max {} running, {} queued)",
             server_opts.model_id, server_opts.max_concurrent, server_opts.max_queue
         );
-        serve(engine, server_opts, listener, shutdown_signal())
+        let summary = serve_observed(engine, server_opts, observer, listener, shutdown_signal())
             .await
             .context("serving")?;
+        routing_flags::report_trace(&summary);
         eprintln!("shut down");
         Ok(())
     })

@@ -22,6 +22,7 @@ pub use output::{ToolCall, parse_tool_calls};
 
 use crate::Engine;
 use crate::generate::SchedulerOptions;
+use crate::trace::{ActiveSummary, RunObserver};
 use metrics::Metrics;
 use worker::WorkerHandle;
 
@@ -82,6 +83,44 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    run(engine, opts, RunObserver::default(), listener, shutdown)
+        .await
+        .0
+}
+
+/// [`serve`], with `observer` seeing every routing decision the model thread
+/// makes, each under its request's sequence id (`serve --trace`). On shutdown
+/// its trace, if any, is finished (row groups flushed, file renamed into
+/// place), even when serving failed, since the rows already written are sound.
+pub async fn serve_observed(
+    engine: Engine,
+    opts: ServerOptions,
+    observer: RunObserver,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> crate::Result<ActiveSummary> {
+    let (served, observer, engine) = run(engine, opts, observer, listener, shutdown).await;
+    let summary = match observer {
+        Some(observer) => observer.finish(engine.model())?,
+        None => {
+            return Err(crate::Error::Serve(std::io::Error::other(
+                "the model thread panicked",
+            )));
+        }
+    };
+    served.map_err(crate::Error::Serve)?;
+    Ok(summary)
+}
+
+/// Serves until shutdown; returns how serving ended, the observer back from the
+/// model thread (`None` if it could not start or panicked) and the engine.
+async fn run(
+    engine: Engine,
+    opts: ServerOptions,
+    observer: RunObserver,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (std::io::Result<()>, Option<RunObserver>, Arc<Engine>) {
     if opts.batch_invariant {
         crate::ops::set_batch_invariant(true);
     }
@@ -97,9 +136,13 @@ pub async fn serve(
         prefill_chunk: opts.prefill_chunk.max(1),
         prefill_tokens_per_step: opts.prefill_chunk.max(1) * 2,
     };
-    let (worker, thread) = WorkerHandle::spawn(engine.clone(), scheduler, metrics.clone())?;
+    let spawned = WorkerHandle::spawn(engine.clone(), scheduler, metrics.clone(), observer);
+    let (worker, thread) = match spawned {
+        Ok(spawned) => spawned,
+        Err(e) => return (Err(e), None, engine),
+    };
     let state = Arc::new(AppState {
-        engine,
+        engine: engine.clone(),
         worker,
         metrics,
         opts,
@@ -117,6 +160,9 @@ pub async fn serve(
         .await;
     state.worker.shutdown();
     drop(state);
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    result
+    let observer = match tokio::task::spawn_blocking(move || thread.join()).await {
+        Ok(Ok(observer)) => Some(observer),
+        _ => None,
+    };
+    (result, observer, engine)
 }

@@ -13,7 +13,7 @@ use crate::Engine;
 use crate::error::{Error, Result};
 use crate::generate::{SchedulerOptions, SequenceRequest, StepEvent, TokenEvent};
 use crate::model::SequenceId;
-use crate::trace::ActiveExperts;
+use crate::trace::RunObserver;
 
 /// What a request hears about its sequence.
 #[derive(Debug)]
@@ -43,16 +43,22 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Starts the model thread.
+    /// Starts the model thread; `observer` sees every routing it runs and is
+    /// handed back when the thread stops.
     pub fn spawn(
         engine: Arc<Engine>,
         opts: SchedulerOptions,
         metrics: Arc<Metrics>,
-    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        observer: RunObserver,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<RunObserver>)> {
         let (tx, rx) = std_mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("switchyard-model".into())
-            .spawn(move || Worker::new(&engine, opts, metrics).run(rx))?;
+            .spawn(move || {
+                let mut worker = Worker::new(&engine, opts, metrics, observer);
+                worker.run(rx);
+                worker.observer
+            })?;
         Ok((Self { commands: tx }, thread))
     }
 
@@ -77,22 +83,28 @@ struct Worker<'e> {
     scheduler: crate::generate::Scheduler<'e>,
     clients: HashMap<SequenceId, Client>,
     metrics: Arc<Metrics>,
-    /// Every routing since start: what `/metrics` reports as experts per token.
-    active: ActiveExperts,
+    /// Every routing since start: what `/metrics` reports as experts per token,
+    /// and what `--trace` writes.
+    observer: RunObserver,
 }
 
 impl<'e> Worker<'e> {
-    fn new(engine: &'e Engine, opts: SchedulerOptions, metrics: Arc<Metrics>) -> Self {
+    fn new(
+        engine: &'e Engine,
+        opts: SchedulerOptions,
+        metrics: Arc<Metrics>,
+        observer: RunObserver,
+    ) -> Self {
         Self {
             engine,
             scheduler: engine.scheduler(opts),
             clients: HashMap::new(),
             metrics,
-            active: ActiveExperts::default(),
+            observer,
         }
     }
 
-    fn run(mut self, commands: std_mpsc::Receiver<Command>) {
+    fn run(&mut self, commands: std_mpsc::Receiver<Command>) {
         loop {
             // Idle: sleep until a request comes. Busy: take what arrived, then step.
             if self.scheduler.is_idle() {
@@ -192,8 +204,8 @@ impl<'e> Worker<'e> {
     fn step(&mut self) {
         let start = Instant::now();
         let scheduler = &mut self.scheduler;
-        let active = &mut self.active;
-        let events = crate::ops::on_pool(|| scheduler.step(active));
+        let observer = &mut self.observer;
+        let events = crate::ops::on_pool(|| scheduler.step(observer));
         let now = Instant::now();
         // Before any client hears of this step, so what it reads in /metrics is current.
         self.publish();
@@ -246,6 +258,6 @@ impl<'e> Worker<'e> {
             .set(self.scheduler.allocated_kv_bytes() as u64);
         m.expert_resident_bytes
             .set(self.engine.resident_expert_bytes() as u64);
-        m.record_routing(&self.active);
+        m.record_routing(self.observer.active());
     }
 }

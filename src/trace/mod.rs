@@ -5,6 +5,7 @@
 mod active;
 mod coactivation;
 mod load;
+mod observer;
 mod parquet;
 mod plot;
 mod report;
@@ -15,6 +16,7 @@ mod stack;
 pub use active::{ActiveExperts, LayerPicks};
 pub use coactivation::{Coactivation, PairStat};
 pub use load::{ExpertLoad, consecutive_reuse, entropy_bits, uniform_reuse};
+pub use observer::{ActiveSummary, RunObserver};
 pub use parquet::{Trace, TraceMeta, TraceRow, TraceRows, TraceWriter, read_trace};
 pub use plot::write_plots;
 pub use report::{
