@@ -7,6 +7,11 @@
 #
 #   tools/build_llama_cpp.sh [DEST]            # then DEST/build/bin/llama-bench ...
 #
+# NATIVE=0 builds without -march=native and without AMX (into DEST/build-noamx).
+# On 2026-12-03, on an Intel Xeon guest whose /proc/cpuinfo lists AMX, the native
+# build died on its first forward ("invalid opcode" / "general protection fault"
+# in libggml-cpu) and the NATIVE=0 build ran.
+#
 # Needs: curl, python3 with pip (for cmake if it is missing), a C++ compiler.
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
@@ -38,10 +43,18 @@ if ! command -v cmake >/dev/null 2>&1; then
     CMAKE="$DEST/cmake-py/cmake/data/bin/cmake"
 fi
 
-$CMAKE -S "$DEST/src" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+BUILD="$DEST/build"
+CPU_FLAGS=(-DGGML_NATIVE=ON)
+if [ "${NATIVE:-1}" = 0 ]; then
+    BUILD="$DEST/build-noamx"
+    CPU_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+        -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+        -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+fi
+$CMAKE -S "$DEST/src" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release "${CPU_FLAGS[@]}" \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
-$CMAKE --build "$DEST/build" -j "${JOBS:-2}" \
+$CMAKE --build "$BUILD" -j "${JOBS:-2}" \
     --target llama-bench llama-server llama-cli llama-quantize >&2
 # The sdist carries no git metadata (`llama-bench --version` says "commit unknown");
 # llama-cpp-python 0.3.36 vendors llama.cpp commit 0c1e570.
-echo "$DEST/build/bin"
+echo "$BUILD/bin"
