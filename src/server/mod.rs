@@ -5,6 +5,7 @@
 
 mod api;
 mod error;
+mod heap;
 pub mod metrics;
 mod output;
 mod routes;

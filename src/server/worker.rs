@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::heap::HeapTrim;
 use super::metrics::Metrics;
 use crate::Engine;
 use crate::error::{Error, Result};
@@ -86,6 +87,7 @@ struct Worker<'e> {
     /// Every routing since start: what `/metrics` reports as experts per token,
     /// and what `--trace` writes.
     observer: RunObserver,
+    heap: HeapTrim,
 }
 
 impl<'e> Worker<'e> {
@@ -101,6 +103,7 @@ impl<'e> Worker<'e> {
             clients: HashMap::new(),
             metrics,
             observer,
+            heap: HeapTrim::new(),
         }
     }
 
@@ -135,6 +138,7 @@ impl<'e> Worker<'e> {
             if !self.scheduler.is_idle() {
                 self.step();
             }
+            self.heap.maybe_trim(self.scheduler.is_idle());
             self.publish();
         }
     }
