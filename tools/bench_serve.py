@@ -8,8 +8,9 @@ llama-server alike (both speak /v1/completions with stream: true).
     python3 tools/bench_serve.py --url http://127.0.0.1:8080 --streams 1,4,16 --seconds 30
 
 Each client sends greedy completions of --max-tokens tokens back to back until the
-time is up; a token is one SSE chunk with non-empty text (both servers send one
-per token). Only loopback addresses are accepted.
+time is up; tokens are counted from the final usage chunk (stream_options.include_usage),
+latencies from the SSE chunks (both servers send one per token, llama-server with
+empty text for tokens it cannot render alone). Only loopback addresses are accepted.
 
 A soak run is the same with one stream count, a long time and the server's pid:
 
@@ -39,7 +40,7 @@ def percentile(values, q):
 
 def client(url, model, max_tokens, deadline, out, lock, index):
     body = {"prompt": f"Story {index}: once upon a time", "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     if model:
         body["model"] = model
     data = json.dumps(body).encode()
@@ -48,6 +49,7 @@ def client(url, model, max_tokens, deadline, out, lock, index):
                                      headers={"Content-Type": "application/json"})
         start = time.perf_counter()
         stamps = []
+        used = None
         try:
             with urllib.request.urlopen(req, timeout=300) as r:
                 status = r.status
@@ -59,8 +61,11 @@ def client(url, model, max_tokens, deadline, out, lock, index):
                     if payload == b"[DONE]":
                         break
                     chunk = json.loads(payload)
-                    choices = chunk.get("choices") or []
-                    if choices and choices[0].get("text"):
+                    if chunk.get("usage"):
+                        used = chunk["usage"].get("completion_tokens")
+                    # A chunk per token, even where its text is empty (llama-server
+                    # sends "" for tokens it cannot render on their own).
+                    if chunk.get("choices"):
                         stamps.append(time.perf_counter())
         except urllib.error.HTTPError as e:
             status = e.code
@@ -77,7 +82,7 @@ def client(url, model, max_tokens, deadline, out, lock, index):
         with lock:
             out["ttft"].append(stamps[0] - start)
             out["itl"].extend(b - a for a, b in zip(stamps, stamps[1:]))
-            out["tokens"] += len(stamps)
+            out["tokens"] += used if used is not None else len(stamps)
 
 
 def rss_kib(pid):
