@@ -634,9 +634,18 @@ fn sentencepiece_gguf_vocabulary_merges_by_score_with_byte_fallback() {
 fn k_quant_gguf_matrices_run_natively() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("k.gguf");
-    let w = candle_core::Tensor::randn(0f32, 0.02, (4, 16, 256), &Device::Cpu).unwrap();
+    // Seeded: unseeded draws made the relative RMS of this small (3 x 16) output
+    // land past the bound about once in a few runs.
+    let mut rng = switchyard::train::SplitMix64::new(0x6b51);
+    let mut normal = |std: f32, shape: &[usize]| {
+        let v: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|_| std * rng.normal())
+            .collect();
+        candle_core::Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let w = normal(0.02, &[4, 16, 256]);
     let q4k = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
-    let m = candle_core::Tensor::randn(0f32, 0.02, (16, 256), &Device::Cpu).unwrap();
+    let m = normal(0.02, &[16, 256]);
     let q6k = QTensor::quantize(&m, GgmlDType::Q6K).unwrap();
     let q3k = QTensor::quantize(&m, GgmlDType::Q3K).unwrap();
     let mut f = std::fs::File::create(&path).unwrap();
@@ -653,7 +662,7 @@ fn k_quant_gguf_matrices_run_natively() {
     .unwrap();
     drop(f);
     let src = GgufSource::new(GgufFile::open(&path).unwrap(), &QWEN3_MOE.names, None);
-    let x = candle_core::Tensor::randn(0f32, 1.0, (3, 256), &Device::Cpu).unwrap();
+    let x = normal(1.0, &[3, 256]);
     // (GGUF parts with their rows, total rows, runs on our packed kernels)
     type Case<'a> = (&'a [(&'a str, usize)], usize, bool);
     let cases: [Case<'_>; 3] = [
@@ -685,7 +694,11 @@ fn k_quant_gguf_matrices_run_natively() {
         .unwrap();
         let (yq, yd) = (native.forward(&x).unwrap(), dense.forward(&x).unwrap());
         let rel = diff(&yq.to_vec2().unwrap(), &yd.to_vec2().unwrap()).rel_rms;
-        assert!(rel < 0.01, "{parts:?}: relative RMS {rel}");
+        // Both paths quantize the activations to 8 bits; candle's Q3_K path (the
+        // lm_head case) measured 0.0094 on these draws against 0.004-0.006 on
+        // ours, so it gets twice our bound rather than sitting at the edge of it.
+        let bound = if packed { 0.01 } else { 0.02 };
+        assert!(rel < bound, "{parts:?}: relative RMS {rel}");
     }
 }
 
