@@ -5,6 +5,7 @@
 //! ungated shared experts, the first `first_k_dense_replace` layers dense.
 //! Upstream: transformers `configuration_deepseek_v2.py` / `modeling_deepseek_v2.py`.
 
+use super::qwen3_moe::QWEN_NAMES;
 use super::{AttentionKind, Family, Flag, HfKeys, NormPlacement, RouterKeys, SparseLayers};
 use crate::config::{QkNorm, RouterSpec};
 use crate::weights::{MoeNames, SharedExpertNames};
@@ -54,14 +55,6 @@ pub(super) const DEEPSEEK_HF: HfKeys = HfKeys {
 
 /// DeepSeek's MoE tensors; the GGUF side is llama.cpp's `deepseek2` naming.
 pub(super) const DEEPSEEK_NAMES: MoeNames = MoeNames {
-    modules: &["mlp"],
-    router: ("gate", "ffn_gate_inp"),
-    experts: [
-        ("gate_proj", "ffn_gate_exps"),
-        ("up_proj", "ffn_up_exps"),
-        ("down_proj", "ffn_down_exps"),
-    ],
-    fused: ["gate_up_proj", "down_proj"],
     shared_expert: Some(SharedExpertNames {
         module: "shared_experts",
         projections: [
@@ -71,5 +64,5 @@ pub(super) const DEEPSEEK_NAMES: MoeNames = MoeNames {
         ],
         gate: None,
     }),
-    selection_bias: None,
+    ..QWEN_NAMES
 };
