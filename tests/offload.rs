@@ -564,17 +564,13 @@ fn next_layer_prefetch_keeps_logits_and_raises_the_hit_rate() {
     assert!(hit_rates[1] > hit_rates[0] + 0.05, "{hit_rates:?}");
 }
 
-/// `bench` under a budget reports the cache, the engine's bytes beside the
-/// process's `read_bytes`, and peak RSS against its bound.
-#[test]
-fn bench_under_a_budget_checks_peak_rss_against_its_bound() {
-    let dir = fixture("qwen3_moe");
-    let (ok, _, stderr) = switchyard(&[
-        "bench",
-        "--model",
-        dir.to_str().unwrap(),
-        "--dtype",
-        "f32",
+/// A one-repeat `bench` of a fixture (8 prompt tokens, 4 generated) with half
+/// its expert bytes and next-layer prefetch; `weights` picks dtype or quant.
+fn short_bench_under_half_budget(name: &str, weights: &[&str]) -> (bool, String, String) {
+    let dir = fixture(name);
+    let mut args = vec!["bench", "--model", dir.to_str().unwrap()];
+    args.extend_from_slice(weights);
+    args.extend_from_slice(&[
         "--prompt-tokens",
         "8",
         "--gen-tokens",
@@ -586,6 +582,14 @@ fn bench_under_a_budget_checks_peak_rss_against_its_bound() {
         "--prefetch",
         "next-layer",
     ]);
+    switchyard(&args)
+}
+
+/// `bench` under a budget reports the cache, the engine's bytes beside the
+/// process's `read_bytes`, and peak RSS against its bound.
+#[test]
+fn bench_under_a_budget_checks_peak_rss_against_its_bound() {
+    let (ok, _, stderr) = short_bench_under_half_budget("qwen3_moe", &["--dtype", "f32"]);
     assert!(ok, "{stderr}");
     assert!(stderr.contains("expert cache: hit "), "{stderr}");
     assert!(stderr.contains("prefetch precision"), "{stderr}");
@@ -639,24 +643,7 @@ fn deepseek_v3_under_a_budget_with_prefetch_keeps_the_logits() {
 #[test]
 fn bench_runs_deepseek_quantized_under_a_budget() {
     for name in ["deepseek_v2_lite", "deepseek_v3"] {
-        let dir = fixture(name);
-        let (ok, stdout, stderr) = switchyard(&[
-            "bench",
-            "--model",
-            dir.to_str().unwrap(),
-            "--quant",
-            "q8_0",
-            "--prompt-tokens",
-            "8",
-            "--gen-tokens",
-            "4",
-            "--repeat",
-            "1",
-            "--expert-memory",
-            "50%",
-            "--prefetch",
-            "next-layer",
-        ]);
+        let (ok, stdout, stderr) = short_bench_under_half_budget(name, &["--quant", "q8_0"]);
         assert!(ok, "{name}: {stderr}");
         assert!(
             stdout

@@ -98,12 +98,12 @@ fn client() -> reqwest::Client {
 }
 
 async fn post(server: &TestServer, path: &str, body: Value) -> (u16, Value) {
-    let r = client()
-        .post(server.url(path))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    post_url(server.url(path), body).await
+}
+
+/// Owns its arguments, so a spawned task can send it.
+async fn post_url(url: String, body: Value) -> (u16, Value) {
+    let r = client().post(url).json(&body).send().await.unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap())
 }
@@ -304,15 +304,7 @@ async fn concurrent_greedy_requests_match_their_single_runs() {
             let b = body(p);
             let url = s.url("/v1/completions");
             tokio::spawn(async move {
-                let v: Value = client()
-                    .post(url)
-                    .json(&b)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let (_, v) = post_url(url, b).await;
                 (
                     v["choices"][0]["text"].as_str().unwrap().to_string(),
                     v["usage"]["completion_tokens"].as_u64().unwrap(),
@@ -914,15 +906,7 @@ fn serve_trace_writes_every_request_routing_as_run_does() {
                 let body = json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0});
                 let url = format!("{url}/completions");
                 tokio::spawn(async move {
-                    let v: Value = client()
-                        .post(url)
-                        .json(&body)
-                        .send()
-                        .await
-                        .unwrap()
-                        .json()
-                        .await
-                        .unwrap();
+                    let (_, v) = post_url(url, body).await;
                     (
                         v["usage"]["prompt_tokens"].as_u64().unwrap(),
                         v["usage"]["completion_tokens"].as_u64().unwrap(),
