@@ -349,3 +349,28 @@ fn bench_refuses_an_empty_prompt() {
     assert!(stderr.contains("--prompt-tokens"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// GLM-4 MoE turns only the first half of each head (`partial_rotary_factor`
+/// 0.5) and has one shared expert of the expert width.
+#[test]
+fn info_states_partial_rotary_and_the_shared_expert_width() {
+    let dir = fixture("glm4_moe");
+    let (stdout, _) = run_ok(&["info", "--model", dir.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (v["head_dim"].as_u64(), v["rotary_dim"].as_u64()),
+        (Some(16), Some(8))
+    );
+    assert_eq!(v["shared_expert_ffn"], 32);
+    let (text, _) = run_ok(&["info", "--model", dir.to_str().unwrap()]);
+    assert!(
+        text.contains("4 query / 2 KV heads of 16, rotary on the first 8")
+            && text.contains("width 32, shared expert width 32"),
+        "{text}"
+    );
+    let (text, _) = run_ok(&["info", "--model", fixture("mixtral").to_str().unwrap()]);
+    assert!(
+        text.contains("no shared expert") && !text.contains("rotary on"),
+        "{text}"
+    );
+}

@@ -158,7 +158,8 @@ golden_tests!(
     olmoe,
     deepseek_v2_lite,
     deepseek_v2,
-    deepseek_v3
+    deepseek_v3,
+    glm4_moe
 );
 
 #[test]

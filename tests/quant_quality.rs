@@ -75,7 +75,8 @@ fn quantized_fixtures_stay_close_to_f32() {
         // logits move 2.5-3.2 % under q8_0 (qwen2_moe: 2.4 %), but q8_0 flips
         // 8-12 of 232 token-layer expert choices (qwen2_moe: 3 of 166): V3's
         // selection bias and the group limits leave many tokens near a tie.
-        let (q8_max, q4_max) = if name.starts_with("deepseek") {
+        // GLM-4 MoE has V3's router: q8_0 12.9 %, q4 75 %.
+        let (q8_max, q4_max) = if name.starts_with("deepseek") || name.starts_with("glm4") {
             (0.25, 1.5)
         } else {
             (0.08, 1.25)

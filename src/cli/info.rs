@@ -72,9 +72,11 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         "attention_heads": a.num_heads,
         "kv_heads": a.num_kv_heads,
         "head_dim": a.head_dim,
+        "rotary_dim": a.rotary_dim,
         "experts_per_layer": m.num_experts,
         "top_k": m.top_k,
         "shared_experts": usize::from(m.shared_expert_ffn.is_some()),
+        "shared_expert_ffn": m.shared_expert_ffn.unwrap_or(0),
         "expert_ffn": m.expert_ffn,
         "norm_topk_prob": m.router.norm_topk_prob,
         "context": cfg.max_position_embeddings,
@@ -112,8 +114,15 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             mla.v_head_dim
         ),
         None => println!(
-            "attention:        {} query / {} KV heads of {}",
-            a.num_heads, a.num_kv_heads, a.head_dim
+            "attention:        {} query / {} KV heads of {}{}",
+            a.num_heads,
+            a.num_kv_heads,
+            a.head_dim,
+            if a.rotary_dim < a.head_dim {
+                format!(", rotary on the first {}", a.rotary_dim)
+            } else {
+                String::new()
+            }
         ),
     }
     match a.mla {
@@ -126,12 +135,17 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         ),
         None => println!("kv cache:         {} per token", human_bytes(kv_bytes)),
     }
+    // Several shared experts (DeepSeek's `n_shared_experts`) run as one SwiGLU
+    // of their summed width, so the width is what there is to state.
     println!(
-        "experts:          {} per layer, top-{}, width {}, {} shared",
+        "experts:          {} per layer, top-{}, width {}, {}",
         m.num_experts,
         m.top_k,
         m.expert_ffn,
-        usize::from(m.shared_expert_ffn.is_some())
+        match m.shared_expert_ffn {
+            Some(w) => format!("shared expert width {w}"),
+            None => "no shared expert".to_string(),
+        }
     );
     println!(
         "parameters:       {} total, {} active per token",

@@ -182,12 +182,10 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
             "head dimension {head_dim} must be even and positive"
         )));
     }
-    if let Some(rope_dim) = m.usize_opt("rope.dimension_count")?
-        && rope_dim != head_dim
-    {
+    let rotary_dim = m.usize_opt("rope.dimension_count")?.unwrap_or(head_dim);
+    if rotary_dim == 0 || rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
         return Err(bad(format!(
-            "partial rotary embedding ({}.rope.dimension_count {rope_dim} < head dimension {head_dim}) is not supported",
-            arch_name
+            "{arch_name}.rope.dimension_count {rotary_dim} must be even, positive and at most the head dimension {head_dim}"
         )));
     }
     if let Some(kind) = m.get("rope.scaling.type").and_then(GgufValue::as_str)
@@ -298,6 +296,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         num_heads,
         num_kv_heads,
         head_dim,
+        rotary_dim,
         rope_theta,
         qkv_bias: file.contains("blk.0.attn_q.bias"),
         qk_norm: family.attention.qk_norm,

@@ -12,7 +12,8 @@ use serde::de::DeserializeOwned;
 
 use super::family::{Family, Flag, RouterKeys, SparseLayers};
 use super::{
-    AttentionConfig, GroupLimit, GroupRank, MlaDims, ModelConfig, MoeConfig, RouterSpec, ScoreFn,
+    AttentionConfig, GroupLimit, GroupRank, MlaDims, ModelConfig, MoeConfig, QkNorm, RouterSpec,
+    ScoreFn,
 };
 use crate::error::{Error, Result};
 use crate::ops::Yarn;
@@ -46,6 +47,8 @@ struct RopeParameters {
     beta_fast: Option<f64>,
     beta_slow: Option<f64>,
     truncate: Option<bool>,
+    /// transformers 5 moves GLM's top-level `partial_rotary_factor` here.
+    partial_rotary_factor: Option<f64>,
     attention_factor: Option<f64>,
     mscale: Option<f64>,
     mscale_all_dim: Option<f64>,
@@ -103,6 +106,7 @@ struct HfConfig {
     rope_theta: Option<f64>,
     rope_parameters: Option<RopeParameters>,
     rope_scaling: Option<RopeParameters>,
+    partial_rotary_factor: Option<f64>,
     tie_word_embeddings: Option<bool>,
     clip_qkv: Option<f64>,
     sliding_window: Option<usize>,
@@ -280,6 +284,16 @@ fn map_config(
             "head_dim {head_dim} must be even and positive"
         )));
     }
+    let rotary_dim = rotary_dim(
+        head_dim,
+        rope.and_then(|r| r.partial_rotary_factor)
+            .or(raw.partial_rotary_factor),
+    )
+    .map_err(bad)?;
+    let qk_norm = match family.attention.qk_norm_switch {
+        Some(switch) if keyed.get::<bool>(&[switch])? != Some(true) => QkNorm::None,
+        _ => family.attention.qk_norm,
+    };
 
     let required = |keys: &[&str]| -> Result<usize> {
         keyed.get(keys)?.ok_or_else(|| {
@@ -377,9 +391,10 @@ fn map_config(
             num_heads,
             num_kv_heads,
             head_dim,
+            rotary_dim,
             rope_theta,
             qkv_bias: keyed.flag(keys.qkv_bias)?,
-            qk_norm: family.attention.qk_norm,
+            qk_norm,
             clip_qkv: raw.clip_qkv,
             yarn,
             rope_interleaved: keyed.flag(family.attention.rope_interleave)?,
@@ -395,6 +410,21 @@ fn map_config(
     };
     super::limits::validate(&cfg).map_err(bad)?;
     Ok(cfg)
+}
+
+/// The rotated width of each head: transformers' `int(head_dim * factor)`,
+/// which must leave whole rotary pairs.
+fn rotary_dim(head_dim: usize, factor: Option<f64>) -> std::result::Result<usize, String> {
+    let Some(f) = factor else {
+        return Ok(head_dim);
+    };
+    let dim = (head_dim as f64 * f) as usize;
+    if !(f > 0.0 && f <= 1.0) || dim == 0 || !dim.is_multiple_of(2) {
+        return Err(format!(
+            "`partial_rotary_factor` {f} must be in (0, 1] and turn an even number of head_dim {head_dim}'s dimensions (got {dim})"
+        ));
+    }
+    Ok(dim)
 }
 
 /// Multi-head latent attention's widths, as transformers' DeepSeek configs name them.
@@ -557,6 +587,49 @@ mod tests {
             v[k] = x.clone();
         }
         v.to_string()
+    }
+
+    /// GLM-4.5-Air's `config.json` as the Hub ships it (trimmed to tiny sizes):
+    /// a top-level `partial_rotary_factor`, `use_qk_norm` false, q/k/v biases.
+    const GLM45_AIR: &str = r#"{
+        "model_type": "glm4_moe", "vocab_size": 100, "hidden_size": 64,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "partial_rotary_factor": 0.5, "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5, "rope_theta": 1000000, "rope_scaling": null,
+        "attention_bias": true, "use_qk_norm": false, "n_routed_experts": 8,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 24, "intermediate_size": 80,
+        "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+        "routed_scaling_factor": 1.0, "norm_topk_prob": true, "num_nextn_predict_layers": 1
+    }"#;
+
+    #[test]
+    fn glm4_moe_hub_and_transformers_5_spellings_agree() {
+        let hub = parse(GLM45_AIR).unwrap();
+        let a = &hub.attention;
+        assert_eq!((a.head_dim, a.rotary_dim), (16, 8));
+        assert!(a.qkv_bias);
+        assert_eq!(a.qk_norm, QkNorm::None);
+        assert_eq!(hub.moe.sparse_layers, [false, true, true]);
+        assert_eq!(hub.moe.shared_expert_ffn, Some(24));
+        assert_eq!(hub.moe.router.score, ScoreFn::Sigmoid);
+        // transformers 5 moves the factor into `rope_parameters`.
+        let mut v: serde_json::Value = serde_json::from_str(GLM45_AIR).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("partial_rotary_factor");
+        obj.remove("rope_theta");
+        obj.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}),
+        );
+        obj.insert("use_qk_norm".into(), true.into());
+        let t5 = parse(&v.to_string()).unwrap();
+        assert_eq!(t5.attention.rotary_dim, 8);
+        assert_eq!(t5.attention.rope_theta, 1e6);
+        assert_eq!(t5.attention.qk_norm, QkNorm::PerHead);
+        // A factor that leaves half a rotary pair is refused, naming the key.
+        v["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.1});
+        let err = parse(&v.to_string()).unwrap_err().to_string();
+        assert!(err.contains("partial_rotary_factor"), "{err}");
     }
 
     #[test]

@@ -122,6 +122,7 @@ mod tests {
                 num_heads: MAX_HEADS,
                 num_kv_heads: MAX_HEADS,
                 head_dim: MAX_HEAD_DIM,
+                rotary_dim: MAX_HEAD_DIM,
                 rope_theta: 1e6,
                 qkv_bias: true,
                 qk_norm: QkNorm::Full,

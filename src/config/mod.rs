@@ -35,6 +35,10 @@ pub struct AttentionConfig {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Leading dimensions of each query/key head the rotary embedding turns;
+    /// the rest pass through (GLM's `partial_rotary_factor`). `head_dim`
+    /// for most families.
+    pub rotary_dim: usize,
     pub rope_theta: f64,
     pub qkv_bias: bool,
     pub qk_norm: QkNorm,

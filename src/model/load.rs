@@ -124,14 +124,14 @@ pub(super) fn build(
     let a = &cfg.attention;
     let rope = match &a.yarn {
         Some(yarn) => RopeTable::yarn(
-            a.head_dim,
+            a.rotary_dim,
             a.rope_theta,
             yarn,
             cfg.max_position_embeddings,
             embed.device(),
         )?,
         None => RopeTable::new(
-            a.head_dim,
+            a.rotary_dim,
             a.rope_theta,
             cfg.max_position_embeddings,
             embed.device(),

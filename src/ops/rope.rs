@@ -187,9 +187,26 @@ impl RopeTable {
         Ok((t.cos.narrow(0, start, len)?, t.sin.narrow(0, start, len)?))
     }
 
+    /// Dimensions of a head the table turns.
+    pub fn rotary_dim(&self) -> usize {
+        2 * self.inv_freq.len()
+    }
+
     /// # Shapes
-    /// `x: [heads, seq, head_dim]`, positions `start..start + seq`.
+    /// `x: [heads, seq, head_dim]`, positions `start..start + seq`. A head
+    /// wider than [`Self::rotary_dim`] has only its leading dimensions turned
+    /// (partial rotary); the rest pass through unchanged.
     pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (head_dim, rotary) = (x.dim(2)?, self.rotary_dim());
+        if head_dim > rotary {
+            let turned = self.apply(&x.narrow(2, 0, rotary)?, start)?;
+            let kept = x.narrow(2, rotary, head_dim - rotary)?.contiguous()?;
+            // The attention kernels and the KV cache read row-contiguous heads.
+            return Tensor::cat(&[turned, kept], 2)?.contiguous();
+        }
+        if head_dim < rotary {
+            candle_core::bail!("a head of {head_dim} dimensions under a rotary table of {rotary}");
+        }
         let seq = x.dim(1)?;
         let (cos, sin) = self.rows(start, seq)?;
         let cos = cos.to_dtype(x.dtype())?;
@@ -232,6 +249,27 @@ fn compute(inv_freq: &[f32], scale: f32, positions: usize, device: &Device) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partial_rotary_turns_the_leading_dims_and_keeps_the_rest() {
+        let dev = Device::Cpu;
+        let table = RopeTable::new(8, 10_000.0, 64, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 12), &dev).unwrap();
+        let got = table.apply(&x, 7).unwrap();
+        let head = table.apply(&x.narrow(2, 0, 8).unwrap(), 7).unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            d.to_scalar::<f32>().unwrap()
+        };
+        assert!(got.is_contiguous());
+        assert_eq!(max_diff(&got.narrow(2, 0, 8).unwrap(), &head), 0.0);
+        let tail = x.narrow(2, 8, 4).unwrap();
+        assert_eq!(max_diff(&got.narrow(2, 8, 4).unwrap(), &tail), 0.0);
+        // The turned part did move: position 7 is not the identity.
+        assert!(max_diff(&head, &x.narrow(2, 0, 8).unwrap()) > 1e-3);
+        // A head narrower than the table is an error.
+        assert!(table.apply(&x.narrow(2, 0, 6).unwrap(), 0).is_err());
+    }
 
     #[test]
     fn rope_table_grows_lazily_and_matches_an_eager_one() {

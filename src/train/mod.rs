@@ -316,6 +316,7 @@ impl TrainConfig {
                 num_heads: self.num_heads,
                 num_kv_heads: self.num_kv_heads,
                 head_dim: self.head_dim,
+                rotary_dim: self.head_dim,
                 rope_theta: self.rope_theta,
                 qkv_bias: family.hf.qkv_bias.default,
                 qk_norm: family.attention.qk_norm,

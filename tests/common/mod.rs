@@ -124,7 +124,7 @@ pub fn golden_logits(name: &str, prompt: usize) -> Vec<Vec<f32>> {
         .expect("logits load")
 }
 
-pub const ALL_FIXTURES: [&str; 9] = [
+pub const ALL_FIXTURES: [&str; 10] = [
     "qwen3_moe",
     "qwen3_moe_fused",
     "qwen3_moe_bf16_sharded",
@@ -134,6 +134,7 @@ pub const ALL_FIXTURES: [&str; 9] = [
     "deepseek_v2_lite",
     "deepseek_v2",
     "deepseek_v3",
+    "glm4_moe",
 ];
 
 /// exp(mean negative log-likelihood of `ids[1..]`) under `logits` `[seq][vocab]`.

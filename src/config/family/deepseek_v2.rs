@@ -17,13 +17,13 @@ pub static DEEPSEEK_V2: Family = Family {
     gguf: None,
     names: DEEPSEEK_NAMES,
     attention: AttentionKind {
-        qk_norm: QkNorm::None,
         latent: true,
         // transformers' V2 always rotates adjacent pairs (`view_as_complex`).
         rope_interleave: Flag {
             keys: &[],
             default: true,
         },
+        ..AttentionKind::grouped(QkNorm::None)
     },
     router: RouterSpec::SOFTMAX,
     norm: NormPlacement::Pre,

@@ -30,12 +30,12 @@ pub static DEEPSEEK_V3: Family = Family {
         ..DEEPSEEK_NAMES
     },
     attention: AttentionKind {
-        qk_norm: QkNorm::None,
         latent: true,
         rope_interleave: Flag {
             keys: &["rope_interleave"],
             default: true,
         },
+        ..AttentionKind::grouped(QkNorm::None)
     },
     // `n_group`, `topk_group` and `routed_scaling_factor` complete it.
     router: RouterSpec {

@@ -6,6 +6,7 @@
 
 mod deepseek_v2;
 mod deepseek_v3;
+mod glm4_moe;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
@@ -13,6 +14,7 @@ mod qwen3_moe;
 
 pub use deepseek_v2::DEEPSEEK_V2;
 pub use deepseek_v3::DEEPSEEK_V3;
+pub use glm4_moe::GLM4_MOE;
 pub use mixtral::MIXTRAL;
 pub use olmoe::OLMOE;
 pub use qwen2_moe::QWEN2_MOE;
@@ -29,6 +31,7 @@ pub static FAMILIES: &[&Family] = &[
     &OLMOE,
     &DEEPSEEK_V2,
     &DEEPSEEK_V3,
+    &GLM4_MOE,
 ];
 
 /// One architecture family.
@@ -205,6 +208,9 @@ pub struct GgufKeys {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionKind {
     pub qk_norm: QkNorm,
+    /// The `config.json` switch that turns `qk_norm` on (GLM's `use_qk_norm`,
+    /// off when absent); `None`: the family always has it.
+    pub qk_norm_switch: Option<&'static str>,
     /// Multi-head latent attention (`model::mla`) instead of grouped-query heads.
     pub latent: bool,
     /// Rotary dimensions in adjacent pairs rather than halves (DeepSeek's
@@ -217,6 +223,7 @@ impl AttentionKind {
     pub const fn grouped(qk_norm: QkNorm) -> AttentionKind {
         AttentionKind {
             qk_norm,
+            qk_norm_switch: None,
             latent: false,
             rope_interleave: Flag {
                 keys: &[],
@@ -259,7 +266,7 @@ mod tests {
         assert_eq!(Family::by_gguf_arch("llama"), Some(&MIXTRAL));
         assert_eq!(Family::by_gguf_arch("qwen2moe"), Some(&QWEN2_MOE));
         assert_eq!(Family::by_model_type("deepseek_v2"), Some(&DEEPSEEK_V2));
-        assert_eq!(Family::by_model_type("glm4_moe"), None);
+        assert_eq!(Family::by_model_type("glm4_moe"), Some(&GLM4_MOE));
         assert_eq!(
             Family::supported_model_types(),
             [
@@ -268,7 +275,8 @@ mod tests {
                 "qwen2_moe",
                 "olmoe",
                 "deepseek_v2",
-                "deepseek_v3"
+                "deepseek_v3",
+                "glm4_moe"
             ]
         );
     }

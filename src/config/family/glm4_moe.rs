@@ -1,0 +1,54 @@
+//! `glm4_moe` (GLM-4.5, 4.6, 4.7): DeepSeek-V3's MoE block (sigmoid scores
+//! plus the `e_score_correction_bias` selection bias, `noaux_tc` groups,
+//! `norm_topk_prob`, `routed_scaling_factor`, ungated shared experts, the
+//! first `first_k_dense_replace` layers dense) under grouped-query attention
+//! with q/k/v biases, per-head q/k norms when `use_qk_norm`, and rotary on the
+//! first `partial_rotary_factor` of each head in halves.
+//! Upstream: transformers `configuration_glm4_moe.py` / `modeling_glm4_moe.py`.
+
+use super::deepseek_v2::{DEEPSEEK_HF, DEEPSEEK_NAMES};
+use super::{AttentionKind, Family, Flag, HfKeys, NormPlacement, RouterKeys};
+use crate::config::{GroupLimit, GroupRank, QkNorm, RouterSpec, ScoreFn};
+use crate::weights::MoeNames;
+
+pub static GLM4_MOE: Family = Family {
+    model_types: &["glm4_moe"],
+    hf: HfKeys {
+        class: "Glm4MoeForCausalLM",
+        norm_topk_prob: &["norm_topk_prob"],
+        // Like DeepSeek-V3's, its router has no `scoring_func` / `topk_method`.
+        router: RouterKeys {
+            scoring_func: &[],
+            topk_method: &[],
+            ..RouterKeys::DEEPSEEK
+        },
+        qkv_bias: Flag {
+            keys: &["attention_bias"],
+            default: false,
+        },
+        ..DEEPSEEK_HF
+    },
+    // llama.cpp's `glm4moe` counts the multi-token-prediction layers in its
+    // block count; not read yet.
+    gguf: None,
+    names: MoeNames {
+        selection_bias: Some(("gate.e_score_correction_bias", "exp_probs_b.bias")),
+        ..DEEPSEEK_NAMES
+    },
+    attention: AttentionKind {
+        qk_norm_switch: Some("use_qk_norm"),
+        ..AttentionKind::grouped(QkNorm::PerHead)
+    },
+    // `n_group`, `topk_group` and `routed_scaling_factor` complete it.
+    router: RouterSpec {
+        score: ScoreFn::Sigmoid,
+        norm_topk_prob: true,
+        routed_scaling_factor: 1.0,
+        groups: Some(GroupLimit {
+            n_group: 1,
+            topk_group: 1,
+            rank: GroupRank::SumOfTopTwo,
+        }),
+    },
+    norm: NormPlacement::Pre,
+};
