@@ -9,7 +9,7 @@ use super::matmul::{
     DenseData, DenseRows, MatmulJob, RowDots, dense_dots, matmul_dense, matmul_packed, packed_dots,
     run_jobs,
 };
-use super::mxfp4::{Mxfp4Matrix, mxfp4_dots};
+use super::mxfp4::{Mxfp4Matrix, mxfp4_dots, mxfp4_dots_f32};
 use super::quant::{BLOCK, PackedFormat, PackedMatrix, QuantKind, QuantizedActs};
 use crate::error::{Error, Result};
 
@@ -20,8 +20,14 @@ pub enum LinearWeight {
     Dense(Tensor),
     /// Q8_0 / Q4_0 in our packed layout, read by our kernels.
     Packed(Arc<PackedMatrix>),
-    /// MXFP4 (gpt-oss experts, as the Hub and GGUF ship them), read by our kernels.
-    Mxfp4(Arc<Mxfp4Matrix>),
+    /// MXFP4 (gpt-oss experts, as the Hub and GGUF ship them), read by our kernels:
+    /// on f32 activations, exactly the product on the dequantized weights, or
+    /// (`q8_activations`, after [`Linear::quantize`]) on Q8 activations with the
+    /// integer dot products the packed kinds use.
+    Mxfp4 {
+        matrix: Arc<Mxfp4Matrix>,
+        q8_activations: bool,
+    },
     /// Any other GGML type (Q4_K, Q6_K, ...) through candle's quantized kernels.
     Ggml {
         matmul: QMatMul,
@@ -64,10 +70,14 @@ impl Linear {
         }
     }
 
-    /// An MXFP4 weight (see [`Mxfp4Matrix`]); the bias stays f32.
+    /// An MXFP4 weight (see [`Mxfp4Matrix`]) applied to f32 activations; the
+    /// bias stays f32.
     pub fn from_mxfp4(weight: Mxfp4Matrix, bias: Option<Tensor>) -> Self {
         Self {
-            weight: LinearWeight::Mxfp4(Arc::new(weight)),
+            weight: LinearWeight::Mxfp4 {
+                matrix: Arc::new(weight),
+                q8_activations: false,
+            },
             bias,
         }
     }
@@ -139,8 +149,18 @@ impl Linear {
     /// unquantized (as in llama.cpp).
     pub fn quantize(&self, kind: QuantKind) -> Result<Linear> {
         let (rows, cols) = self.dims();
-        // MXFP4 is already 4.25 bits per weight; re-encoding it could only add error.
-        if !cols.is_multiple_of(BLOCK) || matches!(self.weight, LinearWeight::Mxfp4(_)) {
+        // MXFP4 is already 4.25 bits per weight; re-encoding it could only add
+        // error, so it keeps its codes and only its activations are quantized.
+        if let LinearWeight::Mxfp4 { matrix, .. } = &self.weight {
+            return Ok(Linear {
+                weight: LinearWeight::Mxfp4 {
+                    matrix: matrix.clone(),
+                    q8_activations: true,
+                },
+                bias: self.bias.clone(),
+            });
+        }
+        if !cols.is_multiple_of(BLOCK) {
             return Ok(self.clone());
         }
         let w = self.dense_f32()?;
@@ -174,7 +194,9 @@ impl Linear {
             LinearWeight::Packed(p) => {
                 Tensor::from_vec(p.dequantize(), (rows, cols), &Device::Cpu)?
             }
-            LinearWeight::Mxfp4(m) => Tensor::from_vec(m.dequantize(), (rows, cols), &Device::Cpu)?,
+            LinearWeight::Mxfp4 { matrix, .. } => {
+                Tensor::from_vec(matrix.dequantize(), (rows, cols), &Device::Cpu)?
+            }
             LinearWeight::Ggml { matmul, .. } => match matmul {
                 QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
@@ -206,7 +228,7 @@ impl Linear {
                 (d[0], d[1])
             }
             LinearWeight::Packed(p) => (p.rows(), p.cols()),
-            LinearWeight::Mxfp4(m) => (m.rows(), m.cols()),
+            LinearWeight::Mxfp4 { matrix, .. } => (matrix.rows(), matrix.cols()),
             LinearWeight::Ggml { dims, .. } => *dims,
         }
     }
@@ -217,7 +239,7 @@ impl Linear {
         let w = match &self.weight {
             LinearWeight::Dense(w) => bytes(w),
             LinearWeight::Packed(p) => p.bytes(),
-            LinearWeight::Mxfp4(m) => m.bytes(),
+            LinearWeight::Mxfp4 { matrix, .. } => matrix.bytes(),
             LinearWeight::Ggml { bytes, .. } => *bytes,
         };
         w + self.bias.as_ref().map_or(0, bytes)
@@ -266,7 +288,22 @@ impl Linear {
                 with_f32(&yt.contiguous()?, |v| y.copy_from_slice(v))?;
             }
             LinearWeight::Dense(w) => with_dense(w, |m| matmul_dense(isa, m, rows, x, n, y))?,
-            LinearWeight::Packed(_) | LinearWeight::Mxfp4(_) => {
+            LinearWeight::Mxfp4 {
+                matrix,
+                q8_activations: false,
+            } => {
+                let dots = mxfp4_dots_f32(matrix, x);
+                run_jobs(
+                    n,
+                    cols,
+                    &mut [MatmulJob {
+                        rows,
+                        y,
+                        dots: &dots,
+                    }],
+                );
+            }
+            LinearWeight::Packed(_) | LinearWeight::Mxfp4 { .. } => {
                 return with_thread_scratch(&ACTS, |acts| {
                     acts.quantize_from(x, n, cols);
                     self.forward_quantized(acts, y)
@@ -285,7 +322,11 @@ impl Linear {
     pub fn reads_quantized(&self) -> bool {
         matches!(
             self.weight,
-            LinearWeight::Packed(_) | LinearWeight::Mxfp4(_)
+            LinearWeight::Packed(_)
+                | LinearWeight::Mxfp4 {
+                    q8_activations: true,
+                    ..
+                }
         )
     }
 
@@ -307,8 +348,8 @@ impl Linear {
         let isa = Isa::best();
         match &self.weight {
             LinearWeight::Packed(p) => matmul_packed(isa, p, acts, y),
-            LinearWeight::Mxfp4(m) => {
-                let dots = mxfp4_dots(isa, m, acts);
+            LinearWeight::Mxfp4 { matrix, .. } => {
+                let dots = mxfp4_dots(isa, matrix, acts);
                 run_jobs(
                     acts.n,
                     cols,
@@ -340,7 +381,7 @@ impl Linear {
                 LinearWeight::Dense(w) => {
                     !w.track_op() && w.is_contiguous() && !uses_gemm(w, x.dims()[0])
                 }
-                LinearWeight::Packed(_) | LinearWeight::Mxfp4(_) => true,
+                LinearWeight::Packed(_) | LinearWeight::Mxfp4 { .. } => true,
                 LinearWeight::Ggml { .. } => false,
             });
         if !fast {
@@ -369,10 +410,7 @@ impl Linear {
             .collect::<Result<_>>()?;
         with_f32(&x, |xs| {
             with_thread_scratch(&ACTS, |acts| {
-                if linears
-                    .iter()
-                    .any(|l| matches!(l.weight, LinearWeight::Packed(_) | LinearWeight::Mxfp4(_)))
-                {
+                if linears.iter().any(|l| l.reads_quantized()) {
                     acts.quantize_from(xs, n, cols);
                 }
                 let acts = &*acts;
@@ -382,7 +420,16 @@ impl Linear {
                     .map(|(l, d)| -> Box<RowDots<'_>> {
                         match (&l.weight, d) {
                             (LinearWeight::Packed(p), _) => Box::new(packed_dots(isa, p, acts)),
-                            (LinearWeight::Mxfp4(m), _) => Box::new(mxfp4_dots(isa, m, acts)),
+                            (
+                                LinearWeight::Mxfp4 {
+                                    matrix,
+                                    q8_activations: true,
+                                },
+                                _,
+                            ) => Box::new(mxfp4_dots(isa, matrix, acts)),
+                            (LinearWeight::Mxfp4 { matrix, .. }, _) => {
+                                Box::new(mxfp4_dots_f32(matrix, xs))
+                            }
                             (_, Some(d)) => dense_dots(isa, *d, xs),
                             _ => unreachable!("checked above: dense or packed"),
                         }
@@ -629,7 +676,14 @@ mod tests {
         assert_eq!(lin.dims(), (rows, cols));
         assert_eq!(lin.weight_bytes(), 2 * 2 * 16 * 17 + rows * 4);
         let q = lin.quantize(QuantKind::Q8_0).unwrap();
-        assert!(matches!(q.weight(), LinearWeight::Mxfp4(_)));
+        assert!(matches!(
+            q.weight(),
+            LinearWeight::Mxfp4 {
+                q8_activations: true,
+                ..
+            }
+        ));
+        assert!(q.reads_quantized() && !lin.reads_quantized());
         let w = lin.dense_f32().unwrap();
         let x = Tensor::randn(0f32, 1.0, (3, cols), &Device::Cpu).unwrap();
         let want = x
@@ -638,10 +692,14 @@ mod tests {
             .broadcast_add(&bias)
             .unwrap();
         let (dense, _) = linear(5, cols, DType::F32);
-        let many = Linear::forward_many(&[&lin, &dense], &x).unwrap();
-        for y in [lin.forward(&x).unwrap(), many[0].clone()] {
-            let err = rel_rms(&y, &want);
-            assert!(err < 0.01, "mxfp4 product: {err}");
+        // On f32 activations the product is the dequantized one; on Q8 ones
+        // within the activations' rounding.
+        for (l, tol) in [(&lin, 1e-6), (&q, 0.01)] {
+            let many = Linear::forward_many(&[l, &dense], &x).unwrap();
+            for y in [l.forward(&x).unwrap(), many[0].clone()] {
+                let err = rel_rms(&y, &want);
+                assert!(err < tol, "mxfp4 product: {err} (tolerance {tol})");
+            }
         }
     }
 }

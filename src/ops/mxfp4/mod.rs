@@ -259,6 +259,47 @@ pub fn mxfp4_rows_dots(
     }
 }
 
+/// Rows `rows` of an MXFP4 matrix times f32 activation rows `t0..t0 + nt` of
+/// `x: [n, cols]`: each block's codes are decoded to their exact values in
+/// registers (never stored), so the product is the one transformers computes on
+/// the dequantized weights, without the Q8 rounding of the activations.
+pub fn mxfp4_rows_dots_f32(
+    w: &Mxfp4Matrix,
+    rows: std::ops::Range<usize>,
+    x: &[f32],
+    t0: usize,
+    nt: usize,
+    out: &mut [[f32; MAX_TOKENS]],
+) {
+    let cols = w.cols();
+    assert!(rows.end <= w.rows() && out.len() >= rows.len() && nt <= MAX_TOKENS);
+    assert!((t0 + nt) * cols <= x.len());
+    let mut codes = [0u8; BLOCK];
+    let mut values = [0f32; BLOCK];
+    for (r, o) in rows.zip(out.iter_mut()) {
+        let mut acc = [0f32; MAX_TOKENS];
+        for b in 0..cols / BLOCK {
+            let d = e8m0_to_f32(w.block(r, b, &mut codes)) * 0.5;
+            for (v, &c) in values.iter_mut().zip(&codes) {
+                *v = f32::from(FP4_DOUBLED[c as usize]) * d;
+            }
+            for (i, a) in acc.iter_mut().enumerate().take(nt) {
+                let xs = &x[(t0 + i) * cols + b * BLOCK..][..BLOCK];
+                *a += values.iter().zip(xs).map(|(v, x)| v * x).sum::<f32>();
+            }
+        }
+        o[..nt].copy_from_slice(&acc[..nt]);
+    }
+}
+
+/// The f32-activation row kernel of an MXFP4 matrix, for [`super::matmul::run_jobs`].
+pub fn mxfp4_dots_f32<'a>(
+    w: &'a Mxfp4Matrix,
+    x: &'a [f32],
+) -> impl Fn(std::ops::Range<usize>, usize, usize, &mut [[f32; MAX_TOKENS]]) + Sync + 'a {
+    move |rows, t0, nt, out| mxfp4_rows_dots_f32(w, rows, x, t0, nt, out)
+}
+
 /// The row kernel of an MXFP4 matrix, for [`super::matmul::run_jobs`].
 pub fn mxfp4_dots<'a>(
     isa: Isa,
@@ -346,6 +387,34 @@ mod tests {
         x.chunks(cols)
             .map(|xr| xr.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum())
             .collect()
+    }
+
+    #[test]
+    fn f32_activation_kernel_is_the_dequantized_product() {
+        let (rows, cols, n) = (19, 3 * 32, 4);
+        let (blocks, scales) = hub_tensors(rows, cols, 5);
+        let m = Mxfp4Matrix::from_hub(&blocks, &scales, rows, cols).unwrap();
+        let wd = m.dequantize();
+        let x: Vec<f32> = bytes(n * cols, 13)
+            .iter()
+            .map(|&b| (b as f32 - 127.5) / 64.0)
+            .collect();
+        for (t0, nt) in [(0, 4), (1, 3), (3, 1)] {
+            let mut out = vec![[f32::NAN; MAX_TOKENS]; rows - 2];
+            mxfp4_rows_dots_f32(&m, 2..rows, &x, t0, nt, &mut out);
+            for (r, o) in (2..rows).zip(&out) {
+                let want = reference(&wd[r * cols..(r + 1) * cols], &x, cols);
+                for i in 0..nt {
+                    let e = want[t0 + i];
+                    assert!(
+                        (f64::from(o[i]) - e).abs() < 1e-5 * (1.0 + e.abs()),
+                        "row {r} token {}: {} vs {e}",
+                        t0 + i,
+                        o[i]
+                    );
+                }
+            }
+        }
     }
 
     #[test]
