@@ -12,7 +12,7 @@ use super::LoadOptions;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::ops::Linear;
-use crate::weights::TensorSource;
+use crate::weights::{MatrixLayout, TensorSource, mxfp4_blocks_per_row};
 
 /// What a dry run found besides errors.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -85,6 +85,42 @@ impl TensorSource for ShapeOnly<'_> {
 
     fn contains(&self, name: &str) -> bool {
         self.inner.contains(name)
+    }
+
+    fn load_matrix_index(
+        &self,
+        name: &str,
+        shape: &[usize],
+        _index: usize,
+        layout: MatrixLayout,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        self.checked(name, shape)?;
+        let (a, b) = match shape {
+            [_, a, b] => (*a, *b),
+            _ => {
+                return Err(Error::InvalidInput(format!(
+                    "tensor {name:?}: expected 3 dimensions, got {shape:?}"
+                )));
+            }
+        };
+        let dims = if layout.transposed { [b, a] } else { [a, b] };
+        stand_in(&dims, dtype)
+    }
+
+    fn load_mxfp4_index(
+        &self,
+        name: &str,
+        dims: [usize; 3],
+        _index: usize,
+        _interleaved: bool,
+        bias: Option<Tensor>,
+    ) -> Result<Linear> {
+        let [n, rows, cols] = dims;
+        let nb = mxfp4_blocks_per_row(name, cols)?;
+        self.checked(&format!("{name}_blocks"), &[n, rows, nb, 16])?;
+        self.checked(&format!("{name}_scales"), &[n, rows, nb])?;
+        Ok(Linear::new(stand_in(&[rows, cols], DType::F32)?, bias))
     }
 
     fn load_linear(

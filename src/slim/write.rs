@@ -471,6 +471,7 @@ impl View for &RawView<'_> {
             StoredDtype::F32 => Dtype::F32,
             StoredDtype::F16 => Dtype::F16,
             StoredDtype::BF16 => Dtype::BF16,
+            StoredDtype::U8 => Dtype::U8,
         }
     }
 

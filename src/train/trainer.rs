@@ -20,7 +20,6 @@ use crate::model::{
     ForwardOptions, LoadOptions, LogitsFor, Model, NoObserver, SequenceId, SequenceInput,
 };
 use crate::trace::entropy_bits;
-use crate::weights::StoredDtype;
 
 /// What one step did.
 #[derive(Debug, Clone, PartialEq)]
@@ -197,11 +196,7 @@ impl Trainer {
     /// (in the configured export dtype) into `out`.
     pub fn export(&self, out: &Path) -> Result<()> {
         let stored = self.config.export_dtype()?;
-        let dtype = match stored {
-            StoredDtype::BF16 => DType::BF16,
-            StoredDtype::F16 => DType::F16,
-            StoredDtype::F32 => DType::F32,
-        };
+        let dtype = stored.candle();
         let mut cfg = self.model_config.clone();
         cfg.stored_dtype = Some(stored);
         export_hf(&cfg, &self.vars.tensors(), dtype, out)

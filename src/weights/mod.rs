@@ -14,4 +14,4 @@ pub use backing::{ReadStats, ReadTotals};
 pub use gguf::{GgufFile, GgufTensorInfo, GgufTensorOut, GgufValue};
 pub use gguf_source::{GgufSource, QkHeads};
 pub use names::{MoeNames, NamePair, SharedExpertNames};
-pub use source::{Reopened, TensorSource};
+pub use source::{MatrixLayout, Reopened, TensorSource, deinterleave, mxfp4_blocks_per_row};

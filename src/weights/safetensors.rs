@@ -18,6 +18,8 @@ pub enum StoredDtype {
     F32,
     F16,
     BF16,
+    /// Raw bytes: MXFP4 blocks and scales (gpt-oss's `*_blocks` / `*_scales`).
+    U8,
 }
 
 impl StoredDtype {
@@ -25,14 +27,16 @@ impl StoredDtype {
         match self {
             StoredDtype::F32 => 4,
             StoredDtype::F16 | StoredDtype::BF16 => 2,
+            StoredDtype::U8 => 1,
         }
     }
 
-    fn candle(self) -> DType {
+    pub(crate) fn candle(self) -> DType {
         match self {
             StoredDtype::F32 => DType::F32,
             StoredDtype::F16 => DType::F16,
             StoredDtype::BF16 => DType::BF16,
+            StoredDtype::U8 => DType::U8,
         }
     }
 }
@@ -91,6 +95,7 @@ impl SafetensorsFiles {
                     Dtype::F32 => StoredDtype::F32,
                     Dtype::F16 => StoredDtype::F16,
                     Dtype::BF16 => StoredDtype::BF16,
+                    Dtype::U8 => StoredDtype::U8,
                     other => {
                         return Err(Error::UnsupportedDtype {
                             name,
@@ -201,9 +206,22 @@ impl SafetensorsFiles {
         Ok(meta)
     }
 
+    /// [`Self::check`], and that raw bytes are asked of a U8 tensor and numbers
+    /// of a float one: converting between them would give values, not an error.
+    fn check_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<&TensorMeta> {
+        let meta = self.check(name, shape)?;
+        if (meta.dtype == StoredDtype::U8) != (dtype == DType::U8) {
+            return Err(Error::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: format!("{:?} where {dtype:?} is expected", meta.dtype),
+            });
+        }
+        Ok(meta)
+    }
+
     /// Loads a tensor, checks its shape and converts it to `dtype`.
     pub fn load(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let meta = self.check(name, shape)?;
+        let meta = self.check_as(name, shape, dtype)?;
         let bytes = self.range(meta, meta.start, meta.end)?;
         let tensor =
             Tensor::from_raw_buffer(&bytes, meta.dtype.candle(), &meta.shape, &Device::Cpu)?;
@@ -219,7 +237,7 @@ impl SafetensorsFiles {
         index: usize,
         dtype: DType,
     ) -> Result<Tensor> {
-        let meta = self.check(name, shape)?;
+        let meta = self.check_as(name, shape, dtype)?;
         let (n, inner) = shape.split_first().ok_or_else(|| {
             Error::InvalidInput(format!("tensor {name:?} is a scalar, it has no slices"))
         })?;

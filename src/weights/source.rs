@@ -3,8 +3,59 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 
 use super::backing::ReadStats;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::Linear;
+use crate::ops::mxfp4::Mxfp4Matrix;
+
+/// How one slice of a stored 3-D tensor maps to a [`Linear`]'s `[out, in]`
+/// weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MatrixLayout {
+    /// Stored `[in, out]`, applied as `x @ W` (gpt-oss's fused experts).
+    pub transposed: bool,
+    /// Output rows alternate two halves (gpt-oss's gate and up): loaded as the
+    /// even rows, then the odd ones.
+    pub interleaved: bool,
+}
+
+impl MatrixLayout {
+    /// The `[out, in]` weight of a stored slice, contiguous.
+    pub fn apply(self, t: Tensor) -> Result<Tensor> {
+        let t = if self.transposed { t.t()? } else { t };
+        let t = if self.interleaved {
+            deinterleave(&t)?
+        } else {
+            t
+        };
+        Ok(t.contiguous()?)
+    }
+}
+
+/// `t`'s rows along the first dimension, even ones first, then odd ones.
+pub fn deinterleave(t: &Tensor) -> Result<Tensor> {
+    let dims = t.dims();
+    let Some((&rows, rest)) = dims.split_first() else {
+        return Err(Error::InvalidInput(
+            "a scalar has no rows to reorder".into(),
+        ));
+    };
+    if rows % 2 != 0 {
+        return Err(Error::InvalidInput(format!(
+            "{rows} interleaved rows do not split into two halves"
+        )));
+    }
+    let inner: usize = rest.iter().product();
+    Ok(t.contiguous()?
+        .reshape((rows / 2, 2, inner))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
+/// The order [`deinterleave`] puts `rows` rows in: new row `i` is old row `order[i]`.
+fn deinterleaved_order(rows: usize) -> impl Iterator<Item = usize> {
+    (0..rows).step_by(2).chain((1..rows).step_by(2))
+}
 
 /// A checkpoint opened again for positioned reads after the build.
 pub struct Reopened {
@@ -58,6 +109,55 @@ pub trait TensorSource {
         Ok(())
     }
 
+    /// Slice `index` of the 3-D tensor `name` of `shape` as an `[out, in]`
+    /// weight laid out by `layout`, in `dtype`.
+    fn load_matrix_index(
+        &self,
+        name: &str,
+        shape: &[usize],
+        index: usize,
+        layout: MatrixLayout,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        layout.apply(self.load_index(name, shape, index, dtype)?)
+    }
+
+    /// Slice `index` of the MXFP4 tensors `{name}_blocks` `[n, rows, cols / 32,
+    /// 16]` and `{name}_scales` `[n, rows, cols / 32]` (U8, as gpt-oss ships
+    /// its experts; `dims` is `[n, rows, cols]`) as a [`Linear`] that reads the
+    /// codes as stored, rows reordered as `interleaved` says.
+    fn load_mxfp4_index(
+        &self,
+        name: &str,
+        dims: [usize; 3],
+        index: usize,
+        interleaved: bool,
+        bias: Option<Tensor>,
+    ) -> Result<Linear> {
+        let [n, rows, cols] = dims;
+        let nb = mxfp4_blocks_per_row(name, cols)?;
+        let read = |suffix: &str, shape: &[usize]| -> Result<Vec<u8>> {
+            let t = self.load_index(&format!("{name}_{suffix}"), shape, index, DType::U8)?;
+            Ok(t.flatten_all()?.to_vec1::<u8>()?)
+        };
+        let mut blocks = read("blocks", &[n, rows, nb, 16])?;
+        let mut scales = read("scales", &[n, rows, nb])?;
+        if interleaved {
+            let reorder = |bytes: &[u8], row_bytes: usize| -> Vec<u8> {
+                deinterleaved_order(rows)
+                    .flat_map(|r| &bytes[r * row_bytes..(r + 1) * row_bytes])
+                    .copied()
+                    .collect()
+            };
+            blocks = reorder(&blocks, nb * 16);
+            scales = reorder(&scales, nb);
+        }
+        Ok(Linear::from_mxfp4(
+            Mxfp4Matrix::from_hub(&blocks, &scales, rows, cols)?,
+            bias,
+        ))
+    }
+
     /// A `[out, cols]` weight stacked from row blocks (`parts`: name and rows, e.g.
     /// gate then up), as a [`Linear`]. By default the parts are loaded in `dtype`
     /// and concatenated; a source holding quantized weights (GGUF) keeps them quantized.
@@ -70,6 +170,17 @@ pub trait TensorSource {
     ) -> Result<Linear> {
         Ok(Linear::new(load_stacked(self, parts, cols, dtype)?, bias))
     }
+}
+
+/// Blocks of 32 per row of an MXFP4 matrix `cols` wide; an error naming
+/// `name` when `cols` does not split into them.
+pub fn mxfp4_blocks_per_row(name: &str, cols: usize) -> Result<usize> {
+    if cols == 0 || !cols.is_multiple_of(32) {
+        return Err(Error::InvalidInput(format!(
+            "MXFP4 tensor {name:?}: its rows of {cols} values do not split into blocks of 32"
+        )));
+    }
+    Ok(cols / 32)
 }
 
 /// Row blocks loaded in `dtype` and concatenated: `[sum(rows), cols]`.
