@@ -204,6 +204,26 @@ fn info_prints_latent_kv_cache_bytes_beside_full_attention() {
     );
 }
 
+/// gpt-oss: only the full-attention layer's cache grows with the sequence; the
+/// sliding one (window 4) is bounded, and `info` says so.
+#[test]
+fn info_states_the_sliding_layers_kv_bound() {
+    let dir = fixture("gpt_oss");
+    let (stdout, _) = run_ok(&["info", "--model", dir.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // 2 KV heads of 16, keys and values, f32; one layer of each kind.
+    let row = 2 * 2 * 16 * 4;
+    assert_eq!(v["kv_cache_bytes_per_token"], row);
+    assert_eq!(v["sliding_window_layers"], 1);
+    assert_eq!(v["sliding_window"], 4);
+    assert_eq!(v["kv_cache_bytes_sliding_layers_bound"], 2 * 4 * row);
+    let (text, _) = run_ok(&["info", "--model", dir.to_str().unwrap()]);
+    assert!(
+        text.contains("256 B per token on the 1 full-attention layers; the 1 sliding-window layers (window 4) keep at most twice their window while decoding: 2.00 KiB (2048 bytes) whatever the length"),
+        "{text}"
+    );
+}
+
 #[test]
 fn chat_prompt_renders_like_transformers() {
     let dir = fixture("qwen3_moe");

@@ -159,7 +159,9 @@ golden_tests!(
     deepseek_v2_lite,
     deepseek_v2,
     deepseek_v3,
-    glm4_moe
+    glm4_moe,
+    gpt_oss,
+    gpt_oss_bf16
 );
 
 #[test]
@@ -260,4 +262,51 @@ fn batched_sequences_match_golden_logits() {
         assert_eq!(sites.0.iter().filter(|s| s.0 == id).count(), 2 * moe_layers);
         assert_eq!(of_id, [(0, len), (len, 1)], "sequence {id}");
     }
+}
+
+/// gpt-oss's sliding layer keeps only what its window (4) still sees: after
+/// the longest prompt and 40 decoded tokens the cache holds every position of
+/// the full-attention layer and twice the window of the sliding one.
+#[test]
+fn gpt_oss_sliding_layer_cache_is_bounded_by_its_window() {
+    let model = load("gpt_oss");
+    let a = &model.config().attention;
+    assert_eq!(a.layer_windows, [Some(4), None]);
+    let row_bytes = a.cache_values_per_token() * 4;
+    let prompt = &golden("gpt_oss").prompts[1].input_ids;
+    let mut cache = model.new_cache(64);
+    model
+        .forward_last(prompt, &mut cache, &mut NoObserver)
+        .unwrap();
+    for _ in 0..40 {
+        model
+            .forward_last(&[3], &mut cache, &mut NoObserver)
+            .unwrap();
+    }
+    let len = cache.len();
+    assert_eq!(len, prompt.len() + 40);
+    // The full layer's buffer was allocated for 64 positions up front.
+    assert_eq!(cache.allocated_bytes(), (64 + 2 * 4) * row_bytes);
+    assert_eq!(cache.bytes_bound(len, 1), (len + 2 * 4) * row_bytes);
+}
+
+/// The Hub's MXFP4 experts are kept as their codes and exponents (17 bytes per
+/// 32 weights), not expanded to floats; the bf16 copy's are f32 as loaded.
+#[test]
+fn gpt_oss_mxfp4_experts_stay_mxfp4() {
+    let model = load("gpt_oss");
+    let cfg = model.config();
+    let (h, ffn) = (cfg.hidden_size, cfg.moe.expert_ffn);
+    let id = switchyard::experts::ExpertId {
+        layer: 1,
+        expert: 3,
+    };
+    // Codes and exponents of the three matrices, plus f32 biases (2 ffn + h).
+    let want = 3 * h * ffn * 17 / 32 + (2 * ffn + h) * 4;
+    assert_eq!(model.experts().expert_bytes(id), want);
+    let bf16 = load("gpt_oss_bf16");
+    assert_eq!(
+        bf16.experts().expert_bytes(id),
+        3 * h * ffn * 4 + (2 * ffn + h) * 4
+    );
 }

@@ -199,8 +199,9 @@ fn fixture_cache_with(
     let files = SafetensorsFiles::open_dir(&dir).unwrap();
     let layers = (0..cfg.num_layers)
         .map(|l| {
-            (cfg.moe.sparse_layers[l])
-                .then(|| LayerExperts::locate(&cfg.family.names, &files, l).unwrap())
+            (cfg.moe.sparse_layers[l]).then(|| {
+                LayerExperts::locate(&cfg.family.names, cfg.family.experts, &files, l).unwrap()
+            })
         })
         .collect();
     let layout = ExpertLayout {
@@ -211,6 +212,7 @@ fn fixture_cache_with(
             num_experts: cfg.moe.num_experts,
         },
         dtype: candle_core::DType::F32,
+        activation: cfg.moe.expert_activation,
     };
     assert_eq!(
         3 * cfg.hidden_size * cfg.moe.expert_ffn * 4,
@@ -639,10 +641,11 @@ fn deepseek_v3_under_a_budget_with_prefetch_keeps_the_logits() {
     }
 }
 
-/// `bench` runs the MLA families quantized under a budget.
+/// `bench` runs the MLA families and gpt-oss (MXFP4 experts reading Q8
+/// activations) quantized under a budget.
 #[test]
-fn bench_runs_deepseek_quantized_under_a_budget() {
-    for name in ["deepseek_v2_lite", "deepseek_v3"] {
+fn bench_runs_deepseek_and_gpt_oss_quantized_under_a_budget() {
+    for name in ["deepseek_v2_lite", "deepseek_v3", "gpt_oss"] {
         let (ok, stdout, stderr) = short_bench_under_half_budget(name, &["--quant", "q8_0"]);
         assert!(ok, "{name}: {stderr}");
         assert!(

@@ -76,8 +76,14 @@ fn quantized_fixtures_stay_close_to_f32() {
         // 8-12 of 232 token-layer expert choices (qwen2_moe: 3 of 166): V3's
         // selection bias and the group limits leave many tokens near a tie.
         // GLM-4 MoE has V3's router: q8_0 12.9 %, q4 75 %.
+        // gpt-oss (MXFP4 experts on Q8 activations, or its bf16 copy's experts
+        // as Q8_0): q8_0 13-14 %, q4 240-263 %, both copies alike: position 0 moves
+        // 2-5 % (qwen2_moe 1.3-2.5 %), but its large clamped expert weights and
+        // router bias make the 1-3 of 66-88 flipped expert choices costly.
         let (q8_max, q4_max) = if name.starts_with("deepseek") || name.starts_with("glm4") {
             (0.25, 1.5)
+        } else if name.starts_with("gpt_oss") {
+            (0.25, 3.5)
         } else {
             (0.08, 1.25)
         };

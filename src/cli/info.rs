@@ -58,10 +58,16 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     let non_expert_bytes = (counts.non_expert as f64 * bytes_per_param) as usize;
     let m = &cfg.moe;
     let a = &cfg.attention;
-    // The KV cache holds f32, like the activations.
-    let cache_value_bytes = std::mem::size_of::<f32>() * cfg.num_layers;
-    let kv_bytes = a.cache_values_per_token() * cache_value_bytes;
-    let kv_full_bytes = a.full_cache_values_per_token() * cache_value_bytes;
+    // The KV cache holds f32, like the activations. Sliding-window layers keep
+    // a bounded buffer (`KvCache`: twice the window while decoding), so only the
+    // full-attention layers grow with the sequence.
+    let sliding: Vec<usize> = (0..cfg.num_layers).filter_map(|l| a.window(l)).collect();
+    let growing_layers = cfg.num_layers - sliding.len();
+    let row_bytes = a.cache_values_per_token() * std::mem::size_of::<f32>();
+    let kv_bytes = row_bytes * growing_layers;
+    let kv_full_bytes =
+        a.full_cache_values_per_token() * std::mem::size_of::<f32>() * growing_layers;
+    let sliding_bound_bytes: usize = sliding.iter().map(|w| 2 * w * row_bytes).sum();
     let json = serde_json::json!({
         "model_dir": dir.display().to_string(),
         "architecture": cfg.family.model_type(),
@@ -82,6 +88,9 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         "context": cfg.max_position_embeddings,
         "kv_cache_bytes_per_token": kv_bytes,
         "kv_cache_bytes_per_token_full_attention": kv_full_bytes,
+        "sliding_window_layers": sliding.len(),
+        "sliding_window": sliding.first(),
+        "kv_cache_bytes_sliding_layers_bound": sliding_bound_bytes,
         "total_parameters": counts.total,
         "active_parameters_per_token": counts.active,
         "parameters_per_expert": counts.per_expert,
@@ -133,7 +142,16 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             mla.qk_rope_head_dim,
             human_bytes(kv_full_bytes)
         ),
-        None => println!("kv cache:         {} per token", human_bytes(kv_bytes)),
+        None if sliding.is_empty() => {
+            println!("kv cache:         {} per token", human_bytes(kv_bytes))
+        }
+        None => println!(
+            "kv cache:         {} per token on the {growing_layers} full-attention layers; the {} sliding-window layers (window {}) keep at most twice their window while decoding: {} whatever the length",
+            human_bytes(kv_bytes),
+            sliding.len(),
+            sliding[0],
+            human_bytes(sliding_bound_bytes)
+        ),
     }
     // Several shared experts (DeepSeek's `n_shared_experts`) run as one SwiGLU
     // of their summed width, so the width is what there is to state.

@@ -10,13 +10,13 @@ use std::path::Path;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::family::{Family, Flag, RouterKeys, SparseLayers};
+use super::family::{Family, Flag, GluKind, RouterKeys, SparseLayers};
 use super::{
     AttentionConfig, GroupLimit, GroupRank, MlaDims, ModelConfig, MoeConfig, QkNorm, RouterSpec,
     ScoreFn,
 };
 use crate::error::{Error, Result};
-use crate::ops::Yarn;
+use crate::ops::{GluActivation, Yarn};
 use crate::weights::StoredDtype;
 
 #[derive(Debug, Deserialize)]
@@ -240,7 +240,12 @@ fn map_config(
         .and_then(|r| r.rope_theta)
         .or(raw.rope_theta)
         .ok_or_else(|| bad("missing `rope_theta` (or `rope_parameters.rope_theta`)".into()))?;
-    if raw.sliding_window.is_some() {
+    let layer_windows = if family.attention.layer_types {
+        layer_windows(keyed, raw.sliding_window, raw.num_hidden_layers)?
+    } else {
+        Vec::new()
+    };
+    if raw.sliding_window.is_some() && !family.attention.layer_types {
         match keys.sliding_window_switch {
             Some(switch) if keyed.get::<bool>(&[switch])? == Some(true) => {
                 return Err(bad(format!(
@@ -309,6 +314,25 @@ fn map_config(
         )));
     }
     let expert_ffn = required(keys.expert_ffn)?;
+    let expert_activation = match family.experts.activation {
+        GluKind::SiLU => GluActivation::SiLU,
+        GluKind::Clamped { alpha, limit } => {
+            let read = |(keys, default): (&[&str], f32)| -> Result<f32> {
+                let v = keyed.get::<f32>(keys)?.unwrap_or(default);
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(bad(format!(
+                        "`{}` is {v}, expected a positive number",
+                        keys.join("` / `")
+                    )));
+                }
+                Ok(v)
+            };
+            GluActivation::Clamped {
+                alpha: read(alpha)?,
+                limit: read(limit)?,
+            }
+        }
+    };
     let dense_ffn = keyed.get(keys.dense_ffn)?.unwrap_or(0);
     let shared_expert_ffn = match keyed.get::<usize>(keys.shared_experts)? {
         Some(n) => Some(n * expert_ffn),
@@ -353,6 +377,7 @@ fn map_config(
         num_experts,
         top_k,
         expert_ffn,
+        expert_activation,
         router: router_spec(
             family,
             keyed,
@@ -394,6 +419,9 @@ fn map_config(
             rotary_dim,
             rope_theta,
             qkv_bias: keyed.flag(keys.qkv_bias)?,
+            o_bias: family.attention.output_bias && keyed.flag(keys.qkv_bias)?,
+            sinks: family.attention.sinks,
+            layer_windows,
             qk_norm,
             clip_qkv: raw.clip_qkv,
             yarn,
@@ -425,6 +453,44 @@ fn rotary_dim(head_dim: usize, factor: Option<f64>) -> std::result::Result<usize
         ));
     }
     Ok(dim)
+}
+
+/// Per layer, `sliding_window` where `layer_types` says `sliding_attention`
+/// (without `layer_types`, every other layer from the first, as transformers'
+/// `GptOssConfig` defaults it).
+fn layer_windows(
+    keyed: &Keyed<'_>,
+    window: Option<usize>,
+    num_layers: usize,
+) -> Result<Vec<Option<usize>>> {
+    let bad = |reason: String| Error::config(keyed.path, reason);
+    let types = match keyed.get::<Vec<String>>(&["layer_types"])? {
+        Some(types) => types,
+        None => (0..num_layers)
+            .map(|l| ["sliding_attention", "full_attention"][l % 2].to_string())
+            .collect(),
+    };
+    if types.len() != num_layers {
+        return Err(bad(format!(
+            "`layer_types` lists {} layers, but the model has {num_layers}",
+            types.len()
+        )));
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "full_attention" => Ok(None),
+            "sliding_attention" => match window {
+                Some(w) if w > 0 => Ok(Some(w)),
+                _ => Err(bad(
+                    "a `sliding_attention` layer needs a positive `sliding_window`".into(),
+                )),
+            },
+            other => Err(bad(format!(
+                "layer type {other:?} is not supported (\"sliding_attention\" or \"full_attention\")"
+            ))),
+        })
+        .collect()
 }
 
 /// Multi-head latent attention's widths, as transformers' DeepSeek configs name them.
@@ -723,6 +789,83 @@ mod tests {
             ),
         ] {
             let err = parse(&with(over)).unwrap_err().to_string();
+            assert!(err.contains(needle), "{over}: {err}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod gpt_oss_tests {
+    use super::*;
+    use crate::config::family::GPT_OSS;
+
+    /// gpt-oss-20b's `config.json` as the Hub ships it, trimmed to tiny sizes.
+    const GPT_OSS_20B: &str = r#"{
+        "model_type": "gpt_oss", "vocab_size": 100, "hidden_size": 64,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+        "rope_theta": 150000, "rope_scaling": {"rope_type": "yarn", "factor": 32.0,
+            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": false,
+            "original_max_position_embeddings": 64},
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "sliding_window": 8, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "experts_per_token": 2, "intermediate_size": 32, "swiglu_limit": 7.0,
+        "attention_bias": true
+    }"#;
+
+    fn parse(over: &str) -> Result<ModelConfig> {
+        let mut v: serde_json::Value = serde_json::from_str(GPT_OSS_20B).unwrap();
+        let over: serde_json::Value = serde_json::from_str(over).unwrap();
+        for (k, x) in over.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        parse_config(&v.to_string(), Path::new("config.json"))
+    }
+
+    #[test]
+    fn hub_config_maps_windows_sinks_biases_and_the_clamped_swiglu() {
+        let cfg = parse("{}").unwrap();
+        assert_eq!(cfg.family, &GPT_OSS);
+        let a = &cfg.attention;
+        assert_eq!(a.layer_windows, [Some(8), None, Some(8)]);
+        assert!(a.qkv_bias && a.o_bias && a.sinks);
+        assert!(!a.yarn.unwrap().truncate);
+        assert_eq!(cfg.moe.expert_ffn, 32);
+        assert_eq!(cfg.moe.sparse_layers, [true; 3]);
+        assert_eq!(
+            cfg.moe.expert_activation,
+            GluActivation::Clamped {
+                alpha: 1.702,
+                limit: 7.0
+            }
+        );
+        assert_eq!(cfg.moe.router.score, ScoreFn::SoftmaxOfTopK);
+        // Without `layer_types`, every other layer from the first slides.
+        let cfg = parse(r#"{"layer_types": null, "swiglu_alpha": 2.0, "attention_bias": false}"#)
+            .unwrap();
+        assert_eq!(cfg.attention.layer_windows, [Some(8), None, Some(8)]);
+        assert!(!cfg.attention.qkv_bias && !cfg.attention.o_bias);
+        assert!(matches!(
+            cfg.moe.expert_activation,
+            GluActivation::Clamped { alpha: 2.0, .. }
+        ));
+    }
+
+    #[test]
+    fn gpt_oss_config_errors_name_the_field() {
+        for (over, needle) in [
+            (
+                r#"{"layer_types": ["full_attention"]}"#,
+                "`layer_types` lists 1",
+            ),
+            (
+                r#"{"layer_types": ["chunked_attention", "full_attention", "full_attention"]}"#,
+                "\"chunked_attention\"",
+            ),
+            (r#"{"sliding_window": null}"#, "positive `sliding_window`"),
+            (r#"{"swiglu_limit": -1.0}"#, "`swiglu_limit` is -1"),
+        ] {
+            let err = parse(over).unwrap_err().to_string();
             assert!(err.contains(needle), "{over}: {err}");
         }
     }

@@ -125,6 +125,9 @@ mod tests {
                 rotary_dim: MAX_HEAD_DIM,
                 rope_theta: 1e6,
                 qkv_bias: true,
+                o_bias: true,
+                sinks: true,
+                layer_windows: vec![Some(MAX_CONTEXT); MAX_LAYERS],
                 qk_norm: QkNorm::Full,
                 clip_qkv: None,
                 yarn: None,
@@ -135,6 +138,7 @@ mod tests {
                 num_experts: MAX_EXPERTS,
                 top_k: MAX_EXPERTS,
                 expert_ffn: MAX_FFN,
+                expert_activation: Default::default(),
                 router: RouterSpec {
                     norm_topk_prob: true,
                     ..RouterSpec::SOFTMAX

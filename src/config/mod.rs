@@ -17,7 +17,7 @@ pub use params::ParameterCounts;
 pub use router::{GroupLimit, GroupRank, RouterSpec, ScoreFn};
 pub use size::{ByteSize, format_bytes};
 
-use crate::ops::Yarn;
+use crate::ops::{GluActivation, Yarn};
 use crate::weights::StoredDtype;
 
 /// Where the query/key RMS-norms sit, if any.
@@ -41,6 +41,13 @@ pub struct AttentionConfig {
     pub rotary_dim: usize,
     pub rope_theta: f64,
     pub qkv_bias: bool,
+    /// `o_proj` has a bias (gpt-oss).
+    pub o_bias: bool,
+    /// Each layer has one learned sink logit per query head (gpt-oss).
+    pub sinks: bool,
+    /// Per decoder layer, the sliding window its attention sees (`None`: every
+    /// position); empty when no layer slides.
+    pub layer_windows: Vec<Option<usize>>,
     pub qk_norm: QkNorm,
     /// OLMoE clamps q, k and v to `[-c, c]` right after projection.
     pub clip_qkv: Option<f64>,
@@ -74,6 +81,11 @@ impl MlaDims {
 }
 
 impl AttentionConfig {
+    /// Layer `layer`'s sliding window, if it has one.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.layer_windows.get(layer).copied().flatten()
+    }
+
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
     }
@@ -135,6 +147,8 @@ pub struct MoeConfig {
     pub top_k: usize,
     /// Width of one routed expert's SwiGLU (`moe_intermediate_size`).
     pub expert_ffn: usize,
+    /// How a routed expert combines its gate and up halves.
+    pub expert_activation: GluActivation,
     /// How router logits become expert choices and weights.
     pub router: RouterSpec,
     /// Qwen2-MoE's always-on shared expert, gated by `sigmoid(shared_expert_gate(x))`.

@@ -52,9 +52,26 @@ impl ParameterCounts {
                 let kv_b = mla.kv_lora_rank * a.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim);
                 query + kv_a + kv_b + a.num_heads * mla.v_head_dim * h
             }
-            None => h * a.q_dim() + 2 * h * a.kv_dim() + a.q_dim() * h + qkv_bias + qk_norm,
+            None => {
+                let o_bias = if a.o_bias { h } else { 0 };
+                let sinks = if a.sinks { a.num_heads } else { 0 };
+                h * a.q_dim()
+                    + 2 * h * a.kv_dim()
+                    + a.q_dim() * h
+                    + qkv_bias
+                    + o_bias
+                    + qk_norm
+                    + sinks
+            }
         };
-        let per_expert = 3 * h * m.expert_ffn;
+        let experts = cfg.family.experts;
+        // gpt-oss's expert biases: gate and up `[ffn]` each, down `[hidden]`.
+        let expert_biases = if experts.biases {
+            2 * m.expert_ffn + h
+        } else {
+            0
+        };
+        let per_expert = 3 * h * m.expert_ffn + expert_biases;
         // Qwen2-MoE's shared expert has a `[1, hidden]` gate; DeepSeek's none.
         let shared_gate = cfg
             .family
@@ -64,7 +81,7 @@ impl ParameterCounts {
         let shared = m
             .shared_expert_ffn
             .map_or(0, |ffn| 3 * h * ffn + shared_gate);
-        let router = m.num_experts * h;
+        let router = m.num_experts * (h + usize::from(experts.router_bias));
         let dense_mlp = 3 * h * m.dense_ffn;
         let norms = 2 * h;
 

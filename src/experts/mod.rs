@@ -17,7 +17,7 @@ mod store;
 
 pub use cache::{ExpertCache, ExpertReads};
 pub use memory::{ExpertMemory, MissPrecision, Prefetch};
-pub use naming::{ExpertDims, ExpertLayout, LayerExperts, moe_prefix};
+pub use naming::{ExpertDims, ExpertLayout, ExpertStorage, LayerExperts, moe_prefix};
 pub use outcome::CacheOutcome;
 pub use policy::{Admission, CachePolicy, Lfu, Lru, PolicyKind};
 pub use provider::{CallExperts, ExpertProvider};

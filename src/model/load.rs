@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
 use super::Model;
-use super::attention::Attention;
+use super::attention::{Attention, LayerAttention};
 use super::layer::{AttentionBlock, DecoderLayer, LayerFfn};
 use super::mla::{LatentAttention, LatentQuery};
 use super::moe::{ExpertTopP, MoeBlock, NextRouter, RouterConfig, SharedExpert};
@@ -264,7 +264,7 @@ impl Loader<'_> {
         let layers = (0..self.cfg.num_layers)
             .map(|l| {
                 m.sparse_layers[l]
-                    .then(|| LayerExperts::locate(self.names, self.src, l))
+                    .then(|| LayerExperts::locate(self.names, self.cfg.family.experts, self.src, l))
                     .transpose()
             })
             .collect::<Result<_>>()?;
@@ -276,6 +276,7 @@ impl Loader<'_> {
                 num_experts: m.num_experts,
             },
             dtype: self.dtype,
+            activation: m.expert_activation,
         })
     }
 
@@ -285,23 +286,8 @@ impl Loader<'_> {
         let Some(Some(layer)) = layout.layers.get(l) else {
             return Ok(Vec::new());
         };
-        if layer.fused {
-            // One read of the fused tensors for the whole layer, not one per expert.
-            let dims = layout.dims;
-            let names = layer.tensor_names(0);
-            let gate_up = self.tensor(&names[0], &[n, 2 * dims.ffn, dims.hidden])?;
-            let down = self.tensor(&names[1], &[n, dims.hidden, dims.ffn])?;
-            return (0..n)
-                .map(|e| {
-                    Ok(Ffn::new(
-                        Linear::new(gate_up.get(e)?, None),
-                        Linear::new(down.get(e)?, None),
-                    ))
-                })
-                .collect();
-        }
         (0..n)
-            .map(|e| layer.load(self.src, layout.dims, e, self.dtype))
+            .map(|e| layer.load(self.src, layout.dims, e, self.dtype, layout.activation))
             .collect()
     }
 
@@ -388,11 +374,25 @@ impl Loader<'_> {
                 h,
                 a.qkv_bias,
             )?)?,
-            o_proj: self.quantized(self.linear(&format!("{p}.o_proj"), h, a.q_dim(), false)?)?,
+            o_proj: self.quantized(self.linear(
+                &format!("{p}.o_proj"),
+                h,
+                a.q_dim(),
+                a.o_bias,
+            )?)?,
             q_norm,
             k_norm,
             config: a.clone(),
-            layer: Default::default(),
+            layer: LayerAttention {
+                sinks: if a.sinks {
+                    let name = format!("{p}.sinks");
+                    let sinks = self.src.load(&name, &[a.num_heads], DType::F32)?;
+                    Some(self.finite(&name, sinks)?.to_vec1::<f32>()?)
+                } else {
+                    None
+                },
+                sliding_window: a.window(l),
+            },
         })
     }
 
@@ -439,7 +439,12 @@ impl Loader<'_> {
                 (None, _) => None,
             };
             let router_name = format!("{prefix}.{}", self.names.router.0);
-            let router = self.linear(&router_name, m.num_experts, h, false)?;
+            let router = self.linear(
+                &router_name,
+                m.num_experts,
+                h,
+                self.cfg.family.experts.router_bias,
+            )?;
             if let Some(w) = router.dense_weight() {
                 self.finite(&format!("{router_name}.weight"), w.clone())?;
             }

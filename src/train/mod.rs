@@ -319,6 +319,9 @@ impl TrainConfig {
                 rotary_dim: self.head_dim,
                 rope_theta: self.rope_theta,
                 qkv_bias: family.hf.qkv_bias.default,
+                o_bias: false,
+                sinks: false,
+                layer_windows: Vec::new(),
                 qk_norm: family.attention.qk_norm,
                 clip_qkv: None,
                 yarn: None,
@@ -329,6 +332,7 @@ impl TrainConfig {
                 num_experts: self.num_experts,
                 top_k: self.top_k,
                 expert_ffn: self.expert_ffn,
+                expert_activation: Default::default(),
                 router: RouterSpec {
                     norm_topk_prob: true,
                     ..family.router

@@ -6,7 +6,9 @@
 //! Upstream: transformers `configuration_deepseek_v2.py` / `modeling_deepseek_v2.py`.
 
 use super::qwen3_moe::QWEN_NAMES;
-use super::{AttentionKind, Family, Flag, HfKeys, NormPlacement, RouterKeys, SparseLayers};
+use super::{
+    AttentionKind, ExpertKind, Family, Flag, HfKeys, NormPlacement, RouterKeys, SparseLayers,
+};
 use crate::config::{QkNorm, RouterSpec};
 use crate::weights::{MoeNames, SharedExpertNames};
 
@@ -25,6 +27,7 @@ pub static DEEPSEEK_V2: Family = Family {
         },
         ..AttentionKind::grouped(QkNorm::None)
     },
+    experts: ExpertKind::SWIGLU,
     router: RouterSpec::SOFTMAX,
     norm: NormPlacement::Pre,
 };

@@ -6,7 +6,7 @@
 //! Upstream: transformers `configuration_deepseek_v3.py` / `modeling_deepseek_v3.py`.
 
 use super::deepseek_v2::{DEEPSEEK_HF, DEEPSEEK_NAMES};
-use super::{AttentionKind, Family, Flag, HfKeys, NormPlacement, RouterKeys};
+use super::{AttentionKind, ExpertKind, Family, Flag, HfKeys, NormPlacement, RouterKeys};
 use crate::config::{GroupLimit, GroupRank, QkNorm, RouterSpec, ScoreFn};
 use crate::weights::MoeNames;
 
@@ -37,6 +37,7 @@ pub static DEEPSEEK_V3: Family = Family {
         },
         ..AttentionKind::grouped(QkNorm::None)
     },
+    experts: ExpertKind::SWIGLU,
     // `n_group`, `topk_group` and `routed_scaling_factor` complete it.
     router: RouterSpec {
         score: ScoreFn::Sigmoid,

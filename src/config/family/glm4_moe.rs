@@ -7,7 +7,7 @@
 //! Upstream: transformers `configuration_glm4_moe.py` / `modeling_glm4_moe.py`.
 
 use super::deepseek_v2::{DEEPSEEK_HF, DEEPSEEK_NAMES};
-use super::{AttentionKind, Family, Flag, HfKeys, NormPlacement, RouterKeys};
+use super::{AttentionKind, ExpertKind, Family, Flag, HfKeys, NormPlacement, RouterKeys};
 use crate::config::{GroupLimit, GroupRank, QkNorm, RouterSpec, ScoreFn};
 use crate::weights::MoeNames;
 
@@ -39,6 +39,7 @@ pub static GLM4_MOE: Family = Family {
         qk_norm_switch: Some("use_qk_norm"),
         ..AttentionKind::grouped(QkNorm::PerHead)
     },
+    experts: ExpertKind::SWIGLU,
     // `n_group`, `topk_group` and `routed_scaling_factor` complete it.
     router: RouterSpec {
         score: ScoreFn::Sigmoid,

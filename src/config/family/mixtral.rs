@@ -5,8 +5,8 @@
 
 use super::qwen3_moe::QWEN_NAMES;
 use super::{
-    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, RouterKeys,
-    SparseLayers,
+    AttentionKind, ExpertKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement,
+    RouterKeys, SparseLayers,
 };
 use crate::config::{QkNorm, RouterSpec};
 use crate::weights::MoeNames;
@@ -48,6 +48,7 @@ pub static MIXTRAL: Family = Family {
         ..QWEN_NAMES
     },
     attention: AttentionKind::grouped(QkNorm::None),
+    experts: ExpertKind::SWIGLU,
     // Mixtral's softmax runs over the top-k logits only, which equals a full
     // softmax followed by renormalising the top-k.
     router: RouterSpec {

@@ -7,6 +7,7 @@
 mod deepseek_v2;
 mod deepseek_v3;
 mod glm4_moe;
+mod gpt_oss;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
@@ -15,6 +16,7 @@ mod qwen3_moe;
 pub use deepseek_v2::DEEPSEEK_V2;
 pub use deepseek_v3::DEEPSEEK_V3;
 pub use glm4_moe::GLM4_MOE;
+pub use gpt_oss::GPT_OSS;
 pub use mixtral::MIXTRAL;
 pub use olmoe::OLMOE;
 pub use qwen2_moe::QWEN2_MOE;
@@ -32,6 +34,7 @@ pub static FAMILIES: &[&Family] = &[
     &DEEPSEEK_V2,
     &DEEPSEEK_V3,
     &GLM4_MOE,
+    &GPT_OSS,
 ];
 
 /// One architecture family.
@@ -44,6 +47,7 @@ pub struct Family {
     /// Router, routed-expert and shared-expert tensor names, HF and GGUF.
     pub names: MoeNames,
     pub attention: AttentionKind,
+    pub experts: ExpertKind,
     /// The router's rule; `norm_topk_prob` is the default the config may override.
     pub router: RouterSpec,
     pub norm: NormPlacement,
@@ -216,6 +220,17 @@ pub struct AttentionKind {
     /// Rotary dimensions in adjacent pairs rather than halves (DeepSeek's
     /// `rope_interleave`).
     pub rope_interleave: Flag,
+    /// One learned logit per query head joins each softmax (gpt-oss's
+    /// `self_attn.sinks`).
+    pub sinks: bool,
+    /// `o_proj` has a bias whenever q/k/v have theirs (gpt-oss's
+    /// `attention_bias` covers all four projections).
+    pub output_bias: bool,
+    /// `layer_types` marks the `sliding_attention` layers, which see only the
+    /// last `sliding_window` positions; without it every other layer from the
+    /// first slides (transformers' `GptOssConfig` default). `false`: a set
+    /// `sliding_window` is refused unless `sliding_window_switch` leaves it off.
+    pub layer_types: bool,
 }
 
 impl AttentionKind {
@@ -229,8 +244,50 @@ impl AttentionKind {
                 keys: &[],
                 default: false,
             },
+            sinks: false,
+            output_bias: false,
+            layer_types: false,
         }
     }
+}
+
+/// What a family's routed experts are beyond a SwiGLU of the expert width.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExpertKind {
+    pub activation: GluKind,
+    /// The router has a bias added to its logits (gpt-oss's `router.bias`).
+    pub router_bias: bool,
+    /// Gate-up and down projections have biases (`{fused}_bias`, gpt-oss).
+    pub biases: bool,
+    /// transformers 5's fused tensors are stored `[E, in, out]` (applied as
+    /// `x @ W`, gpt-oss) rather than `[E, out, in]`.
+    pub fused_transposed: bool,
+    /// The fused gate-up outputs alternate gate and up (gpt-oss's
+    /// `gate_up[..., ::2]` / `[..., 1::2]`) rather than gate then up.
+    pub gate_up_interleaved: bool,
+}
+
+impl ExpertKind {
+    /// `silu(gate) * up`, no biases, fused tensors `[E, out, in]`, gate rows first.
+    pub const SWIGLU: ExpertKind = ExpertKind {
+        activation: GluKind::SiLU,
+        router_bias: false,
+        biases: false,
+        fused_transposed: false,
+        gate_up_interleaved: false,
+    };
+}
+
+/// The experts' gate/up activation as a family states it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GluKind {
+    SiLU,
+    /// gpt-oss's clamped SwiGLU: `alpha` and `limit` from the first present of
+    /// their keys, else the defaults.
+    Clamped {
+        alpha: (Keys, f32),
+        limit: (Keys, f32),
+    },
 }
 
 /// Where the decoder layer's RMS-norms sit.
@@ -267,6 +324,7 @@ mod tests {
         assert_eq!(Family::by_gguf_arch("qwen2moe"), Some(&QWEN2_MOE));
         assert_eq!(Family::by_model_type("deepseek_v2"), Some(&DEEPSEEK_V2));
         assert_eq!(Family::by_model_type("glm4_moe"), Some(&GLM4_MOE));
+        assert_eq!(Family::by_model_type("gpt_oss"), Some(&GPT_OSS));
         assert_eq!(
             Family::supported_model_types(),
             [
@@ -276,7 +334,8 @@ mod tests {
                 "olmoe",
                 "deepseek_v2",
                 "deepseek_v3",
-                "glm4_moe"
+                "glm4_moe",
+                "gpt_oss"
             ]
         );
     }

@@ -4,8 +4,8 @@
 
 use super::qwen3_moe::QWEN_NAMES;
 use super::{
-    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, RouterKeys,
-    SparseLayers,
+    AttentionKind, ExpertKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement,
+    RouterKeys, SparseLayers,
 };
 use crate::config::{QkNorm, RouterSpec};
 
@@ -38,6 +38,7 @@ pub static OLMOE: Family = Family {
     }),
     names: QWEN_NAMES,
     attention: AttentionKind::grouped(QkNorm::Full),
+    experts: ExpertKind::SWIGLU,
     router: RouterSpec::SOFTMAX,
     norm: NormPlacement::Pre,
 };

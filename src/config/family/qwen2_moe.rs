@@ -5,8 +5,8 @@
 
 use super::qwen3_moe::QWEN_NAMES;
 use super::{
-    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, RouterKeys,
-    SparseLayers,
+    AttentionKind, ExpertKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement,
+    RouterKeys, SparseLayers,
 };
 use crate::config::{ModelConfig, QkNorm, RouterSpec};
 use crate::weights::{MoeNames, SharedExpertNames};
@@ -55,6 +55,7 @@ pub static QWEN2_MOE: Family = Family {
         ..QWEN_NAMES
     },
     attention: AttentionKind::grouped(QkNorm::None),
+    experts: ExpertKind::SWIGLU,
     router: RouterSpec::SOFTMAX,
     norm: NormPlacement::Pre,
 };

@@ -3,8 +3,8 @@
 //! `configuration_qwen3_moe.py`; llama.cpp `LLM_ARCH_QWEN3MOE`.
 
 use super::{
-    AttentionKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement, RouterKeys,
-    SparseLayers,
+    AttentionKind, ExpertKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement,
+    RouterKeys, SparseLayers,
 };
 use crate::config::{ModelConfig, QkNorm, RouterSpec};
 use crate::weights::MoeNames;
@@ -40,6 +40,7 @@ pub static QWEN3_MOE: Family = Family {
     }),
     names: QWEN_NAMES,
     attention: AttentionKind::grouped(QkNorm::PerHead),
+    experts: ExpertKind::SWIGLU,
     router: RouterSpec::SOFTMAX,
     norm: NormPlacement::Pre,
 };
