@@ -161,7 +161,9 @@ golden_tests!(
     deepseek_v3,
     glm4_moe,
     gpt_oss,
-    gpt_oss_bf16
+    gpt_oss_bf16,
+    flex_olmo,
+    ernie4_5_moe
 );
 
 #[test]

@@ -641,11 +641,18 @@ fn deepseek_v3_under_a_budget_with_prefetch_keeps_the_logits() {
     }
 }
 
-/// `bench` runs the MLA families and gpt-oss (MXFP4 experts reading Q8
-/// activations) quantized under a budget.
+/// `bench` runs the MLA families, gpt-oss (MXFP4 experts reading Q8
+/// activations), FlexOlmo's post-norms and ERNIE's interleaved layers
+/// quantized under a budget.
 #[test]
-fn bench_runs_deepseek_and_gpt_oss_quantized_under_a_budget() {
-    for name in ["deepseek_v2_lite", "deepseek_v3", "gpt_oss"] {
+fn bench_runs_the_newer_families_quantized_under_a_budget() {
+    for name in [
+        "deepseek_v2_lite",
+        "deepseek_v3",
+        "gpt_oss",
+        "flex_olmo",
+        "ernie4_5_moe",
+    ] {
         let (ok, stdout, stderr) = short_bench_under_half_budget(name, &["--quant", "q8_0"]);
         assert!(ok, "{name}: {stderr}");
         assert!(

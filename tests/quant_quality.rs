@@ -80,12 +80,19 @@ fn quantized_fixtures_stay_close_to_f32() {
         // as Q8_0): q8_0 13-14 %, q4 240-263 %, both copies alike: position 0 moves
         // 2-5 % (qwen2_moe 1.3-2.5 %), but its large clamped expert weights and
         // router bias make the 1-3 of 66-88 flipped expert choices costly.
-        let (q8_max, q4_max) = if name.starts_with("deepseek") || name.starts_with("glm4") {
-            (0.25, 1.5)
-        } else if name.starts_with("gpt_oss") {
-            (0.25, 3.5)
-        } else {
-            (0.08, 1.25)
+        // ERNIE's selection bias leaves ties as V3's does (q8_0 17 %, position 0 3.7 %,
+        // 20 of 232 choices flipped; Q4_0 flips 106, V3 107), and its four
+        // layers take the continuation of the one-token prompt from
+        // perplexity 9.9 to 37.5 under Q4_0 (logits 71 % off, V3 61 %).
+        // FlexOlmo's post-norms rescale each block's output, error included,
+        // to the residual stream's size rather than adding it small (q8_0
+        // 12 %, position 0 2.5 % as qwen2_moe, 4 choices flipped).
+        let (q8_max, q4_max) = match name {
+            n if n.starts_with("deepseek") || n.starts_with("glm4") => (0.25, 1.5),
+            n if n.starts_with("gpt_oss") => (0.25, 3.5),
+            "ernie4_5_moe" => (0.25, 3.5),
+            "flex_olmo" => (0.16, 1.25),
+            _ => (0.08, 1.25),
         };
         assert!(q8 < q8_max, "{name}: q8_0 logits relative rms {q8}");
         assert!(

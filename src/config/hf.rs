@@ -110,7 +110,6 @@ struct HfConfig {
     tie_word_embeddings: Option<bool>,
     clip_qkv: Option<f64>,
     sliding_window: Option<usize>,
-    num_experts_per_tok: Option<usize>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
     torch_dtype: Option<String>,
@@ -225,10 +224,15 @@ fn map_config(
 ) -> Result<ModelConfig> {
     let bad = |reason: String| Error::config(path, reason);
     let keys = &family.hf;
-    let require = |value: Option<usize>, field: &str| {
-        value.ok_or_else(|| Error::config(path, format!("missing field `{field}`")))
-    };
 
+    for &switch in keys.unsupported_switches {
+        if keyed.get::<bool>(&[switch])? == Some(true) {
+            return Err(bad(format!(
+                "`{switch}: true` is not supported for {}",
+                family.model_type()
+            )));
+        }
+    }
     let rope = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
     let yarn = match rope {
         Some(r) => r.yarn(raw.max_position_embeddings).map_err(bad)?,
@@ -307,10 +311,11 @@ fn map_config(
         })
     };
     let num_experts = required(keys.num_experts)?;
-    let top_k = require(raw.num_experts_per_tok, "num_experts_per_tok")?;
+    let top_k = required(keys.top_k)?;
     if top_k == 0 || top_k > num_experts {
         return Err(bad(format!(
-            "num_experts_per_tok ({top_k}) must be between 1 and num_experts ({num_experts})"
+            "{} ({top_k}) must be between 1 and the number of experts ({num_experts})",
+            keys.top_k.first().unwrap_or(&"num_experts_per_tok")
         )));
     }
     let expert_ffn = required(keys.expert_ffn)?;
@@ -369,6 +374,25 @@ fn map_config(
             }
             (0..raw.num_hidden_layers)
                 .map(|l| l >= first && l.is_multiple_of(every))
+                .collect()
+        }
+        SparseLayers::Interval {
+            start,
+            end,
+            interval,
+        } => {
+            let first = keyed.get::<usize>(&[start])?.unwrap_or(1);
+            let last = match keyed.get::<i64>(&[end])? {
+                None | Some(-1) => raw.num_hidden_layers.saturating_sub(1),
+                Some(l) => usize::try_from(l)
+                    .map_err(|_| bad(format!("`{end}` {l} must be a layer index or -1")))?,
+            };
+            let every = keyed.get::<usize>(&[interval])?.unwrap_or(1);
+            if every == 0 {
+                return Err(bad(format!("`{interval}` must be at least 1")));
+            }
+            (0..raw.num_hidden_layers)
+                .map(|l| (first..=last).contains(&l) && (l + 1).is_multiple_of(every))
                 .collect()
         }
         SparseLayers::All => vec![true; raw.num_hidden_layers],
@@ -539,6 +563,15 @@ fn router_spec(family: &Family, keyed: &Keyed<'_>, mut spec: RouterSpec) -> Resu
     // Checked with the rest of the limits (`limits::validate`).
     if let Some(s) = keyed.get::<f32>(keys.routed_scaling_factor)? {
         spec.routed_scaling_factor = s;
+    }
+    if let Some(m) = keyed.get::<f32>(keys.norm_min)? {
+        if !(m.is_finite() && m >= 0.0) {
+            return Err(bad(format!(
+                "`{}` {m} must be finite and not negative",
+                keys.norm_min[0]
+            )));
+        }
+        spec.norm_min = m;
     }
     let rank = match keyed.get::<String>(keys.topk_method)?.as_deref() {
         None => spec.groups.map(|g| g.rank),
@@ -762,6 +795,76 @@ mod tests {
         );
         assert_eq!(v3.attention.rope_theta, 5e5);
         assert_eq!(v3.attention.yarn, None);
+    }
+
+    /// ERNIE-4.5-21B-A3B's `config.json` keys as the Hub ships them (tiny sizes).
+    const ERNIE: &str = r#"{
+        "model_type": "ernie4_5_moe", "vocab_size": 100, "hidden_size": 64,
+        "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000, "use_bias": false, "tie_word_embeddings": true,
+        "intermediate_size": 96, "moe_intermediate_size": 24, "moe_num_experts": 8,
+        "moe_k": 2, "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
+        "moe_layer_end_index": 4, "moe_layer_interval": 1, "moe_norm_min": 1e-9
+    }"#;
+
+    fn ernie_with(over: &str) -> Result<ModelConfig> {
+        let mut v: serde_json::Value = serde_json::from_str(ERNIE).unwrap();
+        let over: serde_json::Value = serde_json::from_str(over).unwrap();
+        for (k, x) in over.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        parse(&v.to_string())
+    }
+
+    #[test]
+    fn ernie_hub_config_maps_moe_layers_top_k_and_norm_min() {
+        let cfg = parse(ERNIE).unwrap();
+        let moe = &cfg.moe;
+        assert_eq!((moe.num_experts, moe.top_k), (8, 2));
+        assert_eq!(moe.sparse_layers, [false, true, true, true, true, false]);
+        assert_eq!(moe.shared_expert_ffn, Some(48));
+        assert!(moe.router.norm_topk_prob);
+        assert_eq!(moe.router.norm_min, 1e-9);
+        assert!(cfg.attention.rope_interleaved);
+        // transformers' rule: layer l is sparse when (l + 1) % interval == 0,
+        // and -1 ends at the last layer.
+        let every_second = ernie_with(
+            r#"{"moe_layer_interval": 2, "moe_layer_start_index": 0, "moe_layer_end_index": -1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            every_second.moe.sparse_layers,
+            [false, true, false, true, false, true]
+        );
+        let defaults = ernie_with(
+            r#"{"moe_layer_interval": null, "moe_layer_start_index": null,
+                "moe_layer_end_index": null, "moe_norm_min": null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            defaults.moe.sparse_layers,
+            [false, true, true, true, true, true]
+        );
+        assert_eq!(defaults.moe.router.norm_min, 1e-12);
+    }
+
+    #[test]
+    fn ernie_config_errors_name_the_field() {
+        for (over, needle) in [
+            (r#"{"use_bias": true}"#, "`use_bias: true` is not supported"),
+            (r#"{"moe_k": 9}"#, "moe_k (9)"),
+            (r#"{"moe_k": null}"#, "`moe_k` or `num_experts_per_tok`"),
+            (
+                r#"{"moe_layer_interval": 0}"#,
+                "`moe_layer_interval` must be at least 1",
+            ),
+            (r#"{"moe_layer_end_index": -3}"#, "`moe_layer_end_index` -3"),
+            (r#"{"moe_norm_min": -1.0}"#, "`moe_norm_min` -1"),
+        ] {
+            let err = ernie_with(over).unwrap_err().to_string();
+            assert!(err.contains(needle), "{over}: {err}");
+        }
     }
 
     #[test]

@@ -81,7 +81,12 @@ impl ParameterCounts {
         let shared = m
             .shared_expert_ffn
             .map_or(0, |ffn| 3 * h * ffn + shared_gate);
-        let router = m.num_experts * (h + usize::from(experts.router_bias));
+        let router = m.num_experts * (h + usize::from(experts.router_bias))
+            + if cfg.family.names.selection_bias_is_parameter {
+                m.num_experts
+            } else {
+                0
+            };
         let dense_mlp = 3 * h * m.dense_ffn;
         let norms = 2 * h;
 

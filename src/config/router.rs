@@ -11,6 +11,9 @@ pub struct RouterSpec {
     /// gets 1e-20 added, as transformers does, so a row of underflowed
     /// sigmoids stays finite.
     pub norm_topk_prob: bool,
+    /// The renormalising denominator is clamped to at least this (ERNIE's
+    /// `moe_norm_min`); 0 clamps nothing.
+    pub norm_min: f32,
     /// Multiplies every mixing weight, after renormalising (DeepSeek's
     /// `routed_scaling_factor`).
     pub routed_scaling_factor: f32,
@@ -23,6 +26,7 @@ impl RouterSpec {
     pub const SOFTMAX: RouterSpec = RouterSpec {
         score: ScoreFn::Softmax,
         norm_topk_prob: false,
+        norm_min: 0.0,
         routed_scaling_factor: 1.0,
         groups: None,
     };

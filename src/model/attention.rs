@@ -89,8 +89,11 @@ impl Attention {
         let q = q.transpose(0, 1)?.contiguous()?; // [nh, n, hd]
         let k = k.transpose(0, 1)?.contiguous()?; // [nkv, n, hd]
         let v = v.reshape((n, nkv, hd))?.transpose(0, 1)?.contiguous()?; // [nkv, n, hd]
-        let q = input.rope.apply(&q, input.start_position)?;
-        let k = input.rope.apply(&k, input.start_position)?;
+        let rotate = |x: &Tensor| match cfg.rope_interleaved {
+            true => input.rope.apply_pairs(x, input.start_position),
+            false => input.rope.apply(x, input.start_position),
+        };
+        let (q, k) = (rotate(&q)?, rotate(&k)?);
 
         let (k, v) = match input.cache {
             Some(cache) => cache.append(input.layer, &k, &v)?,

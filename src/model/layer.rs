@@ -53,15 +53,16 @@ impl AttentionBlock {
 #[derive(Debug)]
 pub enum LayerFfn {
     Dense(Ffn),
-    Moe(MoeBlock),
+    /// Boxed: a block is several times a dense MLP's size.
+    Moe(Box<MoeBlock>),
 }
 
-/// Pre-norm decoder layer: `x + attn(norm(x))`, then `h + ffn(norm(h))`.
+/// A decoder layer: attention, then the dense MLP or MoE block, each added to
+/// the residual stream with the RMS-norms its family places.
 #[derive(Debug)]
 pub struct DecoderLayer {
-    pub input_norm: RmsNorm,
+    pub norms: LayerNorms,
     pub attention: AttentionBlock,
-    pub post_attention_norm: RmsNorm,
     pub ffn: LayerFfn,
 }
 
@@ -70,6 +71,53 @@ impl DecoderLayer {
         match &self.ffn {
             LayerFfn::Moe(block) => Some(block),
             LayerFfn::Dense(_) => None,
+        }
+    }
+}
+
+/// A decoder layer's RMS-norms where its family places them
+/// (`config::family::NormPlacement`).
+#[derive(Debug)]
+pub enum LayerNorms {
+    /// `x + attn(input(x))`, then `h + ffn(post_attention(h))`.
+    Pre {
+        input: RmsNorm,
+        post_attention: RmsNorm,
+    },
+    /// OLMo-2: `x + attention(attn(x))`, then `h + ffn(ffn(h))`.
+    Post { attention: RmsNorm, ffn: RmsNorm },
+}
+
+impl LayerNorms {
+    /// What the attention block reads from the residual stream `x`.
+    pub fn attention_input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            LayerNorms::Pre { input, .. } => input.forward(x),
+            LayerNorms::Post { .. } => Ok(x.clone()),
+        }
+    }
+
+    /// `x` plus the attention block's output `attn`.
+    pub fn add_attention(&self, x: &Tensor, attn: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            LayerNorms::Pre { .. } => x + attn,
+            LayerNorms::Post { attention, .. } => x + attention.forward(attn)?,
+        }
+    }
+
+    /// What the feed-forward block reads from the residual stream `h`.
+    pub fn ffn_input(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            LayerNorms::Pre { post_attention, .. } => post_attention.forward(h),
+            LayerNorms::Post { .. } => Ok(h.clone()),
+        }
+    }
+
+    /// `h` plus the feed-forward block's output `out`.
+    pub fn add_ffn(&self, h: &Tensor, out: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            LayerNorms::Pre { .. } => h + out,
+            LayerNorms::Post { ffn, .. } => h + ffn.forward(out)?,
         }
     }
 }

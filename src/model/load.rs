@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::Model;
 use super::attention::{Attention, LayerAttention};
-use super::layer::{AttentionBlock, DecoderLayer, LayerFfn};
+use super::layer::{AttentionBlock, DecoderLayer, LayerFfn, LayerNorms};
 use super::mla::{LatentAttention, LatentQuery};
 use super::moe::{ExpertTopP, MoeBlock, NextRouter, RouterConfig, SharedExpert};
 use crate::config::family::NormPlacement;
@@ -402,9 +402,13 @@ impl Loader<'_> {
             return Ok(None);
         };
         let name = format!("{prefix}.{name}");
-        let bias = self
-            .src
-            .load(&name, &[self.cfg.moe.num_experts], DType::F32)?;
+        let n = self.cfg.moe.num_experts;
+        // ERNIE stores one row per expert group, and has one group.
+        let bias = if self.src.check(&name, &[1, n]).is_ok() {
+            self.src.load(&name, &[1, n], DType::F32)?.flatten_all()?
+        } else {
+            self.src.load(&name, &[n], DType::F32)?
+        };
         Ok(Some(self.finite(&name, bias)?.to_vec1::<f32>()?))
     }
 
@@ -448,7 +452,7 @@ impl Loader<'_> {
             if let Some(w) = router.dense_weight() {
                 self.finite(&format!("{router_name}.weight"), w.clone())?;
             }
-            LayerFfn::Moe(
+            LayerFfn::Moe(Box::new(
                 MoeBlock::new(
                     l,
                     router,
@@ -461,7 +465,7 @@ impl Loader<'_> {
                     shared,
                 )
                 .with_selection_bias(self.selection_bias(&prefix)?),
-            )
+            ))
         } else {
             LayerFfn::Dense(
                 self.ffn(
@@ -472,14 +476,21 @@ impl Loader<'_> {
                 .quantize_opt(self.quant)?,
             )
         };
-        match self.cfg.family.norm {
-            NormPlacement::Pre => Ok(DecoderLayer {
-                input_norm: self.norm(&format!("{p}.input_layernorm.weight"), h)?,
-                attention: self.attention_block(l)?,
-                post_attention_norm: self
-                    .norm(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                ffn,
-            }),
-        }
+        let norm = |name: &str| self.norm(&format!("{p}.{name}.weight"), h);
+        let norms = match self.cfg.family.norm {
+            NormPlacement::Pre => LayerNorms::Pre {
+                input: norm("input_layernorm")?,
+                post_attention: norm("post_attention_layernorm")?,
+            },
+            NormPlacement::Post => LayerNorms::Post {
+                attention: norm("post_attention_layernorm")?,
+                ffn: norm("post_feedforward_layernorm")?,
+            },
+        };
+        Ok(DecoderLayer {
+            norms,
+            attention: self.attention_block(l)?,
+            ffn,
+        })
     }
 }

@@ -22,7 +22,7 @@ pub use attention::{Attention, AttentionInput, LayerAttention};
 pub use batch::{BatchLayout, SequenceRows};
 pub use check::{CheckReport, check_checkpoint};
 pub use kv_cache::KvCache;
-pub use layer::{AttentionBlock, DecoderLayer, LayerFfn};
+pub use layer::{AttentionBlock, DecoderLayer, LayerFfn, LayerNorms};
 pub use load::LoadOptions;
 pub use mla::{LatentAttention, LatentQuery};
 pub use observer::{NoObserver, RoutingObserver, RoutingSite, SequenceId};
@@ -214,7 +214,7 @@ impl Model {
 
         for (l, layer) in self.layers.iter().enumerate() {
             let norm = profile::span(Phase::Norm, Some(l));
-            let h = layer.input_norm.forward(&x)?;
+            let h = layer.norms.attention_input(&x)?;
             drop(norm);
             let mut parts = Vec::with_capacity(seqs.len());
             for (seq, rows) in seqs.iter_mut().zip(layout.sequences()) {
@@ -235,9 +235,9 @@ impl Model {
             } else {
                 Tensor::cat(&parts, 0)?
             };
-            x = (x + attn)?;
             let norm = profile::span(Phase::Norm, Some(l));
-            let h = layer.post_attention_norm.forward(&x)?;
+            x = layer.norms.add_attention(&x, &attn)?;
+            let h = layer.norms.ffn_input(&x)?;
             drop(norm);
             let ffn = match &layer.ffn {
                 LayerFfn::Dense(ffn) => {
@@ -251,7 +251,8 @@ impl Model {
                     opts.keep_router_logits.then_some(&mut router_logits),
                 )?,
             };
-            x = (x + ffn)?;
+            let _norm = profile::span(Phase::Norm, Some(l));
+            x = layer.norms.add_ffn(&x, &ffn)?;
         }
         for (seq, rows) in seqs.iter_mut().zip(layout.sequences()) {
             if let Some(cache) = seq.cache.as_deref_mut() {

@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The phases of a forward. Each is timed where it runs; what no span covers
-/// (embedding lookup, residual adds, tensor plumbing) is the step's remainder.
+/// (embedding lookup, tensor plumbing) is the step's remainder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// The input and post-attention RMS norms (and the final one, outside layers).
+    /// A layer's RMS norms wherever its family places them, with the residual
+    /// adds beside them (and the final norm, outside layers).
     Norm,
     /// The q, k, v and o projections.
     AttentionProjections,

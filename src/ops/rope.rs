@@ -155,6 +155,24 @@ impl RopeTable {
         self.max_positions
     }
 
+    /// [`Self::apply`] for heads whose rotary dimensions come in adjacent
+    /// pairs `(x0, x1), (x2, x3), ..` (ERNIE, GPT-J) rather than two halves.
+    ///
+    /// # Shapes
+    /// `x: [heads, seq, head_dim]`, positions `start..start + seq`.
+    pub fn apply_pairs(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (cos, sin) = self.rows(start, x.dim(1)?)?;
+        let cos = cos.to_dtype(x.dtype())?;
+        let sin = sin.to_dtype(x.dtype())?;
+        let x4 = x.unsqueeze(0)?;
+        let y = if x.track_op() {
+            candle_nn::rotary_emb::rope_i_slow(&x4, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope_i(&x4.contiguous()?, &cos, &sin)?
+        };
+        y.squeeze(0)
+    }
+
     /// cos and sin of positions `start..start + len`, growing the tables if needed.
     fn rows(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
         let end = start
@@ -269,6 +287,32 @@ mod tests {
         assert!(max_diff(&head, &x.narrow(2, 0, 8).unwrap()) > 1e-3);
         // A head narrower than the table is an error.
         assert!(table.apply(&x.narrow(2, 0, 6).unwrap(), 0).is_err());
+    }
+
+    #[test]
+    fn adjacent_pairs_turn_as_halves_do_after_gathering_evens_then_odds() {
+        let dev = Device::Cpu;
+        let table = RopeTable::new(8, 10_000.0, 64, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev).unwrap();
+        let halves_order = Tensor::new(&[0u32, 2, 4, 6, 1, 3, 5, 7], &dev).unwrap();
+        let gather = |t: &Tensor| t.index_select(&halves_order, 2).unwrap();
+        let pairs = gather(&table.apply_pairs(&x, 9).unwrap());
+        let halves = table.apply(&gather(&x), 9).unwrap();
+        let diff = (pairs - halves).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+        // Not the halves rotation of the same input.
+        let plain = table.apply(&x, 9).unwrap();
+        let moved = (table.apply_pairs(&x, 9).unwrap() - plain).unwrap();
+        assert!(
+            moved
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 1e-3
+        );
     }
 
     #[test]

@@ -53,8 +53,12 @@ pub struct MoeNames {
     pub shared_expert: Option<SharedExpertNames>,
     /// `[n_experts]`, added to the scores only to choose experts
     /// (DeepSeek-V3's `gate.e_score_correction_bias`, stored with its own
-    /// suffix, here part of the name).
+    /// suffix, here part of the name; ERNIE's `moe_statics` one is `[1,
+    /// n_experts]`, a row per expert group).
     pub selection_bias: Option<NamePair>,
+    /// The selection bias is a model parameter, which torch counts (ERNIE's),
+    /// not a buffer, which it does not (DeepSeek-V3's).
+    pub selection_bias_is_parameter: bool,
 }
 
 /// A shared expert's SwiGLU under `{module}.{module_name}.` and the gate that
@@ -144,6 +148,7 @@ mod tests {
             gate: Some(("shared_expert_gate", "ffn_gate_inp_shexp")),
         }),
         selection_bias: None,
+        selection_bias_is_parameter: false,
     };
 
     #[test]

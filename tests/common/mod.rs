@@ -124,7 +124,7 @@ pub fn golden_logits(name: &str, prompt: usize) -> Vec<Vec<f32>> {
         .expect("logits load")
 }
 
-pub const ALL_FIXTURES: [&str; 12] = [
+pub const ALL_FIXTURES: [&str; 14] = [
     "qwen3_moe",
     "qwen3_moe_fused",
     "qwen3_moe_bf16_sharded",
@@ -137,6 +137,8 @@ pub const ALL_FIXTURES: [&str; 12] = [
     "glm4_moe",
     "gpt_oss",
     "gpt_oss_bf16",
+    "flex_olmo",
+    "ernie4_5_moe",
 ];
 
 /// exp(mean negative log-likelihood of `ids[1..]`) under `logits` `[seq][vocab]`.

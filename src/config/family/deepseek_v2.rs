@@ -7,7 +7,7 @@
 
 use super::qwen3_moe::QWEN_NAMES;
 use super::{
-    AttentionKind, ExpertKind, Family, Flag, HfKeys, NormPlacement, RouterKeys, SparseLayers,
+    AttentionKind, ExpertKind, Family, Flag, HfKeys, NormPlacement, RouterKeys, SparseLayers, TOP_K,
 };
 use crate::config::{QkNorm, RouterSpec};
 use crate::weights::{MoeNames, SharedExpertNames};
@@ -37,6 +37,7 @@ pub(super) const DEEPSEEK_HF: HfKeys = HfKeys {
     class: "DeepseekV2ForCausalLM",
     // transformers' `attribute_map` sends `num_experts` to `n_routed_experts`.
     num_experts: &["n_routed_experts", "num_experts"],
+    top_k: TOP_K,
     expert_ffn: &["moe_intermediate_size"],
     dense_ffn: &["intermediate_size"],
     shared_expert_ffn: &[],
@@ -53,6 +54,7 @@ pub(super) const DEEPSEEK_HF: HfKeys = HfKeys {
         step: "moe_layer_freq",
     },
     sliding_window_switch: None,
+    unsupported_switches: &[],
     export: None,
 };
 

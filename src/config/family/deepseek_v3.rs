@@ -42,6 +42,7 @@ pub static DEEPSEEK_V3: Family = Family {
     router: RouterSpec {
         score: ScoreFn::Sigmoid,
         norm_topk_prob: true,
+        norm_min: 0.0,
         routed_scaling_factor: 1.0,
         groups: Some(GroupLimit {
             n_group: 1,

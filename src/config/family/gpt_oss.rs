@@ -9,7 +9,7 @@
 use super::qwen3_moe::QWEN_NAMES;
 use super::{
     AttentionKind, ExpertKind, Family, Flag, GluKind, HfKeys, NUM_EXPERTS, NormPlacement,
-    RouterKeys, SparseLayers,
+    RouterKeys, SparseLayers, TOP_K,
 };
 use crate::config::{QkNorm, RouterSpec, ScoreFn};
 use crate::weights::MoeNames;
@@ -19,6 +19,7 @@ pub static GPT_OSS: Family = Family {
     hf: HfKeys {
         class: "GptOssForCausalLM",
         num_experts: NUM_EXPERTS,
+        top_k: TOP_K,
         // Every layer is sparse; `intermediate_size` is the expert width.
         expert_ffn: &["intermediate_size"],
         dense_ffn: &[],
@@ -32,6 +33,7 @@ pub static GPT_OSS: Family = Family {
         norm_topk_prob: &[],
         sparse_layers: SparseLayers::All,
         sliding_window_switch: None,
+        unsupported_switches: &[],
         export: None,
     },
     gguf: None,

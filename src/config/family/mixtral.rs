@@ -6,7 +6,7 @@
 use super::qwen3_moe::QWEN_NAMES;
 use super::{
     AttentionKind, ExpertKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement,
-    RouterKeys, SparseLayers,
+    RouterKeys, SparseLayers, TOP_K,
 };
 use crate::config::{QkNorm, RouterSpec};
 use crate::weights::MoeNames;
@@ -16,6 +16,7 @@ pub static MIXTRAL: Family = Family {
     hf: HfKeys {
         class: "MixtralForCausalLM",
         num_experts: NUM_EXPERTS,
+        top_k: TOP_K,
         expert_ffn: &["intermediate_size"],
         dense_ffn: &[],
         shared_expert_ffn: &[],
@@ -28,6 +29,7 @@ pub static MIXTRAL: Family = Family {
         norm_topk_prob: &[],
         sparse_layers: SparseLayers::All,
         sliding_window_switch: None,
+        unsupported_switches: &[],
         export: None,
     },
     gguf: Some(GgufKeys {

@@ -6,6 +6,8 @@
 
 mod deepseek_v2;
 mod deepseek_v3;
+mod ernie4_5_moe;
+mod flex_olmo;
 mod glm4_moe;
 mod gpt_oss;
 mod mixtral;
@@ -15,6 +17,8 @@ mod qwen3_moe;
 
 pub use deepseek_v2::DEEPSEEK_V2;
 pub use deepseek_v3::DEEPSEEK_V3;
+pub use ernie4_5_moe::ERNIE4_5_MOE;
+pub use flex_olmo::FLEX_OLMO;
 pub use glm4_moe::GLM4_MOE;
 pub use gpt_oss::GPT_OSS;
 pub use mixtral::MIXTRAL;
@@ -35,6 +39,8 @@ pub static FAMILIES: &[&Family] = &[
     &DEEPSEEK_V3,
     &GLM4_MOE,
     &GPT_OSS,
+    &FLEX_OLMO,
+    &ERNIE4_5_MOE,
 ];
 
 /// One architecture family.
@@ -112,6 +118,8 @@ pub struct HfKeys {
     /// The `architectures` class transformers writes for it.
     pub class: &'static str,
     pub num_experts: Keys,
+    /// Experts each token is routed to.
+    pub top_k: Keys,
     /// Width of one routed expert's SwiGLU.
     pub expert_ffn: Keys,
     /// Width of the dense MLP of non-MoE layers.
@@ -130,6 +138,9 @@ pub struct HfKeys {
     pub sparse_layers: SparseLayers,
     /// The key that turns `sliding_window` on; `None`: a set `sliding_window` is on.
     pub sliding_window_switch: Option<&'static str>,
+    /// Switches of the family Switchyard does not implement: a config that
+    /// sets one true is refused by its name (ERNIE's `use_bias`).
+    pub unsupported_switches: Keys,
     /// The family-specific fields `train` writes when exporting a model of this
     /// family; `None` where `train` does not write it.
     pub export: Option<ExportFields>,
@@ -146,6 +157,8 @@ pub struct RouterKeys {
     pub n_group: Keys,
     pub topk_group: Keys,
     pub routed_scaling_factor: Keys,
+    /// The floor of the renormalising denominator ([`RouterSpec::norm_min`]).
+    pub norm_min: Keys,
 }
 
 impl RouterKeys {
@@ -155,6 +168,7 @@ impl RouterKeys {
         n_group: &[],
         topk_group: &[],
         routed_scaling_factor: &[],
+        norm_min: &[],
     };
     /// DeepSeek's spellings, as its Hub configs write them.
     pub const DEEPSEEK: RouterKeys = RouterKeys {
@@ -163,6 +177,7 @@ impl RouterKeys {
         n_group: &["n_group"],
         topk_group: &["topk_group"],
         routed_scaling_factor: &["routed_scaling_factor"],
+        norm_min: &[],
     };
 }
 
@@ -186,6 +201,15 @@ pub enum SparseLayers {
     FirstDense {
         first_dense: &'static str,
         step: &'static str,
+    },
+    /// Layer `l` is sparse when `start <= l <= end` and `(l + 1) % interval
+    /// == 0` (ERNIE's `moe_layer_start_index`, `moe_layer_end_index`,
+    /// `moe_layer_interval`; they default to 1, the last layer (also for -1)
+    /// and 1, as transformers' `Ernie4_5_MoeConfig`).
+    Interval {
+        start: &'static str,
+        end: &'static str,
+        interval: &'static str,
     },
 }
 
@@ -295,11 +319,18 @@ pub enum GluKind {
 pub enum NormPlacement {
     /// `x + attn(input_layernorm(x))`, then `h + ffn(post_attention_layernorm(h))`.
     Pre,
+    /// OLMo-2: the blocks read the residual stream unnormed and their outputs
+    /// are normed before the add: `x + post_attention_layernorm(attn(x))`, then
+    /// `h + post_feedforward_layernorm(ffn(h))`.
+    Post,
 }
 
 /// The `num_experts` spellings every family accepts: transformers 5 writes
 /// `num_local_experts` where older configs wrote `num_experts`.
 pub(super) const NUM_EXPERTS: Keys = &["num_experts", "num_local_experts"];
+
+/// The top-k spelling of every family but ERNIE's.
+pub(super) const TOP_K: Keys = &["num_experts_per_tok"];
 
 #[cfg(test)]
 mod tests {
@@ -325,6 +356,8 @@ mod tests {
         assert_eq!(Family::by_model_type("deepseek_v2"), Some(&DEEPSEEK_V2));
         assert_eq!(Family::by_model_type("glm4_moe"), Some(&GLM4_MOE));
         assert_eq!(Family::by_model_type("gpt_oss"), Some(&GPT_OSS));
+        assert_eq!(Family::by_model_type("flex_olmo"), Some(&FLEX_OLMO));
+        assert_eq!(Family::by_model_type("ernie4_5_moe"), Some(&ERNIE4_5_MOE));
         assert_eq!(
             Family::supported_model_types(),
             [
@@ -335,7 +368,9 @@ mod tests {
                 "deepseek_v2",
                 "deepseek_v3",
                 "glm4_moe",
-                "gpt_oss"
+                "gpt_oss",
+                "flex_olmo",
+                "ernie4_5_moe"
             ]
         );
     }

@@ -5,7 +5,7 @@
 use super::qwen3_moe::QWEN_NAMES;
 use super::{
     AttentionKind, ExpertKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement,
-    RouterKeys, SparseLayers,
+    RouterKeys, SparseLayers, TOP_K,
 };
 use crate::config::{QkNorm, RouterSpec};
 
@@ -14,6 +14,7 @@ pub static OLMOE: Family = Family {
     hf: HfKeys {
         class: "OlmoeForCausalLM",
         num_experts: NUM_EXPERTS,
+        top_k: TOP_K,
         expert_ffn: &["intermediate_size"],
         dense_ffn: &[],
         shared_expert_ffn: &[],
@@ -26,6 +27,7 @@ pub static OLMOE: Family = Family {
         norm_topk_prob: &["norm_topk_prob"],
         sparse_layers: SparseLayers::All,
         sliding_window_switch: Some("use_sliding_window"),
+        unsupported_switches: &[],
         export: None,
     },
     gguf: Some(GgufKeys {

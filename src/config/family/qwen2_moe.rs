@@ -6,7 +6,7 @@
 use super::qwen3_moe::QWEN_NAMES;
 use super::{
     AttentionKind, ExpertKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement,
-    RouterKeys, SparseLayers,
+    RouterKeys, SparseLayers, TOP_K,
 };
 use crate::config::{ModelConfig, QkNorm, RouterSpec};
 use crate::weights::{MoeNames, SharedExpertNames};
@@ -16,6 +16,7 @@ pub static QWEN2_MOE: Family = Family {
     hf: HfKeys {
         class: "Qwen2MoeForCausalLM",
         num_experts: NUM_EXPERTS,
+        top_k: TOP_K,
         expert_ffn: &["moe_intermediate_size"],
         dense_ffn: &["intermediate_size"],
         shared_expert_ffn: &["shared_expert_intermediate_size"],
@@ -32,6 +33,7 @@ pub static QWEN2_MOE: Family = Family {
             dense: "mlp_only_layers",
         },
         sliding_window_switch: Some("use_sliding_window"),
+        unsupported_switches: &[],
         export: Some(export),
     },
     gguf: Some(GgufKeys {

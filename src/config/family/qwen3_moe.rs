@@ -4,7 +4,7 @@
 
 use super::{
     AttentionKind, ExpertKind, Family, Flag, GgufKeys, HfKeys, NUM_EXPERTS, NormPlacement,
-    RouterKeys, SparseLayers,
+    RouterKeys, SparseLayers, TOP_K,
 };
 use crate::config::{ModelConfig, QkNorm, RouterSpec};
 use crate::weights::MoeNames;
@@ -14,6 +14,7 @@ pub static QWEN3_MOE: Family = Family {
     hf: HfKeys {
         class: "Qwen3MoeForCausalLM",
         num_experts: NUM_EXPERTS,
+        top_k: TOP_K,
         expert_ffn: &["moe_intermediate_size"],
         dense_ffn: &["intermediate_size"],
         shared_expert_ffn: &[],
@@ -29,6 +30,7 @@ pub static QWEN3_MOE: Family = Family {
             dense: "mlp_only_layers",
         },
         sliding_window_switch: Some("use_sliding_window"),
+        unsupported_switches: &[],
         export: Some(export),
     },
     gguf: Some(GgufKeys {
@@ -57,6 +59,7 @@ pub(super) const QWEN_NAMES: MoeNames = MoeNames {
     fused: ["gate_up_proj", "down_proj"],
     shared_expert: None,
     selection_bias: None,
+    selection_bias_is_parameter: false,
 };
 
 /// The fields transformers 5 writes for `qwen3_moe` beyond the common ones.

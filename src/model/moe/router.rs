@@ -218,7 +218,10 @@ pub fn route(logits: &[f32], n_experts: usize, cfg: RouterConfig, bias: RouterBi
             weights.extend(exps.iter().map(|x| x / sum));
         } else {
             let denom = if renormalise {
-                chosen.iter().map(|&e| probs[e as usize]).sum::<f32>() + NORM_EPS
+                // Past the epsilon only a clamp below 1e-13 could differ from
+                // transformers' `clamp(sum, norm_min)`, and there the clamp wins.
+                (chosen.iter().map(|&e| probs[e as usize]).sum::<f32>() + NORM_EPS)
+                    .max(spec.norm_min)
             } else {
                 1.0
             };
@@ -522,6 +525,7 @@ mod tests {
             spec: RouterSpec {
                 score,
                 norm_topk_prob: norm,
+                norm_min: 0.0,
                 routed_scaling_factor: scale,
                 groups,
             },
@@ -706,6 +710,33 @@ mod tests {
         assert_eq!(r.experts_of(0), &[2, 0]);
         close(r.weights_of(0), &[1.0 / 3.0, 2.0 / 3.0]);
         close(r.scores_of(0), &[0.2, 0.4]);
+    }
+
+    #[test]
+    fn norm_min_clamps_a_vanishing_renormalisation_denominator() {
+        // Sigmoids of -40 and -41 sum to ~5.8e-18: renormalised (with the
+        // 1e-20 epsilon) they mix at ~0.73 and ~0.27; clamped at 1e-12 they
+        // stay ~1e-6 small.
+        let logits = [-40.0, -41.0, -60.0];
+        let clamped = RouterConfig {
+            spec: RouterSpec {
+                norm_min: 1e-12,
+                ..spec(ScoreFn::Sigmoid, true, 1.0, None).spec
+            },
+            ..spec(ScoreFn::Sigmoid, true, 1.0, None)
+        };
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let r = route(&logits, 3, clamped, RouterBias::default());
+        assert_eq!(r.experts_of(0), &[0, 1]);
+        close(r.weights_of(0), &[sig(-40.0) / 1e-12, sig(-41.0) / 1e-12]);
+        let free = route(
+            &logits,
+            3,
+            spec(ScoreFn::Sigmoid, true, 1.0, None),
+            RouterBias::default(),
+        );
+        let sum = sig(-40.0) + sig(-41.0) + NORM_EPS;
+        close(free.weights_of(0), &[sig(-40.0) / sum, sig(-41.0) / sum]);
     }
 
     #[test]
