@@ -5,9 +5,10 @@
 //! by family (its `general.architecture`, which keys hold the expert width) is
 //! in its [`Family`] file.
 
-use super::family::{FAMILIES, Family};
-use super::{AttentionConfig, ModelConfig, MoeConfig, RouterSpec};
+use super::family::{FAMILIES, Family, GgufKeys, GgufVariant};
+use super::{AttentionConfig, GroupLimit, MlaDims, ModelConfig, MoeConfig, RouterSpec, ScoreFn};
 use crate::error::{Error, Result};
+use crate::ops::Yarn;
 use crate::weights::{GgufFile, GgufSource, GgufValue, QkHeads, StoredDtype};
 
 use super::limits::{MAX_CONTEXT, MAX_EXPERTS};
@@ -134,21 +135,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         .ok_or_else(|| {
             Error::config(path, "missing string GGUF metadata `general.architecture`")
         })?;
-    let (family, keys) = Family::by_gguf_arch(arch_name)
-        .and_then(|f| Some((f, f.gguf.as_ref()?)))
-        .ok_or_else(|| {
-            let supported: Vec<String> = FAMILIES
-                .iter()
-                .filter_map(|f| Some(format!("{} ({})", f.gguf?.arch, f.model_type())))
-                .collect();
-            Error::config(
-                path,
-                format!(
-                    "GGUF architecture {arch_name:?} is not supported; supported: {}",
-                    supported.join(", ")
-                ),
-            )
-        })?;
+    let (family, keys) = family_of(file, arch_name)?;
     let names = &family.names;
     let m = Meta {
         file,
@@ -173,9 +160,18 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
             "attention.head_count ({num_heads}) must be a positive multiple of attention.head_count_kv ({num_kv_heads})"
         )));
     }
-    let head_dim = match m.usize_opt("attention.key_length")? {
-        Some(d) => d,
-        None => hidden_size / num_heads,
+    // MLA: llama.cpp's converter writes its MQA view (one KV head of the latent
+    // and the rotary key); every head reads that latent, as no KV head is grouped.
+    let (num_kv_heads, mla) = if family.attention.latent {
+        (num_heads, Some(mla_dims(&m)?))
+    } else {
+        (num_kv_heads, None)
+    };
+    // MLA's rotary table spans the rotary part of each head.
+    let head_dim = match (mla, m.usize_opt("attention.key_length")?) {
+        (Some(mla), _) => mla.qk_rope_head_dim,
+        (None, Some(d)) => d,
+        (None, None) => hidden_size / num_heads,
     };
     if head_dim == 0 || !head_dim.is_multiple_of(2) {
         return Err(bad(format!(
@@ -186,13 +182,6 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     if rotary_dim == 0 || rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
         return Err(bad(format!(
             "{arch_name}.rope.dimension_count {rotary_dim} must be even, positive and at most the head dimension {head_dim}"
-        )));
-    }
-    if let Some(kind) = m.get("rope.scaling.type").and_then(GgufValue::as_str)
-        && kind != "none"
-    {
-        return Err(bad(format!(
-            "rope scaling {kind:?} ({arch_name}.rope.scaling.type) is not supported"
         )));
     }
     // llama.cpp's default when the key is absent.
@@ -268,15 +257,16 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         .shared_expert
         .map(|s| format!("blk.{first_sparse}.{}.weight", s.projections[1].1));
     let shared_expert_ffn = match shared_up {
-        Some(name) if file.contains(&name) => Some(m.usize("expert_shared_feed_forward_length")?),
+        Some(name) if file.contains(&name) => {
+            Some(match m.usize_opt("expert_shared_feed_forward_length")? {
+                Some(w) => w,
+                // DeepSeek's `n_shared_experts`, each of the routed width, run as one.
+                None => m.usize("expert_shared_count")? * expert_ffn,
+            })
+        }
         _ => None,
     };
-    let router = RouterSpec {
-        norm_topk_prob: m
-            .bool_opt("expert_weights_norm")?
-            .unwrap_or(keys.norm_topk_prob),
-        ..family.router
-    };
+    let router = router_spec(&m, family, keys)?;
     let moe = MoeConfig {
         num_experts,
         top_k,
@@ -305,9 +295,10 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         layer_windows: Vec::new(),
         qk_norm: family.attention.qk_norm,
         clip_qkv: m.f64_opt("attention.clamp_kqv")?,
-        yarn: None,
-        rope_interleaved: false,
-        mla: None,
+        yarn: yarn(&m, keys, max_position_embeddings)?,
+        // The file does not say; llama.cpp fixes the rotary layout per architecture.
+        rope_interleaved: family.attention.rope_interleave.default,
+        mla,
     };
 
     let vocab_size = match m.usize_opt("vocab_size")? {
@@ -353,6 +344,213 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     };
     super::limits::validate(&cfg).map_err(|e| bad(format!("{e} (from GGUF metadata)")))?;
     Ok(cfg)
+}
+
+/// The family of a file of architecture `arch`: where families share it, the
+/// one its router ([`GgufVariant`]) says.
+fn family_of(file: &GgufFile, arch: &str) -> Result<(&'static Family, &'static GgufKeys)> {
+    let sigmoid = file
+        .get(&format!("{arch}.expert_gating_func"))
+        .and_then(GgufValue::as_u64)
+        == Some(GATING_SIGMOID);
+    let biased = |f: &Family| {
+        f.names.selection_bias.is_some_and(|(_, bias)| {
+            file.tensor_names()
+                .filter_map(|n| n.strip_prefix("blk.")?.split_once('.'))
+                .any(|(_, local)| local == bias)
+        })
+    };
+    let sigmoid_or_biased = sigmoid || FAMILIES.iter().any(|f| biased(f));
+    Family::by_gguf(arch, sigmoid_or_biased)
+        .and_then(|f| Some((f, f.gguf.as_ref()?)))
+        .ok_or_else(|| {
+            let supported: Vec<String> = FAMILIES
+                .iter()
+                .filter_map(|f| Some(format!("{} ({})", f.gguf?.arch, f.model_type())))
+                .collect();
+            Error::config(
+                file.path(),
+                format!(
+                    "GGUF architecture {arch:?} is not supported; supported: {}",
+                    supported.join(", ")
+                ),
+            )
+        })
+}
+
+/// llama.cpp's `llama_expert_gating_func_type`.
+const GATING_SOFTMAX: u64 = 1;
+const GATING_SIGMOID: u64 = 2;
+/// Softmax over the chosen experts' logits only (gpt-oss).
+const GATING_SOFTMAX_WEIGHT: u64 = 3;
+
+/// The family's router completed by the file's `expert_*` keys, as llama.cpp's
+/// `build_moe_ffn` reads them.
+fn router_spec(m: &Meta<'_>, family: &Family, keys: &GgufKeys) -> Result<RouterSpec> {
+    let mut spec = RouterSpec {
+        norm_topk_prob: m
+            .bool_opt("expert_weights_norm")?
+            .unwrap_or(keys.norm_topk_prob),
+        ..family.router
+    };
+    if let Some(func) = m.usize_opt("expert_gating_func")? {
+        spec.score = match func as u64 {
+            GATING_SOFTMAX => ScoreFn::Softmax,
+            GATING_SIGMOID => ScoreFn::Sigmoid,
+            GATING_SOFTMAX_WEIGHT => ScoreFn::SoftmaxOfTopK,
+            other => {
+                return Err(m.err(format!(
+                    "{} {other} is not supported (1 softmax, 2 sigmoid, 3 softmax of the chosen)",
+                    m.key("expert_gating_func")
+                )));
+            }
+        };
+    }
+    // llama.cpp skips a scale of 0 as it does one of 1.
+    if let Some(scale) = m.f64_opt("expert_weights_scale")?
+        && scale != 0.0
+    {
+        spec.routed_scaling_factor = scale as f32;
+    }
+    if let Some(n_group) = m.usize_opt("expert_group_count")?
+        && n_group > 1
+    {
+        let rank = match (family.router.groups, keys.variant) {
+            (Some(g), _) => g.rank,
+            (None, Some(GgufVariant::Softmax(rank))) => rank,
+            _ => {
+                return Err(m.err(format!(
+                    "{} {n_group}: group-limited routing is not supported for {}",
+                    m.key("expert_group_count"),
+                    family.model_type()
+                )));
+            }
+        };
+        spec.groups = Some(GroupLimit {
+            n_group,
+            topk_group: m.usize("expert_group_used_count")?,
+            rank,
+        });
+    }
+    Ok(spec)
+}
+
+/// Multi-head latent attention's widths. llama.cpp's MQA view makes
+/// `attention.key_length` the latent plus the rotary key; the per-head widths
+/// are the `_mla` keys (files converted before the `kv_b` split wrote them as
+/// `key_length` / `value_length`).
+fn mla_dims(m: &Meta<'_>) -> Result<MlaDims> {
+    let positive = |key: &str, v: usize| {
+        if v == 0 {
+            Err(m.err(format!("{} must be positive", m.key(key))))
+        } else {
+            Ok(v)
+        }
+    };
+    let rope = positive("rope.dimension_count", m.usize("rope.dimension_count")?)?;
+    let qk = match m.usize_opt("attention.key_length_mla")? {
+        Some(k) => k,
+        None => m.usize("attention.key_length")?,
+    };
+    let v = match m.usize_opt("attention.value_length_mla")? {
+        Some(v) => v,
+        None => m.usize("attention.value_length")?,
+    };
+    if qk <= rope {
+        return Err(m.err(format!(
+            "MLA key width {qk} ({}) must exceed its rotary part {rope}",
+            m.key("attention.key_length_mla")
+        )));
+    }
+    Ok(MlaDims {
+        q_lora_rank: m.usize_opt("attention.q_lora_rank")?.filter(|&r| r > 0),
+        kv_lora_rank: positive("attention.kv_lora_rank", m.usize("attention.kv_lora_rank")?)?,
+        qk_nope_head_dim: qk - rope,
+        qk_rope_head_dim: rope,
+        v_head_dim: positive("attention.value_length_mla", v)?,
+    })
+}
+
+/// YaRN from `rope.scaling.*`, as llama.cpp's converter writes transformers'
+/// `rope_scaling` (`factor`, `original_max_position_embeddings`, `beta_fast`,
+/// `beta_slow`, `attention_factor`; `mscale_all_dim` per [`GgufKeys`]).
+fn yarn(m: &Meta<'_>, keys: &GgufKeys, context_length: usize) -> Result<Option<Yarn>> {
+    let factor = m.f64_opt("rope.scaling.factor")?;
+    let kind = match m.get("rope.scaling.type") {
+        None => None,
+        Some(v) => Some(v.as_str().ok_or_else(|| {
+            m.err(format!(
+                "GGUF metadata `{}` is a {}, expected a string",
+                m.key("rope.scaling.type"),
+                v.type_name()
+            ))
+        })?),
+    };
+    match kind {
+        // llama.cpp reads a factor without a type as linear scaling.
+        None if factor.is_none_or(|f| f == 0.0 || f == 1.0) => return Ok(None),
+        Some("none") => return Ok(None),
+        Some("yarn") => {}
+        kind => {
+            return Err(m.err(format!(
+                "rope scaling {:?} ({}) is not supported (only \"yarn\")",
+                kind.unwrap_or("linear"),
+                m.key("rope.scaling.type")
+            )));
+        }
+    }
+    let factor = factor
+        .filter(|f| f.is_finite() && *f > 0.0)
+        .ok_or_else(|| {
+            m.err(format!(
+                "YaRN needs a positive `{}`",
+                m.key("rope.scaling.factor")
+            ))
+        })?;
+    if let Some(ext) = m.f64_opt("rope.scaling.yarn_ext_factor")?
+        && ext != 1.0
+    {
+        return Err(m.err(format!(
+            "{} {ext} is not supported (only 1)",
+            m.key("rope.scaling.yarn_ext_factor")
+        )));
+    }
+    let original = m
+        .usize_opt("rope.scaling.original_context_length")?
+        .unwrap_or(context_length);
+    if original == 0 {
+        return Err(m.err(format!(
+            "{} must be positive",
+            m.key("rope.scaling.original_context_length")
+        )));
+    }
+    let (mscale, mscale_all_dim) = match m.f64_opt("rope.scaling.yarn_log_multiplier")? {
+        None => (None, None),
+        // Only `mscale_all_dim` is in the file: the cos/sin scale
+        // `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` is 1 and the
+        // softmax scale carries `mscale(factor, mscale_all_dim)^2`, as in
+        // llama.cpp and in DeepSeek's own configs (V2-Lite 0.707 / 0.707, V3 1 / 1).
+        Some(mul) if keys.yarn_log_mul_tenth => {
+            let all = mul / 0.1;
+            (Some(all), Some(all))
+        }
+        Some(_) => {
+            return Err(m.err(format!(
+                "{} is not supported for this architecture",
+                m.key("rope.scaling.yarn_log_multiplier")
+            )));
+        }
+    };
+    Ok(Some(Yarn {
+        factor,
+        original_max_position_embeddings: original,
+        beta_fast: m.f64_opt("rope.scaling.yarn_beta_fast")?.unwrap_or(32.0),
+        beta_slow: m.f64_opt("rope.scaling.yarn_beta_slow")?.unwrap_or(1.0),
+        truncate: true,
+        attention_factor: m.f64_opt("rope.scaling.yarn_attn_factor")?,
+        mscale,
+        mscale_all_dim,
+    }))
 }
 
 /// Opens a GGUF model: its configuration, and the file as a tensor source.

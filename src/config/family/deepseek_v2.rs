@@ -3,20 +3,24 @@
 //! scaled by `routed_scaling_factor` and never renormalised (transformers'
 //! `DeepseekV2TopkRouter` ignores `norm_topk_prob`), `n_shared_experts`
 //! ungated shared experts, the first `first_k_dense_replace` layers dense.
-//! Upstream: transformers `configuration_deepseek_v2.py` / `modeling_deepseek_v2.py`.
+//! Upstream: transformers `configuration_deepseek_v2.py` / `modeling_deepseek_v2.py`;
+//! llama.cpp `LLM_ARCH_DEEPSEEK2` (shared with V3, told apart by the router).
 
 use super::qwen3_moe::QWEN_NAMES;
 use super::{
-    AttentionKind, ExpertKind, Family, Flag, HfKeys, NormPlacement, RouterKeys, SparseLayers, TOP_K,
+    AttentionKind, ExpertKind, Family, Flag, GgufKeys, GgufVariant, HfKeys, NormPlacement,
+    RouterKeys, SparseLayers, TOP_K,
 };
-use crate::config::{QkNorm, RouterSpec};
+use crate::config::{GroupRank, QkNorm, RouterSpec};
 use crate::weights::{MoeNames, SharedExpertNames};
 
 pub static DEEPSEEK_V2: Family = Family {
     model_types: &["deepseek_v2"],
     hf: DEEPSEEK_HF,
-    // llama.cpp's `deepseek2` splits `kv_b_proj`; not read yet.
-    gguf: None,
+    gguf: Some(GgufKeys {
+        variant: Some(GgufVariant::Softmax(GroupRank::Best)),
+        ..DEEPSEEK_GGUF
+    }),
     names: DEEPSEEK_NAMES,
     attention: AttentionKind {
         latent: true,
@@ -56,6 +60,20 @@ pub(super) const DEEPSEEK_HF: HfKeys = HfKeys {
     sliding_window_switch: None,
     unsupported_switches: &[],
     export: None,
+};
+
+/// llama.cpp's `deepseek2` metadata, both generations. Its converter writes
+/// no `mscale` (only `mscale_all_dim`, as the log multiplier), rotates
+/// adjacent pairs (`LLAMA_ROPE_TYPE_NORM`) without permuting rows, and splits
+/// `kv_b_proj` into `attn_k_b` / `attn_v_b` (joined again at load).
+pub(super) const DEEPSEEK_GGUF: GgufKeys = GgufKeys {
+    arch: "deepseek2",
+    expert_ffn: &["expert_feed_forward_length"],
+    dense_ffn: Some("feed_forward_length"),
+    norm_topk_prob: false,
+    permuted_qk: false,
+    variant: None,
+    yarn_log_mul_tenth: true,
 };
 
 /// DeepSeek's MoE tensors; the GGUF side is llama.cpp's `deepseek2` naming.

@@ -5,8 +5,11 @@
 //! `rope_interleave` picks the rotary layout.
 //! Upstream: transformers `configuration_deepseek_v3.py` / `modeling_deepseek_v3.py`.
 
-use super::deepseek_v2::{DEEPSEEK_HF, DEEPSEEK_NAMES};
-use super::{AttentionKind, ExpertKind, Family, Flag, HfKeys, NormPlacement, RouterKeys};
+use super::deepseek_v2::{DEEPSEEK_GGUF, DEEPSEEK_HF, DEEPSEEK_NAMES};
+use super::{
+    AttentionKind, ExpertKind, Family, Flag, GgufKeys, GgufVariant, HfKeys, NormPlacement,
+    RouterKeys,
+};
 use crate::config::{GroupLimit, GroupRank, QkNorm, RouterSpec, ScoreFn};
 use crate::weights::MoeNames;
 
@@ -24,7 +27,13 @@ pub static DEEPSEEK_V3: Family = Family {
         },
         ..DEEPSEEK_HF
     },
-    gguf: None,
+    // llama.cpp's `deepseek2`: the V3 files are those with sigmoid scores or
+    // `exp_probs_b` (the converter writes `expert_gating_func` only from a
+    // `scoring_func` key, which transformers 5's V3 config drops).
+    gguf: Some(GgufKeys {
+        variant: Some(GgufVariant::SigmoidOrBiased),
+        ..DEEPSEEK_GGUF
+    }),
     names: MoeNames {
         selection_bias: Some(("gate.e_score_correction_bias", "exp_probs_b.bias")),
         ..DEEPSEEK_NAMES

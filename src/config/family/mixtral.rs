@@ -39,6 +39,8 @@ pub static MIXTRAL: Family = Family {
         dense_ffn: None,
         norm_topk_prob: true,
         permuted_qk: true,
+        variant: None,
+        yarn_log_mul_tenth: false,
     }),
     names: MoeNames {
         modules: &["block_sparse_moe", "mlp"],

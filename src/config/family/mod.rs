@@ -26,7 +26,7 @@ pub use olmoe::OLMOE;
 pub use qwen2_moe::QWEN2_MOE;
 pub use qwen3_moe::QWEN3_MOE;
 
-use super::{ModelConfig, QkNorm, RouterSpec};
+use super::{GroupRank, ModelConfig, QkNorm, RouterSpec};
 use crate::weights::MoeNames;
 
 /// Every family Switchyard runs, in the order errors list them.
@@ -71,11 +71,25 @@ impl Family {
             .find(|f| f.model_types.contains(&model_type))
     }
 
+    /// The first family read from GGUF architecture `arch`.
     pub fn by_gguf_arch(arch: &str) -> Option<&'static Family> {
         FAMILIES
             .iter()
             .copied()
             .find(|f| f.gguf.is_some_and(|g| g.arch == arch))
+    }
+
+    /// The family of a GGUF file of architecture `arch` whose router is, or is
+    /// not, `sigmoid_or_biased` ([`GgufVariant`]); that only matters between
+    /// families that share `arch`.
+    pub fn by_gguf(arch: &str, sigmoid_or_biased: bool) -> Option<&'static Family> {
+        FAMILIES.iter().copied().find(|f| {
+            f.gguf.is_some_and(|g| {
+                g.arch == arch
+                    && g.variant
+                        .is_none_or(|v| v.sigmoid_or_biased() == sigmoid_or_biased)
+            })
+        })
     }
 
     /// Every `model_type` some family loads, for errors that list them.
@@ -230,6 +244,33 @@ pub struct GgufKeys {
     /// The converter permuted q/k rows into llama.cpp's interleaved rotary
     /// order (`LlamaModel.permute`); loading undoes it.
     pub permuted_qk: bool,
+    /// `Some` where several families share `arch`: which of its files are this one's.
+    pub variant: Option<GgufVariant>,
+    /// `{arch}.rope.scaling.yarn_log_multiplier` holds `0.1 * mscale_all_dim`
+    /// and YaRN's `mscale` is taken equal to `mscale_all_dim` (llama.cpp's
+    /// `deepseek2` reading, its `TAG_DEEPSEEK2_YARN_LOG_MUL_FIX`); false: the
+    /// family's files have no such key, and one is refused.
+    pub yarn_log_mul_tenth: bool,
+}
+
+/// One of the families sharing a GGUF architecture (llama.cpp's `deepseek2`
+/// holds DeepSeek-V2 and V3), told apart by the file's router, as the
+/// metadata names neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufVariant {
+    /// Softmax scores (`expert_gating_func` absent or 1) and no selection
+    /// bias; with `expert_group_count > 1` the groups are ranked by this
+    /// (llama.cpp always sums each group's two best scores, DeepSeek-V2's own
+    /// `group_limited_greedy` takes the best one).
+    Softmax(GroupRank),
+    /// Sigmoid scores (`expert_gating_func` 2) or a selection bias tensor.
+    SigmoidOrBiased,
+}
+
+impl GgufVariant {
+    pub fn sigmoid_or_biased(self) -> bool {
+        matches!(self, GgufVariant::SigmoidOrBiased)
+    }
 }
 
 /// Which attention block a family uses.
@@ -341,8 +382,12 @@ mod tests {
         for (i, a) in FAMILIES.iter().enumerate() {
             for b in &FAMILIES[i + 1..] {
                 assert!(a.model_types.iter().all(|t| !b.model_types.contains(t)));
-                if let (Some(ga), Some(gb)) = (a.gguf, b.gguf) {
-                    assert_ne!(ga.arch, gb.arch);
+                // A shared GGUF architecture tells its families apart by the router.
+                if let (Some(ga), Some(gb)) = (a.gguf, b.gguf)
+                    && ga.arch == gb.arch
+                {
+                    let (va, vb) = (ga.variant.unwrap(), gb.variant.unwrap());
+                    assert_ne!(va.sigmoid_or_biased(), vb.sigmoid_or_biased());
                 }
             }
         }
@@ -358,6 +403,9 @@ mod tests {
         assert_eq!(Family::by_model_type("gpt_oss"), Some(&GPT_OSS));
         assert_eq!(Family::by_model_type("flex_olmo"), Some(&FLEX_OLMO));
         assert_eq!(Family::by_model_type("ernie4_5_moe"), Some(&ERNIE4_5_MOE));
+        assert_eq!(Family::by_gguf("deepseek2", false), Some(&DEEPSEEK_V2));
+        assert_eq!(Family::by_gguf("deepseek2", true), Some(&DEEPSEEK_V3));
+        assert_eq!(Family::by_gguf("qwen2moe", true), Some(&QWEN2_MOE));
         assert_eq!(
             Family::supported_model_types(),
             [

@@ -37,6 +37,8 @@ pub static OLMOE: Family = Family {
         dense_ffn: None,
         norm_topk_prob: false,
         permuted_qk: false,
+        variant: None,
+        yarn_log_mul_tenth: false,
     }),
     names: QWEN_NAMES,
     attention: AttentionKind::grouped(QkNorm::Full),

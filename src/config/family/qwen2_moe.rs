@@ -42,6 +42,8 @@ pub static QWEN2_MOE: Family = Family {
         dense_ffn: Some("feed_forward_length"),
         norm_topk_prob: false,
         permuted_qk: false,
+        variant: None,
+        yarn_log_mul_tenth: false,
     }),
     names: MoeNames {
         shared_expert: Some(SharedExpertNames {

@@ -39,6 +39,8 @@ pub static QWEN3_MOE: Family = Family {
         dense_ffn: Some("feed_forward_length"),
         norm_topk_prob: true,
         permuted_qk: false,
+        variant: None,
+        yarn_log_mul_tenth: false,
     }),
     names: QWEN_NAMES,
     attention: AttentionKind::grouped(QkNorm::PerHead),
