@@ -116,17 +116,17 @@ pub fn sidecar_path(out: &Path) -> std::path::PathBuf {
 }
 
 /// The layer of a tensor indexed by routed expert along its outermost
-/// dimension: the merged experts (`ffn_*_exps`, not the shared `*_shexp`)
-/// and the router.
+/// dimension: the merged experts (`ffn_*_exps`, not the shared `*_shexp`),
+/// the router and its selection bias (`exp_probs_b.bias`).
 fn expert_indexed(names: &MoeNames, name: &str) -> Option<usize> {
     let rest = name.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
-    let base = rest.strip_suffix(".weight")?;
-    let mut routed = std::iter::once(names.router).chain(names.experts);
-    routed
-        .any(|(_, g)| g == base)
-        .then(|| layer.parse().ok())
-        .flatten()
+    let is_bias = names.selection_bias.is_some_and(|(_, g)| g == rest);
+    let is_matrix = rest.strip_suffix(".weight").is_some_and(|base| {
+        let mut routed = std::iter::once(names.router).chain(names.experts);
+        routed.any(|(_, g)| g == base)
+    });
+    (is_bias || is_matrix).then(|| layer.parse().ok()).flatten()
 }
 
 /// `value` in the integer type the source stored the key with (uint32 when absent).
@@ -161,6 +161,15 @@ mod tests {
         ] {
             assert_eq!(expert_indexed(shared), None, "{shared}");
         }
+    }
+
+    #[test]
+    fn the_selection_bias_is_pruned_with_its_experts() {
+        let names = &crate::config::family::DEEPSEEK_V3.names;
+        assert_eq!(expert_indexed(names, "blk.2.exp_probs_b.bias"), Some(2));
+        assert_eq!(expert_indexed(names, "blk.2.ffn_gate_inp.weight"), Some(2));
+        assert_eq!(expert_indexed(names, "blk.2.ffn_up_shexp.weight"), None);
+        assert_eq!(expert_indexed(names, "blk.2.attn_k_b.weight"), None);
     }
 
     #[test]

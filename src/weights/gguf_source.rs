@@ -1,8 +1,9 @@
 //! A GGUF file as a [`TensorSource`]. The model asks for Hugging Face names;
 //! this translates them with the family's [`MoeNames`] and the shared table in
 //! `names` (llama.cpp's gguf-py `tensor_mapping.py`), slices each routed expert out of the merged
-//! 3-D `ffn_*_exps` tensors, and undoes the q/k row permutation that
-//! `convert_hf_to_gguf.py` applies for the `llama` architecture.
+//! 3-D `ffn_*_exps` tensors, undoes the q/k row permutation that
+//! `convert_hf_to_gguf.py` applies for the `llama` architecture, and joins the
+//! halves it splits multi-head latent attention's `kv_b_proj` into.
 
 use std::borrow::Cow;
 
@@ -177,6 +178,66 @@ impl GgufSource {
         Ok(out)
     }
 
+    /// `attn_k_b` and `attn_v_b` where the file has them instead of the
+    /// `attn_kv_b` that `hf` names.
+    fn split_kv_b(&self, hf: &str) -> Option<[String; 2]> {
+        let name = self.names.gguf_location(hf)?.name;
+        let block = name.strip_suffix("attn_kv_b.weight")?;
+        let halves = ["attn_k_b", "attn_v_b"].map(|h| format!("{block}{h}.weight"));
+        (!self.file.contains(&name) && halves.iter().all(|h| self.file.contains(h)))
+            .then_some(halves)
+    }
+
+    /// Checks llama.cpp's split of `kv_b_proj` against its `shape`
+    /// (`[heads * (nope + v), rank]`, per head its key rows then its value
+    /// rows): `attn_k_b` keeps each head's key part transposed for llama.cpp's
+    /// absorbed decode, `[heads, rank, nope]`, `attn_v_b` the value part as is,
+    /// `[heads, v, rank]`.
+    fn check_kv_b(&self, hf: &str, [k_name, v_name]: &[String; 2], shape: &[usize]) -> Result<()> {
+        let (k, v) = (self.file.require(k_name)?, self.file.require(v_name)?);
+        let fits = match (&k.shape[..], &v.shape[..]) {
+            (&[heads, rank, nope], &[v_heads, vd, v_rank]) => {
+                v_heads == heads && v_rank == rank && shape == [heads * (nope + vd), rank]
+            }
+            _ => false,
+        };
+        if fits {
+            return Ok(());
+        }
+        Err(self.bad(
+            k_name,
+            format!(
+                "{:?} and `{v_name}` {:?} are not the halves of `{hf}` {shape:?}: expected [heads, rank, nope] and [heads, v, rank]",
+                k.shape, v.shape
+            ),
+        ))
+    }
+
+    /// `kv_b_proj` joined from its halves ([`Self::check_kv_b`]), decoded to
+    /// floats: the halves are not row blocks of one quantized matrix.
+    fn joined_kv_b(
+        &self,
+        hf: &str,
+        halves: &[String; 2],
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor> {
+        self.check_kv_b(hf, halves, shape)?;
+        let [k, v] = halves.each_ref().map(|name| -> Result<Tensor> {
+            let info = self.file.require(name)?;
+            Ok(decode(
+                &self.file.bytes(name)?,
+                info.dtype,
+                &info.shape,
+                DType::F32,
+            )?)
+        });
+        let k = k?.transpose(1, 2)?; // [heads, nope, rank]
+        Ok(Tensor::cat(&[k, v?], 1)?
+            .reshape((shape[0], shape[1]))?
+            .to_dtype(dtype)?)
+    }
+
     fn bad(&self, gguf_name: &str, reason: String) -> Error {
         Error::Gguf {
             path: self.file.path().to_path_buf(),
@@ -187,6 +248,12 @@ impl GgufSource {
     /// Row blocks of one quantized GGML type stacked into one `QTensor`, or `None`
     /// when a part is a float type or the parts' types differ.
     fn stacked_quantized(&self, parts: &[(&str, usize)], cols: usize) -> Result<Option<QTensor>> {
+        if parts
+            .iter()
+            .any(|&(name, _)| self.split_kv_b(name).is_some())
+        {
+            return Ok(None);
+        }
         let pieces = parts
             .iter()
             .map(|&(name, rows)| self.piece(name, &[rows, cols]))
@@ -216,6 +283,9 @@ impl GgufSource {
 
 impl TensorSource for GgufSource {
     fn load(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        if let Some(halves) = self.split_kv_b(name) {
+            return self.joined_kv_b(name, &halves, shape, dtype);
+        }
         let p = self.piece(name, shape)?;
         Ok(decode(&p.bytes, p.info.dtype, &p.shape, dtype)?)
     }
@@ -223,6 +293,7 @@ impl TensorSource for GgufSource {
     fn contains(&self, name: &str) -> bool {
         (self.names.gguf_location(name))
             .is_some_and(|loc| self.file.contains(&self.resolve(loc).name))
+            || self.split_kv_b(name).is_some()
     }
 
     fn drop_cached_pages(&self) -> Result<()> {
@@ -238,7 +309,10 @@ impl TensorSource for GgufSource {
     }
 
     fn check(&self, name: &str, shape: &[usize]) -> Result<()> {
-        self.piece(name, shape).map(|_| ())
+        match self.split_kv_b(name) {
+            Some(halves) => self.check_kv_b(name, &halves, shape),
+            None => self.piece(name, shape).map(|_| ()),
+        }
     }
 
     /// Quantized GGUF matrices stay quantized (Q8_0 / Q4_0 on our kernels, other

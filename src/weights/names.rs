@@ -25,6 +25,17 @@ const LAYER_NAMES: &[(&str, &str)] = &[
     ("self_attn.o_proj.weight", "attn_output.weight"),
     ("self_attn.q_norm.weight", "attn_q_norm.weight"),
     ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+    // Multi-head latent attention (DeepSeek). llama.cpp's converter splits
+    // `kv_b_proj` into `attn_k_b` / `attn_v_b`; `GgufSource` joins them again.
+    ("self_attn.q_a_proj.weight", "attn_q_a.weight"),
+    ("self_attn.q_a_layernorm.weight", "attn_q_a_norm.weight"),
+    ("self_attn.q_b_proj.weight", "attn_q_b.weight"),
+    (
+        "self_attn.kv_a_proj_with_mqa.weight",
+        "attn_kv_a_mqa.weight",
+    ),
+    ("self_attn.kv_a_layernorm.weight", "attn_kv_a_norm.weight"),
+    ("self_attn.kv_b_proj.weight", "attn_kv_b.weight"),
     // Dense MLP layers (Qwen3-MoE `mlp_only_layers`).
     ("mlp.gate_proj.weight", "ffn_gate.weight"),
     ("mlp.up_proj.weight", "ffn_up.weight"),
@@ -102,6 +113,10 @@ impl MoeNames {
             .modules
             .iter()
             .find_map(|m| rest.strip_prefix(m)?.strip_prefix('.'))?;
+        // Its own suffix (`.bias` in GGUF), so matched whole.
+        if let Some((_, g)) = self.selection_bias.filter(|b| b.0 == local) {
+            return Some(in_layer(g));
+        }
         let local = local.strip_suffix(".weight")?;
         if let Some(expert_rest) = local.strip_prefix("experts.") {
             let (expert, suffix) = expert_rest.split_once('.')?;
@@ -183,6 +198,21 @@ mod tests {
             Some(("blk.0.ffn_gate.weight".into(), None))
         );
         assert_eq!(loc("lm_head.weight"), Some(("output.weight".into(), None)));
+        assert_eq!(
+            loc("model.layers.2.self_attn.kv_a_proj_with_mqa.weight"),
+            Some(("blk.2.attn_kv_a_mqa.weight".into(), None))
+        );
+        let biased = MoeNames {
+            selection_bias: Some(("gate.e_score_correction_bias", "exp_probs_b.bias")),
+            ..MIXTRAL_LIKE
+        };
+        assert_eq!(
+            biased
+                .gguf_location("model.layers.1.mlp.gate.e_score_correction_bias")
+                .map(|l| l.name),
+            Some("blk.1.exp_probs_b.bias".into())
+        );
+        assert_eq!(loc("model.layers.1.mlp.gate.e_score_correction_bias"), None);
         // Another family's expert names are not this family's.
         assert_eq!(loc("model.layers.0.mlp.experts.1.up_proj.weight"), None);
         assert_eq!(loc("model.layers.0.mlp.experts.gate_up_proj"), None);
