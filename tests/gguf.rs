@@ -17,7 +17,7 @@ use switchyard::config::family::QWEN3_MOE;
 use switchyard::experts::{ExpertMemory, MissPrecision, PolicyKind, Prefetch};
 use switchyard::generate::{ChatMessage, TextTokenizer};
 use switchyard::model::moe::Routing;
-use switchyard::model::{LoadOptions, Model, RoutingObserver, RoutingSite};
+use switchyard::model::{AttentionBlock, LoadOptions, Model, RoutingObserver, RoutingSite};
 use switchyard::ops::{LinearWeight, QuantKind};
 use switchyard::weights::{GgufFile, GgufSource, GgufValue, TensorSource};
 
@@ -146,9 +146,180 @@ fn olmoe_f16_gguf_matches_transformers() {
     );
 }
 
+/// Greedy decoding with the KV cache: `n` tokens after `prompt`.
+fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = model.new_cache(8);
+    let mut logits = model
+        .forward_last(prompt, &mut cache, &mut switchyard::model::NoObserver)
+        .unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        out.push(next);
+        logits = model
+            .forward_last(&[next], &mut cache, &mut switchyard::model::NoObserver)
+            .unwrap();
+    }
+    out
+}
+
+/// llama.cpp's `deepseek2` files, written by its own converter (`kv_b_proj`
+/// split in two, YaRN in `rope.scaling.*`), against `reference`, a safetensors
+/// model of the same checkpoint: on the golden prompts, logits within f16
+/// rounding and the same experts on every layer. Then 32 greedy tokens, the
+/// reference's, fed back one at a time through the GGUF model's KV cache (MLA's
+/// absorbed decode): every step gives the logits of the whole sequence scored
+/// at once and chooses the reference's token, unless the reference's margin
+/// is within what f16 moved that step. Over those positions the experts chosen
+/// are the same but at near-ties (at most one position in the 32) and, there
+/// aside, the logits stay within the f16 relative RMS (measured 1.4e-3 to
+/// 2.1e-3). `deepseek_v2` has both: a router choice f16 flips at one step
+/// (0.07 on the logits, 3.1e-3 relative RMS with it counted) and a step whose
+/// best two are 5.053 and 5.019, which f16 reverses; free-running, it would
+/// continue from the other token.
+fn check_deepseek_gguf(name: &str, reference: &Model) {
+    let file = format!("{name}-f16.gguf");
+    let model = Model::load(&gguf_fixture(&file), &LoadOptions::default()).unwrap();
+    assert_eq!(model.config().family, reference.config().family);
+    for p in &golden(name).prompts {
+        let prompt = &p.input_ids;
+        let (ours, rec) = run(&model, prompt);
+        let (theirs, ref_rec) = run(reference, prompt);
+        let d = diff(&ours, &theirs);
+        assert!(
+            d.max_abs < F16_MAX_ABS && d.rel_rms < F16_MAX_REL_RMS,
+            "{file} {prompt:?}: max |logit diff| {}, relative RMS {}",
+            d.max_abs,
+            d.rel_rms
+        );
+        assert_eq!(
+            rec.layers, ref_rec.layers,
+            "{file} {prompt:?}: router choices"
+        );
+
+        let tokens = greedy(reference, prompt, p.greedy.len());
+        let all: Vec<u32> = prompt.iter().chain(&tokens).copied().collect();
+        let steps = prompt.len() - 1..all.len() - 1;
+        let ((ours_all, rec), (theirs_all, ref_rec)) = (run(&model, &all), run(reference, &all));
+        // Positions where some layer chose other experts (a near-tie f16 flipped).
+        let flipped: Vec<usize> = steps
+            .clone()
+            .filter(|&t| {
+                rec.layers.iter().any(|(layer, ids)| {
+                    let mut a = ids[t].clone();
+                    let mut b = ref_rec.layers[layer][t].clone();
+                    a.sort_unstable();
+                    b.sort_unstable();
+                    a != b
+                })
+            })
+            .collect();
+        let same: Vec<usize> = steps.clone().filter(|t| !flipped.contains(t)).collect();
+        let pick = |rows: &[Vec<f32>]| same.iter().map(|&t| rows[t].clone()).collect::<Vec<_>>();
+        let d = diff(&pick(&ours_all), &pick(&theirs_all));
+        assert!(
+            flipped.len() <= 1 && d.rel_rms < F16_MAX_REL_RMS,
+            "{file} {prompt:?}: router choices differ at {flipped:?}; elsewhere the greedy steps' relative RMS is {}",
+            d.rel_rms
+        );
+        let mut cache = model.new_cache(8);
+        let mut logits = model
+            .forward_last(prompt, &mut cache, &mut switchyard::model::NoObserver)
+            .unwrap();
+        for (&token, row) in tokens.iter().zip(steps) {
+            let cached = logits.to_vec1::<f32>().unwrap();
+            let d = diff(std::slice::from_ref(&cached), &ours_all[row..=row]);
+            assert!(
+                d.max_abs < 1e-4,
+                "{file} {prompt:?} position {row}: cached decode differs by {}",
+                d.max_abs
+            );
+            let chosen = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+            let theirs = &theirs_all[row];
+            let margin = theirs[token as usize] - theirs[chosen as usize];
+            let f16_moved = diff(&ours_all[row..=row], &theirs_all[row..=row]).max_abs;
+            assert!(
+                chosen == token || margin < 2.0 * f16_moved,
+                "{file} {prompt:?} position {row}: chose {chosen}, not {token} ({margin} ahead)"
+            );
+            logits = model
+                .forward_last(&[token], &mut cache, &mut switchyard::model::NoObserver)
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn deepseek_v2_lite_f16_gguf_matches_transformers() {
+    check_against_golden(
+        "deepseek_v2_lite",
+        "deepseek_v2_lite-f16.gguf",
+        F16_MAX_ABS,
+        F16_MAX_REL_RMS,
+        true,
+    );
+    let reference = Model::load(&fixture("deepseek_v2_lite"), &LoadOptions::default()).unwrap();
+    check_deepseek_gguf("deepseek_v2_lite", &reference);
+    // Free-running, too: every prompt's greedy continuation is transformers'.
+    let model = Model::load(
+        &gguf_fixture("deepseek_v2_lite-f16.gguf"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    for p in &golden("deepseek_v2_lite").prompts {
+        assert_eq!(greedy(&model, &p.input_ids, p.greedy.len()), p.greedy);
+    }
+}
+
+#[test]
+fn deepseek_v2_f16_gguf_matches_transformers() {
+    check_against_golden(
+        "deepseek_v2",
+        "deepseek_v2-f16.gguf",
+        F16_MAX_ABS,
+        F16_MAX_REL_RMS,
+        true,
+    );
+    let reference = Model::load(&fixture("deepseek_v2"), &LoadOptions::default()).unwrap();
+    check_deepseek_gguf("deepseek_v2", &reference);
+}
+
+/// `deepseek_v3`'s YaRN has `mscale` 1 and `mscale_all_dim` 0.8, and llama.cpp's
+/// converter writes only the latter (`yarn_log_multiplier`): its `deepseek2`
+/// takes `mscale` equal to it, leaving the cos/sin unscaled where transformers
+/// scales them by `mscale(4, 1) / mscale(4, 0.8)` = 1.025 (DeepSeek's own
+/// configs set the two equal). So the file is checked against the fixture read
+/// the same way, `mscale` = `mscale_all_dim`; transformers' golden logits are
+/// not what the file describes (measured: max |diff| 3.2 on logits of a few units).
+#[test]
+fn deepseek_v3_f16_gguf_matches_the_checkpoint_it_describes() {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("deepseek_v3")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config = tmp.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let rope = &mut json["rope_parameters"];
+    assert_ne!(rope["mscale"], rope["mscale_all_dim"]);
+    rope["mscale"] = rope["mscale_all_dim"].clone();
+    std::fs::write(&config, json.to_string()).unwrap();
+    let reference = Model::load(tmp.path(), &LoadOptions::default()).unwrap();
+    check_deepseek_gguf("deepseek_v3", &reference);
+}
+
 #[test]
 fn gguf_config_matches_config_json() {
-    for name in ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"] {
+    for name in [
+        "qwen3_moe",
+        "mixtral",
+        "qwen2_moe",
+        "olmoe",
+        "deepseek_v2_lite",
+        "deepseek_v2",
+        "deepseek_v3",
+    ] {
         let file = GgufFile::open(&gguf_fixture(&format!("{name}-f16.gguf"))).unwrap();
         let mut from_gguf = switchyard::config::config_from_gguf(&file).unwrap();
         let from_json = switchyard::config::load_model_config(&fixture(name)).unwrap();
@@ -165,6 +336,17 @@ fn gguf_config_matches_config_json() {
             );
         }
         from_gguf.eos_token_ids = from_json.eos_token_ids.clone();
+        // DeepSeek's YaRN: `deepseek2` files hold `0.1 * mscale_all_dim` as f32,
+        // and no `mscale`, which llama.cpp takes equal to it.
+        if let (Some(g), Some(j)) = (&mut from_gguf.attention.yarn, from_json.attention.yarn) {
+            let all = j.mscale_all_dim.unwrap();
+            assert!(
+                (g.mscale_all_dim.unwrap() / all - 1.0).abs() < 1e-6,
+                "{name}"
+            );
+            assert_eq!(g.mscale, g.mscale_all_dim, "{name}");
+            (g.mscale, g.mscale_all_dim) = (j.mscale, j.mscale_all_dim);
+        }
         assert_eq!(from_gguf, from_json, "{name}");
     }
 }
@@ -366,6 +548,90 @@ fn quantized_gguf_runs_natively_and_matches_its_dequantized_weights() {
 /// is `every_quantized_type_decodes_like_gguf_py`): on this tiny random model,
 /// embeddings included, 4-bit weights move the logits by 30-45% relative RMS and
 /// 5-bit by 15-30%; a mis-decoded tensor moves them by 100% or more.
+/// The DeepSeek GGUFs re-encoded in Q8_0 run their experts on our kernels, as
+/// the f16 files do under `--quant q8_0`. `attn_v_b` is among the Q8_0
+/// matrices (`attn_k_b`'s 16-wide rows are not whole blocks and stay f16, as
+/// the converter leaves them), so `kv_b_proj` is joined from a quantized half.
+/// An expert's gate-up in stored Q8_0 gives its dequantized weights' results
+/// within Q8_0's rounding of activations (1%, as in
+/// `quantized_gguf_runs_natively_and_matches_its_dequantized_weights`), and the
+/// joined `kv_b_proj` the f16 file's within Q8_0's rounding of weights.
+/// Through the model that rounding flips near-tied router choices, and
+/// `deepseek_v3`'s selection bias (large enough to change most choices) makes
+/// many near-ties: against the same weights dequantized (stored Q8_0) or f16
+/// (`--quant`), V2 and V2-Lite measure 2.5-7.8% relative RMS and at most 3.2%
+/// perplexity, V3 2.5-19% and 13%; held to 25% and 20%, where a wiring error
+/// moves the logits by their own size.
+#[test]
+fn quantized_deepseek_ggufs_run_on_our_kernels() {
+    let kv_b = |model: &Model| match &model.layers()[1].attention {
+        AttentionBlock::Latent(a) => a.kv_b_proj.clone(),
+        AttentionBlock::Grouped(_) => panic!("DeepSeek attention is latent"),
+    };
+    for name in ["deepseek_v2_lite", "deepseek_v2", "deepseek_v3"] {
+        let f16_path = gguf_fixture(&format!("{name}-f16.gguf"));
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("model.gguf");
+        requantize(&f16_path, GgmlDType::Q8_0, &path);
+        let stored = GgufFile::open(&path).unwrap();
+        assert_eq!(
+            stored.tensor_info("blk.1.attn_v_b.weight").unwrap().dtype,
+            GgmlDType::Q8_0
+        );
+        let native = Model::load(&path, &LoadOptions::default()).unwrap();
+        let (cfg, src) = switchyard::config::open_gguf(&path).unwrap();
+        let dense = Model::from_source(&cfg, &Dequantized(src), &LoadOptions::default()).unwrap();
+        let f16 = Model::load(&f16_path, &LoadOptions::default()).unwrap();
+        let requantized = Model::load(
+            &f16_path,
+            &LoadOptions {
+                quant: Some(QuantKind::Q8_0),
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        for (model, what) in [(&native, "stored Q8_0"), (&requantized, "--quant q8_0")] {
+            let ffn = &model.experts().experts_for_call(1, &[0]).unwrap().ffns[0];
+            assert!(
+                matches!(ffn.gate_up().weight(), LinearWeight::Packed(_)),
+                "{name} {what}: experts not on our kernels"
+            );
+        }
+        let expert = |model: &Model| {
+            (model.experts().experts_for_call(1, &[0]).unwrap().ffns[0])
+                .gate_up()
+                .clone()
+        };
+        let hidden = cfg.hidden_size;
+        let rank = cfg.attention.mla.unwrap().kv_lora_rank;
+        for (q, d, inputs, what) in [
+            (expert(&native), expert(&dense), hidden, "expert gate-up"),
+            // Joined through floats, so against the f16 file: Q8_0's weight rounding.
+            (kv_b(&native), kv_b(&f16), rank, "kv_b_proj"),
+        ] {
+            let x = candle_core::Tensor::randn(0f32, 1.0, (5, inputs), &Device::Cpu).unwrap();
+            let (yq, yd) = (q.forward(&x).unwrap(), d.forward(&x).unwrap());
+            let rel = diff(&yq.to_vec2().unwrap(), &yd.to_vec2().unwrap()).rel_rms;
+            assert!(rel < 0.01, "{name} {what}: relative RMS {rel}");
+        }
+        for ids in texts(name) {
+            for (ours, theirs, what) in [
+                (&native, &dense, "stored Q8_0 vs dequantized"),
+                (&requantized, &f16, "--quant q8_0 vs f16"),
+            ] {
+                let (a, b) = (run(ours, &ids).0, run(theirs, &ids).0);
+                let rel = diff(&a, &b).rel_rms;
+                let (p_a, p_b) = (perplexity(&a, &ids), perplexity(&b, &ids));
+                assert!(rel < 0.25, "{name} {what}: relative RMS {rel}");
+                assert!(
+                    (p_a / p_b - 1.0).abs() < 0.2,
+                    "{name} {what}: perplexity {p_a} vs {p_b}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn four_and_five_bit_gguf_logits_stay_in_range() {
     let f32_model = Model::load(&fixture("qwen3_moe"), &LoadOptions::default()).unwrap();
@@ -557,6 +823,64 @@ fn not_a_moe_gguf_names_the_architecture() {
     gguf_file::write(&mut w, &md, &[("token_embd.weight", &t)]).unwrap();
     let err = assert_load_fails(&path, "dense llama");
     assert!(err.contains("llama.expert_count"), "{err}");
+}
+
+/// `deepseek2` files whose metadata or split `kv_b` Switchyard cannot read
+/// fail naming the key or tensor.
+#[test]
+fn unreadable_deepseek_gguf_names_the_key_or_tensor() {
+    let src = GgufFile::open(&gguf_fixture("deepseek_v2-f16.gguf")).unwrap();
+    let tensors = |v_b_heads: usize| -> Vec<switchyard::weights::GgufTensorOut<'_>> {
+        src.tensor_names_in_file_order()
+            .into_iter()
+            .map(|name| {
+                let info = src.tensor_info(name).unwrap();
+                let (mut shape, mut data) = (info.shape.clone(), src.bytes(name).unwrap());
+                if name == "blk.1.attn_v_b.weight" {
+                    // Fewer heads than the key half has.
+                    data = std::borrow::Cow::Owned(data[..data.len() / 4 * v_b_heads].to_vec());
+                    shape[0] = v_b_heads;
+                }
+                switchyard::weights::GgufTensorOut {
+                    name: name.to_string(),
+                    dtype: info.dtype,
+                    shape,
+                    data: vec![data],
+                }
+            })
+            .collect()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("deepseek.gguf");
+    let cases = [
+        (
+            "deepseek2.rope.scaling.type",
+            GgufValue::String("linear".into()),
+            "\"linear\"",
+        ),
+        (
+            "deepseek2.expert_gating_func",
+            GgufValue::U32(4),
+            "expert_gating_func 4",
+        ),
+        (
+            "deepseek2.attention.key_length_mla",
+            GgufValue::U32(8),
+            "key_length_mla",
+        ),
+    ];
+    for (key, value, want) in cases {
+        src.write_edited(&path, &[(key.to_string(), value)], &tensors(4))
+            .unwrap();
+        let err = assert_load_fails(&path, key);
+        assert!(err.contains(want), "{key}: {err}");
+    }
+    src.write_edited(&path, &[], &tensors(3)).unwrap();
+    let err = assert_load_fails(&path, "short attn_v_b");
+    assert!(
+        err.contains("kv_b_proj") && err.contains("attn_v_b"),
+        "{err}"
+    );
 }
 
 /// A SentencePiece (`tokenizer.ggml.model = llama`) vocabulary as llama.cpp's
@@ -788,11 +1112,18 @@ fn under_smallest_budget(path: &Path, quant: Option<QuantKind>, prefetch: Prefet
 fn gguf_logits_under_expert_eviction_are_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
     // (file, its golden records, --quant)
-    let mut cases: Vec<(PathBuf, &str, Option<QuantKind>)> =
-        ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"]
-            .iter()
-            .map(|&n| (gguf_fixture(&format!("{n}-f16.gguf")), n, None))
-            .collect();
+    let mut cases: Vec<(PathBuf, &str, Option<QuantKind>)> = [
+        "qwen3_moe",
+        "mixtral",
+        "qwen2_moe",
+        "olmoe",
+        "deepseek_v2_lite",
+        "deepseek_v2",
+        "deepseek_v3",
+    ]
+    .iter()
+    .map(|&n| (gguf_fixture(&format!("{n}-f16.gguf")), n, None))
+    .collect();
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
         let path = tmp.path().join(format!("{dtype:?}.gguf"));
         requantize(&gguf_fixture("qwen3_moe-f16.gguf"), dtype, &path);

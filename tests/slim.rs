@@ -236,7 +236,8 @@ fn prune_plans_that_cannot_be_written_are_refused() {
     assert_eq!(leftovers.len(), 1, "files left: {leftovers:?}");
 }
 
-/// The merged expert tensors and the router of a MoE layer: what pruning cuts.
+/// The merged expert tensors, the router and its selection bias of a MoE
+/// layer: what pruning cuts.
 fn expert_indexed(name: &str) -> bool {
     [
         "ffn_gate_exps",
@@ -246,6 +247,7 @@ fn expert_indexed(name: &str) -> bool {
     ]
     .iter()
     .any(|base| name.ends_with(&format!(".{base}.weight")))
+        || name.ends_with(".exp_probs_b.bias")
 }
 
 fn layer_of(name: &str) -> Option<usize> {
@@ -294,11 +296,14 @@ fn check_gguf_copy(src: &Path, out: &Path, plan: &PrunePlan) {
             }
         }
     }
-    let moe_layers = (0..64).filter(|&l| plan.kept(l).is_some()).count();
+    let moe_layers: Vec<usize> = (0..64).filter(|&l| plan.kept(l).is_some()).collect();
+    let biases = (moe_layers.iter())
+        .filter(|l| a.contains(&format!("blk.{l}.exp_probs_b.bias")))
+        .count();
     assert_eq!(
         cut,
-        4 * moe_layers,
-        "gate, up, down and router in every MoE layer"
+        4 * moe_layers.len() + biases,
+        "gate, up, down, router (and selection bias) in every MoE layer"
     );
     let arch = a.get("general.architecture").unwrap().as_str().unwrap();
     let (count, used) = (
@@ -375,6 +380,33 @@ fn pruned_quantized_gguf_keeps_the_kept_experts_blocks_as_stored() {
     let pruned = GgufFile::open(&out).unwrap();
     let gate = pruned.tensor_info("blk.0.ffn_gate_exps.weight").unwrap();
     assert_eq!(gate.dtype, candle_core::quantized::GgmlDType::Q8_0);
+}
+
+/// llama.cpp's `deepseek2` files: their experts, router and V3's selection
+/// bias (`exp_probs_b.bias`, one value per expert) cut to the kept experts,
+/// everything else (shared experts, `attn_k_b` / `attn_v_b`) copied, and the
+/// result loads and runs. V3 keeps three of each group of four, so its four
+/// expert groups stay groups. (Their logits are not the original's: V2's
+/// softmax over all experts is not renormalised over the chosen, and V3 ranks
+/// groups by experts it may not choose.)
+#[test]
+fn pruned_deepseek_ggufs_cut_the_selection_bias_with_the_experts() {
+    for (file, n) in [
+        ("deepseek_v2_lite-f16.gguf", 8),
+        ("deepseek_v3-f16.gguf", 16),
+    ] {
+        let src = fixture("gguf").join(file);
+        let kept: Vec<u32> = (0..n).filter(|e| e % 4 != 3).collect();
+        let plan = PrunePlan::new(n as usize, [(1, kept.clone()), (2, kept)].into()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("pruned.gguf");
+        write_pruned(&src, &plan, &out, false, serde_json::json!({})).unwrap();
+        check_gguf_copy(&src, &out, &plan);
+        let model = load(&out, None);
+        assert_eq!(model.config().moe.num_experts, plan.keep_per_layer());
+        let l = logits(&model, &[5, 6], &mut ActiveExperts::default());
+        assert!(l.iter().all(|x| x.is_finite()), "{file}");
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Convert a checkpoint directory with llama.cpp's own `convert_hf_to_gguf.py` (not a re-implementation),
-for the families whose GGUF files Switchyard reads as llama.cpp writes them (`gpt-oss`, `ernie4_5-moe`, ...).
+for the families whose GGUF files Switchyard reads as llama.cpp writes them (`gpt-oss`, `ernie4_5-moe`,
+`deepseek2`, ...).
 
 Only the vocabulary step is adapted, because the test fixtures' tokenizer is a tiny byte-level BPE that
 no released model uses: the converter identifies a BPE pre-tokenizer by hashing its output against the
@@ -29,6 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FIXTURES = [
     ("gpt_oss", "gpt_oss-f16.gguf"),
     ("ernie4_5_moe", "ernie4_5_moe-f16.gguf"),
+    ("deepseek_v2_lite", "deepseek_v2_lite-f16.gguf"),
+    ("deepseek_v2", "deepseek_v2-f16.gguf"),
+    ("deepseek_v3", "deepseek_v3-f16.gguf"),
 ]
 
 
