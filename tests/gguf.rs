@@ -309,6 +309,27 @@ fn deepseek_v3_f16_gguf_matches_the_checkpoint_it_describes() {
     check_deepseek_gguf("deepseek_v3", &reference);
 }
 
+/// gpt-oss as llama.cpp's own converter writes it (`tools/llama_cpp_gguf.py`):
+/// its MXFP4 experts kept, split into gate and up, with their biases; f16
+/// attention with sinks and the sliding layer; `post_attention_norm`.
+#[test]
+fn gpt_oss_gguf_from_llama_cpp_matches_transformers() {
+    // The fixture's weights are bf16, which f16 holds exactly at their
+    // magnitudes: the golden tolerance, not f16 rounding's.
+    check_against_golden("gpt_oss", "gpt_oss-f16.gguf", 1e-4, 1e-5, true);
+    let model = Model::load(&gguf_fixture("gpt_oss-f16.gguf"), &LoadOptions::default()).unwrap();
+    let id = switchyard::experts::ExpertId {
+        layer: 0,
+        expert: 5,
+    };
+    let (h, ffn) = (model.config().hidden_size, model.config().moe.expert_ffn);
+    assert_eq!(
+        model.experts().expert_bytes(id),
+        3 * h * ffn * 17 / 32 + (2 * ffn + h) * 4,
+        "MXFP4 experts stay MXFP4"
+    );
+}
+
 #[test]
 fn gguf_config_matches_config_json() {
     for name in [
@@ -319,6 +340,7 @@ fn gguf_config_matches_config_json() {
         "deepseek_v2_lite",
         "deepseek_v2",
         "deepseek_v3",
+        "gpt_oss",
     ] {
         let file = GgufFile::open(&gguf_fixture(&format!("{name}-f16.gguf"))).unwrap();
         let mut from_gguf = switchyard::config::config_from_gguf(&file).unwrap();
@@ -337,9 +359,10 @@ fn gguf_config_matches_config_json() {
         }
         from_gguf.eos_token_ids = from_json.eos_token_ids.clone();
         // DeepSeek's YaRN: `deepseek2` files hold `0.1 * mscale_all_dim` as f32,
-        // and no `mscale`, which llama.cpp takes equal to it.
-        if let (Some(g), Some(j)) = (&mut from_gguf.attention.yarn, from_json.attention.yarn) {
-            let all = j.mscale_all_dim.unwrap();
+        // and no `mscale`, which llama.cpp takes equal to it (gpt-oss has neither).
+        if let (Some(g), Some(j)) = (&mut from_gguf.attention.yarn, from_json.attention.yarn)
+            && let Some(all) = j.mscale_all_dim
+        {
             assert!(
                 (g.mscale_all_dim.unwrap() / all - 1.0).abs() < 1e-6,
                 "{name}"
@@ -392,7 +415,7 @@ fn requantize(src: &Path, dtype: GgmlDType, out: &Path) {
                 || name.ends_with("ffn_gate_inp.weight")
                 || !info.shape[info.shape.len() - 1].is_multiple_of(dtype.block_size());
             let q = if keep {
-                QTensor::quantize(&t, info.dtype).unwrap()
+                QTensor::quantize(&t, info.dtype.ggml().unwrap()).unwrap()
             } else {
                 QTensor::quantize(&t, dtype).unwrap()
             };
@@ -576,7 +599,7 @@ fn quantized_deepseek_ggufs_run_on_our_kernels() {
         let stored = GgufFile::open(&path).unwrap();
         assert_eq!(
             stored.tensor_info("blk.1.attn_v_b.weight").unwrap().dtype,
-            GgmlDType::Q8_0
+            GgmlDType::Q8_0.into()
         );
         let native = Model::load(&path, &LoadOptions::default()).unwrap();
         let (cfg, src) = switchyard::config::open_gguf(&path).unwrap();
@@ -1051,11 +1074,14 @@ fn per_expert_gguf_tensors_load_like_merged_ones() {
                         &Device::Cpu,
                     )
                     .unwrap();
-                    let q = QTensor::quantize(&one, info.dtype).unwrap();
+                    let q = QTensor::quantize(&one, info.dtype.ggml().unwrap()).unwrap();
                     tensors.push((format!("{base}.{e}.weight"), q));
                 }
             }
-            None => tensors.push((name.to_string(), QTensor::quantize(&t, info.dtype).unwrap())),
+            None => tensors.push((
+                name.to_string(),
+                QTensor::quantize(&t, info.dtype.ggml().unwrap()).unwrap(),
+            )),
         }
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -1120,6 +1146,7 @@ fn gguf_logits_under_expert_eviction_are_bit_identical() {
         "deepseek_v2_lite",
         "deepseek_v2",
         "deepseek_v3",
+        "gpt_oss",
     ]
     .iter()
     .map(|&n| (gguf_fixture(&format!("{n}-f16.gguf")), n, None))
@@ -1129,11 +1156,13 @@ fn gguf_logits_under_expert_eviction_are_bit_identical() {
         requantize(&gguf_fixture("qwen3_moe-f16.gguf"), dtype, &path);
         cases.push((path, "qwen3_moe", None));
     }
-    cases.push((
-        gguf_fixture("qwen3_moe-f16.gguf"),
-        "qwen3_moe",
-        Some(QuantKind::Q8_0),
-    ));
+    for name in ["qwen3_moe", "gpt_oss"] {
+        cases.push((
+            gguf_fixture(&format!("{name}-f16.gguf")),
+            name,
+            Some(QuantKind::Q8_0),
+        ));
+    }
     for (path, golden_name, quant) in &cases {
         let resident = Model::load(
             path,

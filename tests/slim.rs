@@ -362,7 +362,7 @@ fn pruned_quantized_gguf_keeps_the_kept_experts_blocks_as_stored() {
                     candle_core::quantized::GgmlDType::Q8_0,
                 )
                 .unwrap();
-                (q.dtype(), Cow::Owned(q.data().unwrap().into_owned()))
+                (q.dtype().into(), Cow::Owned(q.data().unwrap().into_owned()))
             } else {
                 (info.dtype, file.bytes(name).unwrap())
             };
@@ -379,7 +379,7 @@ fn pruned_quantized_gguf_keeps_the_kept_experts_blocks_as_stored() {
     check_gguf_copy(&q8, &out, &plan);
     let pruned = GgufFile::open(&out).unwrap();
     let gate = pruned.tensor_info("blk.0.ffn_gate_exps.weight").unwrap();
-    assert_eq!(gate.dtype, candle_core::quantized::GgmlDType::Q8_0);
+    assert_eq!(gate.dtype, candle_core::quantized::GgmlDType::Q8_0.into());
 }
 
 /// llama.cpp's `deepseek2` files: their experts, router and V3's selection

@@ -271,7 +271,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         num_experts,
         top_k,
         expert_ffn,
-        expert_activation: Default::default(),
+        expert_activation: family.experts.activation.with_defaults(),
         router,
         shared_expert_ffn,
         sparse_layers,
@@ -290,9 +290,16 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         rotary_dim,
         rope_theta,
         qkv_bias: file.contains("blk.0.attn_q.bias"),
-        o_bias: false,
-        sinks: false,
-        layer_windows: Vec::new(),
+        o_bias: family.attention.output_bias && file.contains("blk.0.attn_output.bias"),
+        sinks: family.attention.sinks,
+        // llama.cpp slides the even layers of the families that alternate
+        // (`set_swa_pattern(2)`), as transformers' default `layer_types` does.
+        layer_windows: match m.usize_opt("attention.sliding_window")? {
+            Some(w) if family.attention.layer_types => (0..num_layers)
+                .map(|l| l.is_multiple_of(2).then_some(w))
+                .collect(),
+            _ => Vec::new(),
+        },
         qk_norm: family.attention.qk_norm,
         clip_qkv: m.f64_opt("attention.clamp_kqv")?,
         yarn: yarn(&m, keys, max_position_embeddings)?,
@@ -546,7 +553,7 @@ fn yarn(m: &Meta<'_>, keys: &GgufKeys, context_length: usize) -> Result<Option<Y
         original_max_position_embeddings: original,
         beta_fast: m.f64_opt("rope.scaling.yarn_beta_fast")?.unwrap_or(32.0),
         beta_slow: m.f64_opt("rope.scaling.yarn_beta_slow")?.unwrap_or(1.0),
-        truncate: true,
+        truncate: keys.yarn_truncate,
         attention_factor: m.f64_opt("rope.scaling.yarn_attn_factor")?,
         mscale,
         mscale_all_dim,

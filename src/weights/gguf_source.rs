@@ -11,11 +11,12 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 
 use super::TensorSource;
-use super::gguf::{GgufFile, GgufTensorInfo, decode, to_qtensor};
+use super::gguf::{GgufDType, GgufFile, GgufTensorInfo, decode, to_qtensor};
 use super::names::{GgufLocation, MoeNames};
 use super::source::{Reopened, load_stacked};
 use crate::error::{Error, Result};
 use crate::ops::Linear;
+use crate::ops::mxfp4::Mxfp4Matrix;
 
 /// Query/key head counts, for undoing the converter's rotary permutation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,12 @@ pub struct GgufSource {
     /// `Some` for files whose q/k rows are in llama.cpp's interleaved rotary
     /// order (architecture `llama`): `LlamaModel.permute` in `convert_hf_to_gguf.py`.
     permuted_qk: Option<QkHeads>,
+}
+
+/// Quantized row blocks stacked into one matrix.
+enum Stacked {
+    Ggml(QTensor),
+    Mxfp4(Mxfp4Matrix),
 }
 
 /// One tensor's encoded bytes, ready to decode.
@@ -92,21 +99,25 @@ impl GgufSource {
         let (bytes, stored_shape) = match loc.expert {
             None => (self.file.bytes(&loc.name)?, info.shape.clone()),
             Some(e) => {
-                let [n, rows, cols] = info.shape[..] else {
-                    return Err(self.bad(
-                        &loc.name,
-                        format!(
-                            "merged expert tensor has shape {:?}, expected 3 dimensions",
-                            info.shape
-                        ),
-                    ));
+                // Merged matrices `[n, rows, cols]`, merged biases `[n, width]`.
+                let (n, inner) = match info.shape.split_first() {
+                    Some((&n, inner)) if matches!(inner.len(), 1 | 2) => (n, inner.to_vec()),
+                    _ => {
+                        return Err(self.bad(
+                            &loc.name,
+                            format!(
+                                "merged expert tensor has shape {:?}, expected 2 or 3 dimensions",
+                                info.shape
+                            ),
+                        ));
+                    }
                 };
                 if e >= n {
                     return Err(
                         self.bad(&loc.name, format!("has {n} experts, expert {e} requested"))
                     );
                 }
-                (self.file.part_bytes(&loc.name, e, n)?, vec![rows, cols])
+                (self.file.part_bytes(&loc.name, e, n)?, inner)
             }
         };
         let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
@@ -225,12 +236,7 @@ impl GgufSource {
         self.check_kv_b(hf, halves, shape)?;
         let [k, v] = halves.each_ref().map(|name| -> Result<Tensor> {
             let info = self.file.require(name)?;
-            Ok(decode(
-                &self.file.bytes(name)?,
-                info.dtype,
-                &info.shape,
-                DType::F32,
-            )?)
+            decode(&self.file.bytes(name)?, info.dtype, &info.shape, DType::F32)
         });
         let k = k?.transpose(1, 2)?; // [heads, nope, rank]
         Ok(Tensor::cat(&[k, v?], 1)?
@@ -245,9 +251,10 @@ impl GgufSource {
         }
     }
 
-    /// Row blocks of one quantized GGML type stacked into one `QTensor`, or `None`
-    /// when a part is a float type or the parts' types differ.
-    fn stacked_quantized(&self, parts: &[(&str, usize)], cols: usize) -> Result<Option<QTensor>> {
+    /// Row blocks of one quantized GGML type stacked into one `QTensor` (MXFP4:
+    /// one [`Mxfp4Matrix`] for our kernels), or `None` when a part is a float
+    /// type or the parts' types differ.
+    fn stacked_quantized(&self, parts: &[(&str, usize)], cols: usize) -> Result<Option<Stacked>> {
         if parts
             .iter()
             .any(|&(name, _)| self.split_kv_b(name).is_some())
@@ -261,23 +268,28 @@ impl GgufSource {
         let Some(dtype) = pieces.first().map(|p| p.info.dtype) else {
             return Ok(None);
         };
-        if matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
-            || pieces.iter().any(|p| p.info.dtype != dtype)
+        if matches!(
+            dtype.ggml(),
+            Some(GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+        ) || pieces.iter().any(|p| p.info.dtype != dtype)
         {
             return Ok(None);
         }
         let rows: usize = parts.iter().map(|&(_, r)| r).sum();
         // Rows are whole blocks, so stacking rows is concatenating bytes.
-        let q = if let [one] = &pieces[..] {
-            to_qtensor(&one.bytes, dtype, &[rows, cols])?
+        let bytes: Cow<'_, [u8]> = if let [one] = &pieces[..] {
+            Cow::Borrowed(&one.bytes)
         } else {
             let mut bytes = Vec::with_capacity(pieces.iter().map(|p| p.bytes.len()).sum());
             for p in &pieces {
                 bytes.extend_from_slice(&p.bytes);
             }
-            to_qtensor(&bytes, dtype, &[rows, cols])?
+            Cow::Owned(bytes)
         };
-        Ok(Some(q))
+        Ok(Some(match dtype {
+            GgufDType::Mxfp4 => Stacked::Mxfp4(Mxfp4Matrix::from_ggml(&bytes, rows, cols)?),
+            GgufDType::Ggml(d) => Stacked::Ggml(to_qtensor(&bytes, d, &[rows, cols])?),
+        }))
     }
 }
 
@@ -287,7 +299,7 @@ impl TensorSource for GgufSource {
             return self.joined_kv_b(name, &halves, shape, dtype);
         }
         let p = self.piece(name, shape)?;
-        Ok(decode(&p.bytes, p.info.dtype, &p.shape, dtype)?)
+        decode(&p.bytes, p.info.dtype, &p.shape, dtype)
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -325,7 +337,8 @@ impl TensorSource for GgufSource {
         bias: Option<Tensor>,
     ) -> Result<Linear> {
         match self.stacked_quantized(parts, cols)? {
-            Some(q) => Linear::from_qtensor(q, bias),
+            Some(Stacked::Ggml(q)) => Linear::from_qtensor(q, bias),
+            Some(Stacked::Mxfp4(m)) => Ok(Linear::from_mxfp4(m, bias)),
             None => Ok(Linear::new(load_stacked(self, parts, cols, dtype)?, bias)),
         }
     }

@@ -11,7 +11,7 @@ mod source;
 
 pub use self::safetensors::{SafetensorsFiles, StoredDtype, TensorMeta};
 pub use backing::{ReadStats, ReadTotals};
-pub use gguf::{GgufFile, GgufTensorInfo, GgufTensorOut, GgufValue};
+pub use gguf::{GgufDType, GgufFile, GgufTensorInfo, GgufTensorOut, GgufValue};
 pub use gguf_source::{GgufSource, QkHeads};
 pub use names::{MoeNames, NamePair, SharedExpertNames};
 pub use source::{MatrixLayout, Reopened, TensorSource, deinterleave, mxfp4_blocks_per_row};

@@ -15,7 +15,6 @@ const GLOBAL_NAMES: &[(&str, &str)] = &[
 /// for the blocks every family shares.
 const LAYER_NAMES: &[(&str, &str)] = &[
     ("input_layernorm.weight", "attn_norm.weight"),
-    ("post_attention_layernorm.weight", "ffn_norm.weight"),
     ("self_attn.q_proj.weight", "attn_q.weight"),
     ("self_attn.k_proj.weight", "attn_k.weight"),
     ("self_attn.v_proj.weight", "attn_v.weight"),
@@ -23,6 +22,8 @@ const LAYER_NAMES: &[(&str, &str)] = &[
     ("self_attn.k_proj.bias", "attn_k.bias"),
     ("self_attn.v_proj.bias", "attn_v.bias"),
     ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("self_attn.o_proj.bias", "attn_output.bias"),
+    ("self_attn.sinks", "attn_sinks.weight"),
     ("self_attn.q_norm.weight", "attn_q_norm.weight"),
     ("self_attn.k_norm.weight", "attn_k_norm.weight"),
     // Multi-head latent attention (DeepSeek). llama.cpp's converter splits
@@ -62,6 +63,9 @@ pub struct MoeNames {
     pub fused: [&'static str; 2],
     /// The always-on shared expert, for families that have one.
     pub shared_expert: Option<SharedExpertNames>,
+    /// GGUF name of `post_attention_layernorm` under `blk.{l}.` (without
+    /// `.weight`): `ffn_norm`, or gpt-oss's `post_attention_norm`.
+    pub post_attention_norm: &'static str,
     /// `[n_experts]`, added to the scores only to choose experts
     /// (DeepSeek-V3's `gate.e_score_correction_bias`, stored with its own
     /// suffix, here part of the name; ERNIE's `moe_statics` one is `[1,
@@ -109,6 +113,9 @@ impl MoeNames {
         if let Some(&(_, g)) = LAYER_NAMES.iter().find(|(h, _)| *h == rest) {
             return Some(in_layer(g));
         }
+        if rest == "post_attention_layernorm.weight" {
+            return Some(in_layer(&format!("{}.weight", self.post_attention_norm)));
+        }
         let local = self
             .modules
             .iter()
@@ -117,18 +124,26 @@ impl MoeNames {
         if let Some((_, g)) = self.selection_bias.filter(|b| b.0 == local) {
             return Some(in_layer(g));
         }
-        let local = local.strip_suffix(".weight")?;
+        // Routers and routed experts may carry biases (gpt-oss), stored beside
+        // their weights under the same GGUF name.
+        let (local, kind) = match local.strip_suffix(".bias") {
+            Some(l) => (l, "bias"),
+            None => (local.strip_suffix(".weight")?, "weight"),
+        };
         if let Some(expert_rest) = local.strip_prefix("experts.") {
             let (expert, suffix) = expert_rest.split_once('.')?;
             let expert: usize = expert.parse().ok()?;
             let &(_, g) = self.experts.iter().find(|(h, _)| *h == suffix)?;
             return Some(GgufLocation {
-                name: format!("blk.{layer}.{g}.weight"),
+                name: format!("blk.{layer}.{g}.{kind}"),
                 expert: Some(expert),
             });
         }
         if local == self.router.0 {
-            return Some(in_layer(&format!("{}.weight", self.router.1)));
+            return Some(in_layer(&format!("{}.{kind}", self.router.1)));
+        }
+        if kind == "bias" {
+            return None;
         }
         let shared = self.shared_expert?;
         if let Some(gate) = shared.gate.filter(|g| g.0 == local) {
@@ -162,6 +177,7 @@ mod tests {
             ],
             gate: Some(("shared_expert_gate", "ffn_gate_inp_shexp")),
         }),
+        post_attention_norm: "ffn_norm",
         selection_bias: None,
         selection_bias_is_parameter: false,
     };

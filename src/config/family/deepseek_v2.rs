@@ -74,6 +74,7 @@ pub(super) const DEEPSEEK_GGUF: GgufKeys = GgufKeys {
     permuted_qk: false,
     variant: None,
     yarn_log_mul_tenth: true,
+    yarn_truncate: true,
 };
 
 /// DeepSeek's MoE tensors; the GGUF side is llama.cpp's `deepseek2` naming.

@@ -8,7 +8,7 @@
 
 use super::qwen3_moe::QWEN_NAMES;
 use super::{
-    AttentionKind, ExpertKind, Family, Flag, GluKind, HfKeys, NUM_EXPERTS, NormPlacement,
+    AttentionKind, ExpertKind, Family, Flag, GgufKeys, GluKind, HfKeys, NUM_EXPERTS, NormPlacement,
     RouterKeys, SparseLayers, TOP_K,
 };
 use crate::config::{QkNorm, RouterSpec, ScoreFn};
@@ -36,9 +36,21 @@ pub static GPT_OSS: Family = Family {
         unsupported_switches: &[],
         export: None,
     },
-    gguf: None,
+    // llama.cpp's `gpt-oss`: MXFP4 experts split into gate and up, the
+    // post-attention norm named `post_attention_norm`, even layers sliding.
+    gguf: Some(GgufKeys {
+        arch: "gpt-oss",
+        expert_ffn: &["expert_feed_forward_length"],
+        dense_ffn: None,
+        norm_topk_prob: false,
+        permuted_qk: false,
+        variant: None,
+        yarn_log_mul_tenth: false,
+        yarn_truncate: false,
+    }),
     names: MoeNames {
         router: ("router", "ffn_gate_inp"),
+        post_attention_norm: "post_attention_norm",
         ..QWEN_NAMES
     },
     attention: AttentionKind {

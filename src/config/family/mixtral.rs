@@ -41,6 +41,7 @@ pub static MIXTRAL: Family = Family {
         permuted_qk: true,
         variant: None,
         yarn_log_mul_tenth: false,
+        yarn_truncate: true,
     }),
     names: MoeNames {
         modules: &["block_sparse_moe", "mlp"],

@@ -244,6 +244,9 @@ pub struct GgufKeys {
     /// The converter permuted q/k rows into llama.cpp's interleaved rotary
     /// order (`LlamaModel.permute`); loading undoes it.
     pub permuted_qk: bool,
+    /// The checkpoint's YaRN `truncate` (the file does not record it; gpt-oss
+    /// ships `false`), for files with `rope.scaling.type` `yarn`.
+    pub yarn_truncate: bool,
     /// `Some` where several families share `arch`: which of its files are this one's.
     pub variant: Option<GgufVariant>,
     /// `{arch}.rope.scaling.yarn_log_multiplier` holds `0.1 * mscale_all_dim`
@@ -353,6 +356,20 @@ pub enum GluKind {
         alpha: (Keys, f32),
         limit: (Keys, f32),
     },
+}
+
+impl GluKind {
+    /// The activation with the defaults (what llama.cpp hard-codes, as GGUF
+    /// files do not record them).
+    pub fn with_defaults(self) -> crate::ops::GluActivation {
+        match self {
+            GluKind::SiLU => crate::ops::GluActivation::SiLU,
+            GluKind::Clamped { alpha, limit } => crate::ops::GluActivation::Clamped {
+                alpha: alpha.1,
+                limit: limit.1,
+            },
+        }
+    }
 }
 
 /// Where the decoder layer's RMS-norms sit.

@@ -39,6 +39,7 @@ pub static OLMOE: Family = Family {
         permuted_qk: false,
         variant: None,
         yarn_log_mul_tenth: false,
+        yarn_truncate: true,
     }),
     names: QWEN_NAMES,
     attention: AttentionKind::grouped(QkNorm::Full),

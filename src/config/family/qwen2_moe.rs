@@ -44,6 +44,7 @@ pub static QWEN2_MOE: Family = Family {
         permuted_qk: false,
         variant: None,
         yarn_log_mul_tenth: false,
+        yarn_truncate: true,
     }),
     names: MoeNames {
         shared_expert: Some(SharedExpertNames {

@@ -41,6 +41,7 @@ pub static QWEN3_MOE: Family = Family {
         permuted_qk: false,
         variant: None,
         yarn_log_mul_tenth: false,
+        yarn_truncate: true,
     }),
     names: QWEN_NAMES,
     attention: AttentionKind::grouped(QkNorm::PerHead),
@@ -60,6 +61,7 @@ pub(super) const QWEN_NAMES: MoeNames = MoeNames {
     ],
     fused: ["gate_up_proj", "down_proj"],
     shared_expert: None,
+    post_attention_norm: "ffn_norm",
     selection_bias: None,
     selection_bias_is_parameter: false,
 };

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use super::backing::{Backing, ReadStats};
 use crate::error::{Error, Result};
+use crate::ops::mxfp4::Mxfp4Matrix;
 use candle_core::quantized::{GgmlDType, QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{DType, Device, Tensor};
 pub use write::GgufTensorOut;
@@ -108,10 +109,50 @@ impl GgufValue {
     }
 }
 
+/// How a GGUF tensor is encoded: a GGML type candle knows, or MXFP4 (GGML
+/// type 39, gpt-oss's experts: 17 bytes per 32 values, the E8M0 exponent
+/// first), which only our kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufDType {
+    Ggml(GgmlDType),
+    Mxfp4,
+}
+
+impl GgufDType {
+    pub fn block_size(self) -> usize {
+        match self {
+            GgufDType::Ggml(d) => d.block_size(),
+            GgufDType::Mxfp4 => 32,
+        }
+    }
+
+    /// Bytes of one block.
+    pub fn type_size(self) -> usize {
+        match self {
+            GgufDType::Ggml(d) => d.type_size(),
+            GgufDType::Mxfp4 => 17,
+        }
+    }
+
+    /// The candle type; `None` for MXFP4.
+    pub fn ggml(self) -> Option<GgmlDType> {
+        match self {
+            GgufDType::Ggml(d) => Some(d),
+            GgufDType::Mxfp4 => None,
+        }
+    }
+}
+
+impl From<GgmlDType> for GgufDType {
+    fn from(d: GgmlDType) -> Self {
+        GgufDType::Ggml(d)
+    }
+}
+
 /// Where one tensor lives in the file and how it is encoded.
 #[derive(Debug, Clone)]
 pub struct GgufTensorInfo {
-    pub dtype: GgmlDType,
+    pub dtype: GgufDType,
     /// Outermost dimension first, as PyTorch writes shapes (GGUF stores them
     /// innermost first; this is already reversed).
     pub shape: Vec<usize>,
@@ -302,7 +343,7 @@ impl GgufFile {
     /// A GGUF-named tensor decoded to `dtype` (quantized types through f32).
     pub fn load(&self, name: &str, dtype: DType) -> Result<Tensor> {
         let info = self.require(name)?;
-        Ok(decode(&self.bytes(name)?, info.dtype, &info.shape, dtype)?)
+        decode(&self.bytes(name)?, info.dtype, &info.shape, dtype)
     }
 }
 
@@ -310,17 +351,26 @@ impl GgufFile {
 /// (quantized types are dequantized through f32).
 pub(crate) fn decode(
     bytes: &[u8],
-    dtype: GgmlDType,
+    dtype: GgufDType,
     shape: &[usize],
     dtype_out: DType,
-) -> candle_core::Result<Tensor> {
+) -> Result<Tensor> {
+    let dtype = match dtype {
+        GgufDType::Ggml(d) => d,
+        GgufDType::Mxfp4 => {
+            let numel: usize = shape.iter().product();
+            let cols = shape.last().copied().unwrap_or(1);
+            let m = Mxfp4Matrix::from_ggml(bytes, numel / cols.max(1), cols)?;
+            return Ok(Tensor::from_vec(m.dequantize(), shape, &Device::Cpu)?.to_dtype(dtype_out)?);
+        }
+    };
     let t = match dtype {
         GgmlDType::F32 => Tensor::from_raw_buffer(bytes, DType::F32, shape, &Device::Cpu)?,
         GgmlDType::F16 => Tensor::from_raw_buffer(bytes, DType::F16, shape, &Device::Cpu)?,
         GgmlDType::BF16 => Tensor::from_raw_buffer(bytes, DType::BF16, shape, &Device::Cpu)?,
         _ => to_qtensor(bytes, dtype, shape)?.dequantize(&Device::Cpu)?,
     };
-    t.to_dtype(dtype_out)
+    Ok(t.to_dtype(dtype_out)?)
 }
 
 /// Wraps GGML-encoded bytes holding exactly `shape` elements as a candle

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use candle_core::quantized::GgmlDType;
 
-use super::{GgufTensorInfo, GgufValue, MAGIC};
+use super::{GgufDType, GgufTensorInfo, GgufValue, MAGIC};
 
 const DEFAULT_ALIGNMENT: usize = 32;
 /// GGML_MAX_DIMS.
@@ -15,8 +15,8 @@ const MAX_DIMS: usize = 4;
 const MAX_ARRAY_DEPTH: usize = 4;
 
 /// The GGML types Switchyard decodes, by their number in `ggml.h`.
-fn ggml_dtype(code: u32) -> std::result::Result<GgmlDType, String> {
-    Ok(match code {
+fn ggml_dtype(code: u32) -> std::result::Result<GgufDType, String> {
+    Ok(GgufDType::Ggml(match code {
         0 => GgmlDType::F32,
         1 => GgmlDType::F16,
         2 => GgmlDType::Q4_0,
@@ -30,6 +30,7 @@ fn ggml_dtype(code: u32) -> std::result::Result<GgmlDType, String> {
         13 => GgmlDType::Q5K,
         14 => GgmlDType::Q6K,
         30 => GgmlDType::BF16,
+        39 => return Ok(GgufDType::Mxfp4),
         other => {
             let name = match other {
                 9 => "Q8_1",
@@ -41,18 +42,20 @@ fn ggml_dtype(code: u32) -> std::result::Result<GgmlDType, String> {
                 27 => "I64",
                 28 => "F64",
                 34 | 35 => "a ternary type",
-                39 => "MXFP4",
                 _ => "unknown",
             };
             return Err(format!(
                 "GGML type {other} ({name}) is not supported \
-                 (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K)"
+                 (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, MXFP4)"
             ));
         }
-    })
+    }))
 }
 /// A GGML type's number in `ggml.h`, the inverse of [`ggml_dtype`].
-pub(super) fn ggml_code(dtype: GgmlDType) -> u32 {
+pub(super) fn ggml_code(dtype: GgufDType) -> u32 {
+    let GgufDType::Ggml(dtype) = dtype else {
+        return 39;
+    };
     match dtype {
         GgmlDType::F32 => 0,
         GgmlDType::F16 => 1,
@@ -245,7 +248,7 @@ pub(super) fn parse(data: &[u8]) -> Parse<Parsed> {
 
     struct Raw {
         name: String,
-        dtype: GgmlDType,
+        dtype: GgufDType,
         shape: Vec<usize>,
         offset: u64,
     }

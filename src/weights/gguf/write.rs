@@ -9,17 +9,15 @@ use std::borrow::Cow;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use candle_core::quantized::GgmlDType;
-
 use super::parse::ggml_code;
-use super::{GgufFile, GgufValue, MAGIC};
+use super::{GgufDType, GgufFile, GgufValue, MAGIC};
 use crate::error::{Error, Result};
 
 /// One tensor of the file being written.
 #[derive(Debug, Clone)]
 pub struct GgufTensorOut<'a> {
     pub name: String,
-    pub dtype: GgmlDType,
+    pub dtype: GgufDType,
     /// Outermost dimension first (as [`GgufTensorInfo::shape`](super::GgufTensorInfo)).
     pub shape: Vec<usize>,
     /// The encoded bytes, concatenated from these pieces (slices of a mapped
@@ -113,7 +111,7 @@ impl GgufFile {
 }
 
 /// Bytes a `dtype` tensor of `shape` takes (whole blocks along the innermost dimension).
-fn encoded_size(dtype: GgmlDType, shape: &[usize]) -> Option<usize> {
+fn encoded_size(dtype: GgufDType, shape: &[usize]) -> Option<usize> {
     let numel = shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
@@ -191,6 +189,8 @@ fn put_value(buf: &mut Vec<u8>, value: &GgufValue) -> std::result::Result<(), St
 
 #[cfg(test)]
 mod tests {
+    use candle_core::quantized::GgmlDType;
+
     use super::*;
 
     /// A file written from scratch reads back with the same metadata and tensors.
@@ -216,13 +216,13 @@ mod tests {
         let tensors = [
             GgufTensorOut {
                 name: "a".into(),
-                dtype: GgmlDType::F32,
+                dtype: GgmlDType::F32.into(),
                 shape: vec![3],
                 data: vec![Cow::Owned(vec![1u8; 12])],
             },
             GgufTensorOut {
                 name: "b".into(),
-                dtype: GgmlDType::Q8_0,
+                dtype: GgmlDType::Q8_0.into(),
                 shape: vec![2, 32],
                 data: vec![Cow::Borrowed(&q8[..34]), Cow::Borrowed(&q8[34..])],
             },
