@@ -330,6 +330,20 @@ fn gpt_oss_gguf_from_llama_cpp_matches_transformers() {
     );
 }
 
+/// llama.cpp's own converter (`tools/llama_cpp_gguf.py`) on the bf16 ERNIE
+/// fixture: its `exp_probs_b` selection bias, shared expert, dense layers and
+/// q/k rows as stored, rotated in adjacent pairs.
+#[test]
+fn ernie4_5_moe_f16_gguf_matches_transformers() {
+    check_against_golden(
+        "ernie4_5_moe",
+        "ernie4_5_moe-f16.gguf",
+        F16_MAX_ABS,
+        F16_MAX_REL_RMS,
+        true,
+    );
+}
+
 #[test]
 fn gguf_config_matches_config_json() {
     for name in [
@@ -341,6 +355,7 @@ fn gguf_config_matches_config_json() {
         "deepseek_v2",
         "deepseek_v3",
         "gpt_oss",
+        "ernie4_5_moe",
     ] {
         let file = GgufFile::open(&gguf_fixture(&format!("{name}-f16.gguf"))).unwrap();
         let mut from_gguf = switchyard::config::config_from_gguf(&file).unwrap();
@@ -1147,14 +1162,17 @@ fn gguf_logits_under_expert_eviction_are_bit_identical() {
         "deepseek_v2",
         "deepseek_v3",
         "gpt_oss",
+        "ernie4_5_moe",
     ]
     .iter()
     .map(|&n| (gguf_fixture(&format!("{n}-f16.gguf")), n, None))
     .collect();
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
-        let path = tmp.path().join(format!("{dtype:?}.gguf"));
-        requantize(&gguf_fixture("qwen3_moe-f16.gguf"), dtype, &path);
-        cases.push((path, "qwen3_moe", None));
+    for name in ["qwen3_moe", "ernie4_5_moe"] {
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+            let path = tmp.path().join(format!("{name}-{dtype:?}.gguf"));
+            requantize(&gguf_fixture(&format!("{name}-f16.gguf")), dtype, &path);
+            cases.push((path, name, None));
+        }
     }
     for name in ["qwen3_moe", "gpt_oss"] {
         cases.push((

@@ -303,7 +303,9 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         qk_norm: family.attention.qk_norm,
         clip_qkv: m.f64_opt("attention.clamp_kqv")?,
         yarn: yarn(&m, keys, max_position_embeddings)?,
-        // The file does not say; llama.cpp fixes the rotary layout per architecture.
+        // The file does not say; llama.cpp fixes the rotary layout per
+        // architecture, and loading leaves q/k rows in Hugging Face's order
+        // (undoing llama's permutation), so ERNIE still rotates adjacent pairs.
         rope_interleaved: family.attention.rope_interleave.default,
         mla,
     };

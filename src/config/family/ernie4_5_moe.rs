@@ -4,11 +4,13 @@
 //! `moe_statics` selection bias shifts, always renormalised with the
 //! denominator clamped at `moe_norm_min`; `moe_num_shared_experts` ungated
 //! shared experts; rotary dimensions in adjacent pairs.
-//! Upstream: transformers `configuration_ernie4_5_moe.py` / `modeling_ernie4_5_moe.py`.
+//! Upstream: transformers `configuration_ernie4_5_moe.py` / `modeling_ernie4_5_moe.py`;
+//! llama.cpp `LLM_ARCH_ERNIE4_5_MOE`.
 
 use super::deepseek_v2::DEEPSEEK_NAMES;
 use super::{
-    AttentionKind, ExpertKind, Family, Flag, HfKeys, NormPlacement, RouterKeys, SparseLayers,
+    AttentionKind, ExpertKind, Family, Flag, GgufKeys, HfKeys, NormPlacement, RouterKeys,
+    SparseLayers,
 };
 use crate::config::{QkNorm, RouterSpec};
 use crate::weights::MoeNames;
@@ -45,7 +47,17 @@ pub static ERNIE4_5_MOE: Family = Family {
         unsupported_switches: &["use_bias"],
         export: None,
     },
-    gguf: None,
+    gguf: Some(GgufKeys {
+        arch: "ernie4_5-moe",
+        expert_ffn: &["expert_feed_forward_length"],
+        dense_ffn: Some("feed_forward_length"),
+        norm_topk_prob: true,
+        // llama.cpp rotates ERNIE's adjacent pairs as stored.
+        permuted_qk: false,
+        variant: None,
+        yarn_log_mul_tenth: false,
+        yarn_truncate: true,
+    }),
     names: MoeNames {
         selection_bias: Some(("moe_statics.e_score_correction_bias", "exp_probs_b.bias")),
         selection_bias_is_parameter: true,
