@@ -6,7 +6,9 @@
 //! in its [`Family`] file.
 
 use super::family::{FAMILIES, Family, GgufKeys, GgufVariant};
-use super::{AttentionConfig, GroupLimit, MlaDims, ModelConfig, MoeConfig, RouterSpec, ScoreFn};
+use super::{
+    AttentionConfig, GroupLimit, MlaDims, ModelConfig, MoeConfig, QkNorm, RouterSpec, ScoreFn,
+};
 use crate::error::{Error, Result};
 use crate::ops::Yarn;
 use crate::weights::{GgufFile, GgufSource, GgufValue, QkHeads, StoredDtype};
@@ -144,15 +146,25 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     let bad = |reason: String| Error::config(path, reason);
 
     let hidden_size = m.usize("embedding_length")?;
-    let num_layers = m.usize("block_count")?;
+    let block_count = m.usize("block_count")?;
     // Sanity bounds, so that a corrupt count fails here rather than in an
     // endless loop or an impossible allocation.
     let n_tensors = file.tensor_names().count();
-    if num_layers == 0 || num_layers > n_tensors {
+    if block_count == 0 || block_count > n_tensors {
         return Err(bad(format!(
-            "{arch_name}.block_count is {num_layers}, but the file has {n_tensors} tensors"
+            "{arch_name}.block_count is {block_count}, but the file has {n_tensors} tensors"
         )));
     }
+    // llama.cpp counts the multi-token-prediction blocks (GLM's
+    // `num_nextn_predict_layers`, stored after the others) in `block_count`;
+    // they only draft tokens, so the model runs without them.
+    let nextn = m.usize_opt("nextn_predict_layers")?.unwrap_or(0);
+    if nextn >= block_count {
+        return Err(bad(format!(
+            "{arch_name}.nextn_predict_layers ({nextn}) leaves none of the {block_count} blocks of {arch_name}.block_count"
+        )));
+    }
+    let num_layers = block_count - nextn;
     let num_heads = m.usize("attention.head_count")?;
     let num_kv_heads = m.usize_opt("attention.head_count_kv")?.unwrap_or(num_heads);
     if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
@@ -300,7 +312,12 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
                 .collect(),
             _ => Vec::new(),
         },
-        qk_norm: family.attention.qk_norm,
+        // The file has the norms where the checkpoint's switch (GLM's
+        // `use_qk_norm`) turned them on.
+        qk_norm: match family.attention.qk_norm_switch {
+            Some(_) if !file.contains("blk.0.attn_q_norm.weight") => QkNorm::None,
+            _ => family.attention.qk_norm,
+        },
         clip_qkv: m.f64_opt("attention.clamp_kqv")?,
         yarn: yarn(&m, keys, max_position_embeddings)?,
         // The file does not say; llama.cpp fixes the rotary layout per

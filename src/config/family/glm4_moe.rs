@@ -4,10 +4,11 @@
 //! first `first_k_dense_replace` layers dense) under grouped-query attention
 //! with q/k/v biases, per-head q/k norms when `use_qk_norm`, and rotary on the
 //! first `partial_rotary_factor` of each head in halves.
-//! Upstream: transformers `configuration_glm4_moe.py` / `modeling_glm4_moe.py`.
+//! Upstream: transformers `configuration_glm4_moe.py` / `modeling_glm4_moe.py`;
+//! llama.cpp `LLM_ARCH_GLM4_MOE`.
 
 use super::deepseek_v2::{DEEPSEEK_HF, DEEPSEEK_NAMES};
-use super::{AttentionKind, ExpertKind, Family, Flag, HfKeys, NormPlacement, RouterKeys};
+use super::{AttentionKind, ExpertKind, Family, Flag, GgufKeys, HfKeys, NormPlacement, RouterKeys};
 use crate::config::{GroupLimit, GroupRank, QkNorm, RouterSpec, ScoreFn};
 use crate::weights::MoeNames;
 
@@ -28,11 +29,23 @@ pub static GLM4_MOE: Family = Family {
         },
         ..DEEPSEEK_HF
     },
-    // llama.cpp's `glm4moe` counts the multi-token-prediction layers in its
-    // block count; not read yet.
-    gguf: None,
+    // llama.cpp's `glm4moe`: rotary in halves (`LLAMA_ROPE_TYPE_NEOX`) with
+    // q/k rows as transformers has them; the file's q/k norms stand for
+    // `use_qk_norm`, its `nextn_predict_layers` are left out of the layers run.
+    gguf: Some(GgufKeys {
+        arch: "glm4moe",
+        expert_ffn: &["expert_feed_forward_length"],
+        dense_ffn: Some("feed_forward_length"),
+        norm_topk_prob: true,
+        permuted_qk: false,
+        variant: None,
+        yarn_log_mul_tenth: false,
+        // transformers' default where `rope_parameters` has no `truncate`.
+        yarn_truncate: true,
+    }),
     names: MoeNames {
         selection_bias: Some(("gate.e_score_correction_bias", "exp_probs_b.bias")),
+        post_attention_norm: "post_attention_norm",
         ..DEEPSEEK_NAMES
     },
     attention: AttentionKind {
