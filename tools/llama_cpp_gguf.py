@@ -7,8 +7,9 @@ Only the vocabulary step is adapted, because the test fixtures' tokenizer is a t
 no released model uses: the converter identifies a BPE pre-tokenizer by hashing its output against the
 known models (it raises on an unknown hash), so it is told `gpt-2` (the fixtures' pre-tokenizer is GPT-2's
 byte-level regex); and ERNIE's converter reads a SentencePiece `tokenizer.model`, which the fixtures do
-not have, so it takes the BPE vocabulary the way the converter does for every `gpt2`-type model. Tensors,
-their names, types and layouts, and all other metadata are the converter's.
+not have, and GLM-4 MoE's looks up GLM's special tokens (`[gMASK]`, `<|user|>`, ...), which the fixtures'
+tokenizer does not have, so both take the BPE vocabulary the way the converter does for every `gpt2`-type
+model. Tensors, their names, types and layouts, and all other metadata are the converter's.
 
 Usage (llama.cpp's source tree, e.g. from tools/build_llama_cpp.sh, and a venv with torch, transformers
 and its gguf-py; see tools/requirements.txt):
@@ -33,6 +34,7 @@ FIXTURES = [
     ("deepseek_v2_lite", "deepseek_v2_lite-f16.gguf"),
     ("deepseek_v2", "deepseek_v2-f16.gguf"),
     ("deepseek_v3", "deepseek_v3-f16.gguf"),
+    ("glm4_moe", "glm4_moe-f16.gguf"),
 ]
 
 
@@ -40,10 +42,11 @@ def convert(llama_cpp: Path, model_dir: Path, out: Path, outtype: str) -> None:
     sys.path.insert(0, str(llama_cpp))
     sys.path.insert(1, str(llama_cpp / "gguf-py"))
     import convert_hf_to_gguf as upstream  # noqa: E402
-    from conversion import base, ernie  # noqa: E402
+    from conversion import base, ernie, glm  # noqa: E402
 
     base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
     ernie.Ernie4_5Model.set_vocab = lambda self: self._set_vocab_gpt2()
+    glm.Glm4MoeModel.set_vocab = lambda self: self._set_vocab_gpt2()
     tmp = out.with_name(out.name + ".tmp")
     sys.argv = ["convert_hf_to_gguf.py", str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
     upstream.main()
