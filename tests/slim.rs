@@ -382,11 +382,11 @@ fn pruned_quantized_gguf_keeps_the_kept_experts_blocks_as_stored() {
     assert_eq!(gate.dtype, candle_core::quantized::GgmlDType::Q8_0.into());
 }
 
-/// llama.cpp's `deepseek2` files: their experts, router and V3's selection
-/// bias (`exp_probs_b.bias`, one value per expert) cut to the kept experts,
-/// everything else (shared experts, `attn_k_b` / `attn_v_b`) copied, and the
-/// result loads and runs. V3 keeps three of each group of four, so its four
-/// expert groups stay groups. (Their logits are not the original's: V2's
+/// llama.cpp's `deepseek2` files and `glm4moe` (V3's router): their experts,
+/// router and selection bias (`exp_probs_b.bias`, one value per expert) cut to
+/// the kept experts, everything else (shared experts, `attn_k_b` / `attn_v_b`)
+/// copied, and the result loads and runs. V3 and GLM keep three of each group
+/// of four, so their four expert groups stay groups. (Their logits are not the original's: V2's
 /// softmax over all experts is not renormalised over the chosen, and V3 ranks
 /// groups by experts it may not choose.)
 #[test]
@@ -394,6 +394,7 @@ fn pruned_deepseek_ggufs_cut_the_selection_bias_with_the_experts() {
     for (file, n) in [
         ("deepseek_v2_lite-f16.gguf", 8),
         ("deepseek_v3-f16.gguf", 16),
+        ("glm4_moe-f16.gguf", 16),
     ] {
         let src = fixture("gguf").join(file);
         let kept: Vec<u32> = (0..n).filter(|e| e % 4 != 3).collect();
