@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 
 use crate::error::{Error, Result};
 
@@ -76,6 +76,29 @@ impl Backing {
             Backing::Mapped(map) => Some(map),
             Backing::Reads { .. } => None,
         }
+    }
+
+    /// Takes `bytes`, a slice this map lent, out of the process's resident
+    /// set (`madvise DONTNEED`) once the caller has converted them: a model
+    /// built from a map would otherwise hold every stored byte twice, mapped
+    /// and converted. The pages stay in the page cache, and a later touch of
+    /// the slice faults them back in from the file, so this is safe whatever
+    /// still borrows it. Owned (read) bytes have nothing to release.
+    pub(crate) fn release(&self, bytes: &[u8]) {
+        let Backing::Mapped(map) = self else {
+            return;
+        };
+        let base = map.as_ptr() as usize;
+        let start = bytes.as_ptr() as usize;
+        if bytes.is_empty() || start < base || start + bytes.len() > base + map.len() {
+            return;
+        }
+        // Advice only: a refusal costs memory, not correctness.
+        // SAFETY: the map is private and read-only, so DONTNEED drops no data;
+        // memmap2 rounds the range out to whole pages inside the map.
+        let _ = unsafe {
+            map.unchecked_advise_range(UncheckedAdvice::DontNeed, start - base, bytes.len())
+        };
     }
 
     /// Asks the kernel to drop the file's cached pages (`posix_fadvise

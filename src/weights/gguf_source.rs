@@ -286,10 +286,15 @@ impl GgufSource {
             }
             Cow::Owned(bytes)
         };
-        Ok(Some(match dtype {
+        let stacked = match dtype {
             GgufDType::Mxfp4 => Stacked::Mxfp4(Mxfp4Matrix::from_ggml(&bytes, rows, cols)?),
             GgufDType::Ggml(d) => Stacked::Ggml(to_qtensor(&bytes, d, &[rows, cols])?),
-        }))
+        };
+        drop(bytes);
+        for p in &pieces {
+            self.file.release(&p.bytes);
+        }
+        Ok(Some(stacked))
     }
 }
 
@@ -299,7 +304,9 @@ impl TensorSource for GgufSource {
             return self.joined_kv_b(name, &halves, shape, dtype);
         }
         let p = self.piece(name, shape)?;
-        decode(&p.bytes, p.info.dtype, &p.shape, dtype)
+        let t = decode(&p.bytes, p.info.dtype, &p.shape, dtype);
+        self.file.release(&p.bytes);
+        t
     }
 
     fn contains(&self, name: &str) -> bool {

@@ -331,6 +331,12 @@ impl GgufFile {
         self.backing.range(&self.path, info.start, info.end)
     }
 
+    /// Drops `bytes`, lent by [`Self::bytes`] or [`Self::part_bytes`], from the
+    /// resident set once they are converted (see `Backing::release`).
+    pub fn release(&self, bytes: &[u8]) {
+        self.backing.release(bytes);
+    }
+
     /// Part `index` of `parts` equal parts of a tensor's bytes (one expert of
     /// a merged `ffn_*_exps` tensor), reading only that part.
     pub fn part_bytes(&self, name: &str, index: usize, parts: usize) -> Result<Cow<'_, [u8]>> {
