@@ -106,6 +106,20 @@ fn check_against_golden(name: &str, file: &str, max_abs: f32, max_rel_rms: f32, 
 const F16_MAX_ABS: f32 = 2.5e-2;
 const F16_MAX_REL_RMS: f32 = 3e-3;
 
+/// The fixtures with an f16 GGUF under tests/fixtures/gguf/ (`{name}-f16.gguf`).
+const GGUF_FIXTURES: [&str; 10] = [
+    "qwen3_moe",
+    "mixtral",
+    "qwen2_moe",
+    "olmoe",
+    "deepseek_v2_lite",
+    "deepseek_v2",
+    "deepseek_v3",
+    "gpt_oss",
+    "ernie4_5_moe",
+    "glm4_moe",
+];
+
 #[test]
 fn qwen3_moe_f16_gguf_matches_transformers() {
     check_against_golden(
@@ -415,18 +429,7 @@ fn ernie4_5_moe_f16_gguf_matches_transformers() {
 
 #[test]
 fn gguf_config_matches_config_json() {
-    for name in [
-        "qwen3_moe",
-        "mixtral",
-        "qwen2_moe",
-        "olmoe",
-        "deepseek_v2_lite",
-        "deepseek_v2",
-        "deepseek_v3",
-        "gpt_oss",
-        "ernie4_5_moe",
-        "glm4_moe",
-    ] {
+    for name in GGUF_FIXTURES {
         let file = GgufFile::open(&gguf_fixture(&format!("{name}-f16.gguf"))).unwrap();
         let mut from_gguf = switchyard::config::config_from_gguf(&file).unwrap();
         let from_json = switchyard::config::load_model_config(&fixture(name)).unwrap();
@@ -1235,21 +1238,10 @@ fn under_smallest_budget(path: &Path, quant: Option<QuantKind>, prefetch: Prefet
 fn gguf_logits_under_expert_eviction_are_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
     // (file, its golden records, --quant)
-    let mut cases: Vec<(PathBuf, &str, Option<QuantKind>)> = [
-        "qwen3_moe",
-        "mixtral",
-        "qwen2_moe",
-        "olmoe",
-        "deepseek_v2_lite",
-        "deepseek_v2",
-        "deepseek_v3",
-        "gpt_oss",
-        "ernie4_5_moe",
-        "glm4_moe",
-    ]
-    .iter()
-    .map(|&n| (gguf_fixture(&format!("{n}-f16.gguf")), n, None))
-    .collect();
+    let mut cases: Vec<(PathBuf, &str, Option<QuantKind>)> = GGUF_FIXTURES
+        .iter()
+        .map(|&n| (gguf_fixture(&format!("{n}-f16.gguf")), n, None))
+        .collect();
     for name in ["qwen3_moe", "ernie4_5_moe"] {
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
             let path = tmp.path().join(format!("{name}-{dtype:?}.gguf"));

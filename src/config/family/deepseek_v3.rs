@@ -47,17 +47,21 @@ pub static DEEPSEEK_V3: Family = Family {
         ..AttentionKind::grouped(QkNorm::None)
     },
     experts: ExpertKind::SWIGLU,
-    // `n_group`, `topk_group` and `routed_scaling_factor` complete it.
-    router: RouterSpec {
-        score: ScoreFn::Sigmoid,
-        norm_topk_prob: true,
-        norm_min: 0.0,
-        routed_scaling_factor: 1.0,
-        groups: Some(GroupLimit {
-            n_group: 1,
-            topk_group: 1,
-            rank: GroupRank::SumOfTopTwo,
-        }),
-    },
+    router: V3_ROUTER,
     norm: NormPlacement::Pre,
+};
+
+/// V3's router, which GLM-4 MoE took over: sigmoid scores ranked with the
+/// selection bias, `noaux_tc` groups, renormalised; `n_group`, `topk_group`
+/// and `routed_scaling_factor` complete it from the config.
+pub(super) const V3_ROUTER: RouterSpec = RouterSpec {
+    score: ScoreFn::Sigmoid,
+    norm_topk_prob: true,
+    norm_min: 0.0,
+    routed_scaling_factor: 1.0,
+    groups: Some(GroupLimit {
+        n_group: 1,
+        topk_group: 1,
+        rank: GroupRank::SumOfTopTwo,
+    }),
 };

@@ -8,8 +8,9 @@
 //! llama.cpp `LLM_ARCH_GLM4_MOE`.
 
 use super::deepseek_v2::{DEEPSEEK_HF, DEEPSEEK_NAMES};
+use super::deepseek_v3::V3_ROUTER;
 use super::{AttentionKind, ExpertKind, Family, Flag, GgufKeys, HfKeys, NormPlacement, RouterKeys};
-use crate::config::{GroupLimit, GroupRank, QkNorm, RouterSpec, ScoreFn};
+use crate::config::QkNorm;
 use crate::weights::MoeNames;
 
 pub static GLM4_MOE: Family = Family {
@@ -53,17 +54,6 @@ pub static GLM4_MOE: Family = Family {
         ..AttentionKind::grouped(QkNorm::PerHead)
     },
     experts: ExpertKind::SWIGLU,
-    // `n_group`, `topk_group` and `routed_scaling_factor` complete it.
-    router: RouterSpec {
-        score: ScoreFn::Sigmoid,
-        norm_topk_prob: true,
-        norm_min: 0.0,
-        routed_scaling_factor: 1.0,
-        groups: Some(GroupLimit {
-            n_group: 1,
-            topk_group: 1,
-            rank: GroupRank::SumOfTopTwo,
-        }),
-    },
+    router: V3_ROUTER,
     norm: NormPlacement::Pre,
 };
