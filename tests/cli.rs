@@ -219,7 +219,7 @@ fn info_states_the_sliding_layers_kv_bound() {
     assert_eq!(v["kv_cache_bytes_sliding_layers_bound"], 2 * 4 * row);
     let (text, _) = run_ok(&["info", "--model", dir.to_str().unwrap()]);
     assert!(
-        text.contains("256 B per token on the 1 full-attention layers; the 1 sliding-window layers (window 4) keep at most twice their window while decoding: 2.00 KiB (2048 bytes) whatever the length"),
+        text.contains("256 B per token in full-attention layers (1); sliding-window layers (1, window 4) keep at most twice their window while decoding: 2.00 KiB (2048 bytes) whatever the length"),
         "{text}"
     );
 }

@@ -146,7 +146,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             println!("kv cache:         {} per token", human_bytes(kv_bytes))
         }
         None => println!(
-            "kv cache:         {} per token on the {growing_layers} full-attention layers; the {} sliding-window layers (window {}) keep at most twice their window while decoding: {} whatever the length",
+            "kv cache:         {} per token in full-attention layers ({growing_layers}); sliding-window layers ({}, window {}) keep at most twice their window while decoding: {} whatever the length",
             human_bytes(kv_bytes),
             sliding.len(),
             sliding[0],
