@@ -161,16 +161,7 @@ impl RopeTable {
     /// # Shapes
     /// `x: [heads, seq, head_dim]`, positions `start..start + seq`.
     pub fn apply_pairs(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (cos, sin) = self.rows(start, x.dim(1)?)?;
-        let cos = cos.to_dtype(x.dtype())?;
-        let sin = sin.to_dtype(x.dtype())?;
-        let x4 = x.unsqueeze(0)?;
-        let y = if x.track_op() {
-            candle_nn::rotary_emb::rope_i_slow(&x4, &cos, &sin)?
-        } else {
-            candle_nn::rotary_emb::rope_i(&x4.contiguous()?, &cos, &sin)?
-        };
-        y.squeeze(0)
+        self.turn(x, start, true)
     }
 
     /// cos and sin of positions `start..start + len`, growing the tables if needed.
@@ -215,9 +206,15 @@ impl RopeTable {
     /// wider than [`Self::rotary_dim`] has only its leading dimensions turned
     /// (partial rotary); the rest pass through unchanged.
     pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        self.turn(x, start, false)
+    }
+
+    /// Rotates the leading [`Self::rotary_dim`] dimensions of every head, in
+    /// adjacent `pairs` or in halves.
+    fn turn(&self, x: &Tensor, start: usize, pairs: bool) -> Result<Tensor> {
         let (head_dim, rotary) = (x.dim(2)?, self.rotary_dim());
         if head_dim > rotary {
-            let turned = self.apply(&x.narrow(2, 0, rotary)?, start)?;
+            let turned = self.turn(&x.narrow(2, 0, rotary)?, start, pairs)?;
             let kept = x.narrow(2, rotary, head_dim - rotary)?.contiguous()?;
             // The attention kernels and the KV cache read row-contiguous heads.
             return Tensor::cat(&[turned, kept], 2)?.contiguous();
@@ -225,15 +222,16 @@ impl RopeTable {
         if head_dim < rotary {
             candle_core::bail!("a head of {head_dim} dimensions under a rotary table of {rotary}");
         }
-        let seq = x.dim(1)?;
-        let (cos, sin) = self.rows(start, seq)?;
+        let (cos, sin) = self.rows(start, x.dim(1)?)?;
         let cos = cos.to_dtype(x.dtype())?;
         let sin = sin.to_dtype(x.dtype())?;
         let x4 = x.unsqueeze(0)?;
-        let y = if x.track_op() {
-            candle_nn::rotary_emb::rope_slow(&x4, &cos, &sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&x4.contiguous()?, &cos, &sin)?
+        use candle_nn::rotary_emb::{rope, rope_i, rope_i_slow, rope_slow};
+        let y = match (pairs, x.track_op()) {
+            (true, true) => rope_i_slow(&x4, &cos, &sin)?,
+            (true, false) => rope_i(&x4.contiguous()?, &cos, &sin)?,
+            (false, true) => rope_slow(&x4, &cos, &sin)?,
+            (false, false) => rope(&x4.contiguous()?, &cos, &sin)?,
         };
         y.squeeze(0)
     }
