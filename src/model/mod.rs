@@ -34,6 +34,10 @@ use crate::experts::ExpertProvider;
 use crate::ops::{Linear, RmsNorm, RopeTable};
 use crate::weights::{GgufFile, SafetensorsFiles, TensorSource};
 
+/// Forwards of at most this many tokens keep the pool's threads polling
+/// between parallel sections ([`crate::ops::spin_workers`]).
+const SPIN_MAX_TOKENS: usize = 64;
+
 #[derive(Debug)]
 pub struct Model {
     config: ModelConfig,
@@ -198,6 +202,11 @@ impl Model {
         observer: &mut dyn RoutingObserver,
         opts: ForwardOptions,
     ) -> Result<ForwardOutput> {
+        // Decode-sized forwards are many short parallel sections; a prefill's
+        // are long enough that waking a parked thread costs nothing, and
+        // polling beside them measured 15 % slower prefill.
+        let n_tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        let _spinning = (n_tokens <= SPIN_MAX_TOKENS).then(crate::ops::spin_workers);
         let mut layout = BatchLayout::default();
         let mut ids: Vec<u32> = Vec::new();
         for seq in seqs.iter() {

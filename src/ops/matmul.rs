@@ -52,6 +52,105 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::join(f, || ()).0
 }
 
+/// Keeps the pool's other threads polling for work while it lives, so that the
+/// many small parallel sections of one forward (q/k/v, attention heads, o, the
+/// experts, `lm_head`: ~65 per decode step of a 16-layer model) each find their
+/// helpers awake. A rayon worker with nothing to do parks after a few
+/// microseconds, and waking it costs a futex and, in a virtual machine, a halted
+/// vCPU's wake-up: 12-22 us per fork-join after an idle gap of 20-300 us on this
+/// project's 2-core guest, against ~1-3 us with the helpers polling (as
+/// llama.cpp's thread pool spins between graph nodes). Polling threads run the
+/// jobs they find through `rayon::yield_now`, so they are ordinary workers.
+///
+/// Only a pool thread spins the others (a caller outside the pool already pays
+/// a park per parallel loop); `SWITCHYARD_SPIN=0` turns it off, to measure it.
+#[must_use = "the other threads stop polling when the guard is dropped"]
+pub struct SpinningWorkers {
+    polling: Option<std::sync::Arc<Polling>>,
+}
+
+#[derive(Default)]
+struct Polling {
+    stop: std::sync::atomic::AtomicBool,
+    /// Threads polling right now, and threads that started polling.
+    pollers: std::sync::atomic::AtomicUsize,
+    started: std::sync::atomic::AtomicUsize,
+}
+
+/// Starts [`SpinningWorkers`] for the caller's parallel sections.
+pub fn spin_workers() -> SpinningWorkers {
+    use std::sync::atomic::Ordering;
+    let idle = SpinningWorkers { polling: None };
+    let Some(me) = rayon::current_thread_index() else {
+        return idle;
+    };
+    if rayon::current_num_threads() < 2 || !spinning_allowed() {
+        return idle;
+    }
+    let polling = std::sync::Arc::new(Polling::default());
+    let shared = polling.clone();
+    rayon::spawn_broadcast(move |ctx| {
+        if ctx.index() == me {
+            return;
+        }
+        shared.pollers.fetch_add(1, Ordering::AcqRel);
+        shared.started.fetch_add(1, Ordering::AcqRel);
+        let mut idle_since = std::time::Instant::now();
+        let mut misses = 0u32;
+        while !shared.stop.load(Ordering::Acquire) {
+            if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                idle_since = std::time::Instant::now();
+                continue;
+            }
+            // ~0.3 us between polls: often enough to start a job within a
+            // microsecond, rare enough not to contend on the queues.
+            for _ in 0..16 {
+                std::hint::spin_loop();
+            }
+            misses = misses.wrapping_add(1);
+            // Every ~20 us, let a runnable thread of another process have
+            // this core (an oversubscribed machine would otherwise lose the
+            // time slice to a poller), and stop polling after a gap no
+            // parallel section of a forward leaves: parking is cheap there.
+            if misses.is_multiple_of(64) {
+                if idle_since.elapsed() > SPIN_IDLE_LIMIT {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+        shared.pollers.fetch_sub(1, Ordering::AcqRel);
+    });
+    SpinningWorkers {
+        polling: Some(polling),
+    }
+}
+
+impl SpinningWorkers {
+    /// Threads polling for this guard right now.
+    pub fn pollers(&self) -> usize {
+        self.polling
+            .as_ref()
+            .map_or(0, |p| p.pollers.load(std::sync::atomic::Ordering::Acquire))
+    }
+}
+
+impl Drop for SpinningWorkers {
+    fn drop(&mut self) {
+        if let Some(p) = &self.polling {
+            p.stop.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+/// A poller with nothing to do for this long parks as rayon's threads do.
+const SPIN_IDLE_LIMIT: std::time::Duration = std::time::Duration::from_micros(500);
+
+fn spinning_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var("SWITCHYARD_SPIN").map_or(true, |v| v != "0"))
+}
+
 static BATCH_INVARIANT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// With `on`, every row of a dense matmul is computed exactly as it would be alone:
@@ -230,6 +329,80 @@ mod tests {
         (0..n)
             .map(|i| (((i * k) % 113) as f32 - 56.0) / 40.0)
             .collect()
+    }
+
+    #[test]
+    fn spinning_workers_poll_run_the_callers_jobs_and_let_go() {
+        let wait_for = |what: &dyn Fn() -> bool| {
+            let t = std::time::Instant::now();
+            while !what() && t.elapsed() < std::time::Duration::from_secs(10) {
+                std::thread::yield_now();
+            }
+            what()
+        };
+        // Outside a pool there is nothing to keep awake.
+        assert!(spin_workers().polling.is_none());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let polling = pool.install(|| {
+            let guard = spin_workers();
+            assert!(
+                wait_for(&|| guard.pollers() == 1),
+                "the other thread never polled"
+            );
+            let mut seen = std::collections::HashSet::new();
+            let mut sum = 0u64;
+            for i in 0..2000u64 {
+                let ((a, ta), (b, tb)) = rayon::join(
+                    || {
+                        // Long enough for the poller to steal the other half.
+                        let t = std::time::Instant::now();
+                        while t.elapsed() < std::time::Duration::from_micros(20) {}
+                        (i * 2, rayon::current_thread_index())
+                    },
+                    || (i * 3, rayon::current_thread_index()),
+                );
+                sum += a + b;
+                seen.extend([ta, tb]);
+            }
+            assert_eq!(sum, 5 * (0..2000u64).sum::<u64>());
+            assert_eq!(seen.len(), 2, "{seen:?}");
+            let polling = guard.polling.clone().unwrap();
+            drop(guard);
+            polling
+        });
+        let stopped = || polling.pollers.load(std::sync::atomic::Ordering::Acquire) == 0;
+        assert!(
+            wait_for(&stopped),
+            "the poller kept its thread after the guard was dropped"
+        );
+    }
+
+    #[test]
+    fn a_poller_left_alone_parks() {
+        use std::sync::atomic::Ordering;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let guard = spin_workers();
+            let polling = guard.polling.clone().unwrap();
+            let t = std::time::Instant::now();
+            let limit = std::time::Duration::from_secs(10);
+            while polling.started.load(Ordering::Acquire) == 0 && t.elapsed() < limit {
+                std::thread::yield_now();
+            }
+            assert_eq!(polling.started.load(Ordering::Acquire), 1);
+            // No work for longer than the idle limit: it stops by itself while
+            // the guard lives.
+            while guard.pollers() != 0 && t.elapsed() < limit {
+                std::thread::sleep(SPIN_IDLE_LIMIT);
+            }
+            assert_eq!(guard.pollers(), 0);
+        });
     }
 
     #[test]

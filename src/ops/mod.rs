@@ -17,7 +17,10 @@ mod rope;
 pub use attention::attend_cache;
 pub use ffn::{Ffn, FfnInput, FfnScratch, GluActivation};
 pub use linear::{Linear, LinearWeight, with_thread_scratch};
-pub use matmul::{batch_invariant, num_threads, on_pool, set_batch_invariant, set_num_threads};
+pub use matmul::{
+    SpinningWorkers, batch_invariant, num_threads, on_pool, set_batch_invariant, set_num_threads,
+    spin_workers,
+};
 pub use norm::RmsNorm;
 pub use quant::QuantKind;
 pub use rope::{RopeTable, Yarn};
