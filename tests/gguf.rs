@@ -14,7 +14,9 @@ use common::{fixture, golden, golden_logits, perplexity, texts};
 use switchyard::Engine;
 use switchyard::config::ByteSize;
 use switchyard::config::family::QWEN3_MOE;
-use switchyard::experts::{ExpertMemory, MissPrecision, PolicyKind, Prefetch};
+use switchyard::experts::{
+    ExpertFile, ExpertFileMode, ExpertMemory, MissPrecision, PolicyKind, Prefetch,
+};
 use switchyard::generate::{ChatMessage, TextTokenizer};
 use switchyard::model::moe::Routing;
 use switchyard::model::{AttentionBlock, LoadOptions, Model, RoutingObserver, RoutingSite};
@@ -1208,6 +1210,7 @@ fn minimum_expert_memory(model: &Model) -> u64 {
 }
 
 fn under_smallest_budget(path: &Path, quant: Option<QuantKind>, prefetch: Prefetch) -> Model {
+    let packed_dir = tempfile::tempdir().unwrap();
     let resident = Model::load(
         path,
         &LoadOptions {
@@ -1224,6 +1227,11 @@ fn under_smallest_budget(path: &Path, quant: Option<QuantKind>, prefetch: Prefet
             prefetch,
             miss_precision: MissPrecision::Off,
             record_routing: true,
+            // Its own directory, gone once the file is open (which stays readable).
+            expert_file: ExpertFile {
+                mode: ExpertFileMode::Auto,
+                dir: Some(packed_dir.path().to_path_buf()),
+            },
         }),
         ..LoadOptions::default()
     };
@@ -1278,6 +1286,10 @@ fn gguf_logits_under_expert_eviction_are_bit_identical() {
             let report = cached.experts().cache_report().unwrap();
             assert!(report.counts.evictions > 0, "{name}: {report:?}");
             assert!(report.peak_resident_bytes as u64 <= report.budget_bytes);
+            // Quantized blocks are repacked on every checkpoint read: those
+            // read a packed expert file; f16 experts read the checkpoint.
+            let packed = quant.is_some() || !name.ends_with("-f16");
+            assert_eq!(report.expert_file.is_some(), packed, "{name}: {report:?}");
         }
     }
 }

@@ -10,8 +10,9 @@ use std::path::Path;
 use common::{ALL_FIXTURES, fixture, golden};
 use switchyard::config::{ByteSize, load_model_config};
 use switchyard::experts::{
-    CacheOutcome, Capacity, ExpertCache, ExpertDims, ExpertLayout, ExpertMemory, ExpertProvider,
-    ExpertReads, LayerCall, LayerExperts, MissPrecision, PolicyKind, Prefetch, replay,
+    CacheOutcome, Capacity, ExpertCache, ExpertDims, ExpertFile, ExpertFileMode, ExpertId,
+    ExpertLayout, ExpertMemory, ExpertProvider, ExpertReads, LayerCall, LayerExperts,
+    MissPrecision, PackedExperts, PackedPlan, PolicyKind, Prefetch, replay,
 };
 use switchyard::model::{LoadOptions, Model, NoObserver};
 use switchyard::ops::QuantKind;
@@ -52,21 +53,36 @@ fn logits(model: &Model, ids: &[u32]) -> Vec<f32> {
         .unwrap()
 }
 
-/// Every fixture, float and `--quant`, under both policies: the same bits.
+/// A packed expert file in `dir` (a test's own), or none.
+fn packed_in(mode: ExpertFileMode, dir: &tempfile::TempDir) -> ExpertFile {
+    ExpertFile {
+        mode,
+        dir: Some(dir.path().to_path_buf()),
+    }
+}
+
+/// Every fixture, float and `--quant`, under both policies: the same bits,
+/// read from a packed expert file (LRU) and from the checkpoint (LFU).
 #[test]
 fn logits_under_eviction_at_every_call_are_bit_identical() {
+    let packed_dir = tempfile::tempdir().unwrap();
     for name in ALL_FIXTURES {
         let dir = fixture(name);
         for quant in [None, Some(QuantKind::Q8_0), Some(QuantKind::Q4_0)] {
             let resident = load(&dir, quant, None);
             let budget = minimum_budget(&dir, quant);
             for policy in [PolicyKind::Lru, PolicyKind::Lfu { half_life: None }] {
+                let mode = match policy {
+                    PolicyKind::Lru => ExpertFileMode::On,
+                    _ => ExpertFileMode::Off,
+                };
                 let memory = ExpertMemory {
                     budget: ByteSize::Bytes(budget),
                     policy,
                     prefetch: Prefetch::Off,
                     miss_precision: MissPrecision::Off,
                     record_routing: true,
+                    expert_file: packed_in(mode, &packed_dir),
                 };
                 let cached = load(&dir, quant, Some(memory));
                 for p in &golden(name).prompts {
@@ -86,6 +102,11 @@ fn logits_under_eviction_at_every_call_are_bit_identical() {
                     "{report:?}"
                 );
                 assert!(report.read.bytes > 0);
+                assert_eq!(
+                    report.expert_file.is_some(),
+                    mode == ExpertFileMode::On,
+                    "{name} {quant:?}: {report:?}"
+                );
             }
         }
     }
@@ -102,6 +123,7 @@ fn budget_below_one_decode_step_states_the_minimum() {
             prefetch: Prefetch::Off,
             miss_precision: MissPrecision::Off,
             record_routing: true,
+            expert_file: ExpertFile::default(),
         }),
         ..LoadOptions::default()
     };
@@ -128,6 +150,7 @@ fn a_percentage_is_of_all_routed_experts_bytes() {
             prefetch: Prefetch::Off,
             miss_precision: MissPrecision::Off,
             record_routing: true,
+            expert_file: ExpertFile::default(),
         }),
     );
     let report = cached.experts().cache_report().unwrap();
@@ -156,6 +179,7 @@ fn checkpoint_truncated_after_load_fails_the_run_naming_file_and_expert() {
             prefetch: Prefetch::Off,
             miss_precision: MissPrecision::Off,
             record_routing: true,
+            expert_file: ExpertFile::default(),
         }),
     );
     let weights = tmp.path().join("model.safetensors");
@@ -171,6 +195,186 @@ fn checkpoint_truncated_after_load_fails_the_run_naming_file_and_expert() {
     assert!(err.contains("model.safetensors"), "{err}");
     assert!(err.contains("reading expert"), "{err}");
     assert!(err.contains("truncated"), "{err}");
+}
+
+/// The `qwen3_moe` fixture copied to a directory of its own (so that its
+/// files can be touched, truncated and rewritten).
+fn fixture_copy() -> tempfile::TempDir {
+    let src = fixture("qwen3_moe");
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+    }
+    tmp
+}
+
+/// `dir`'s packed expert files, and its other entries (temporary files).
+fn packed_files(dir: &Path) -> (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .partition(|p| p.extension().is_some_and(|x| x == "experts"))
+}
+
+/// `--quant q8_0` under the smallest budget, misses read from a packed expert
+/// file in `packed`: the model, and the file it reads.
+fn load_packed(model_dir: &Path, packed: &tempfile::TempDir) -> (Model, std::path::PathBuf) {
+    let quant = Some(QuantKind::Q8_0);
+    let memory = ExpertMemory {
+        budget: ByteSize::Bytes(minimum_budget(model_dir, quant)),
+        policy: PolicyKind::Lru,
+        prefetch: Prefetch::Off,
+        miss_precision: MissPrecision::Off,
+        record_routing: true,
+        expert_file: packed_in(ExpertFileMode::Auto, packed),
+    };
+    let model = load(model_dir, quant, Some(memory));
+    let report = model.experts().cache_report().unwrap();
+    let file = report.expert_file.expect("a packed expert file").path;
+    (model, file)
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().ino()
+}
+
+/// The packed file is written once and reused; a checkpoint whose
+/// modification time or size changed gets a new one; a damaged file (header,
+/// the first expert of a layer, length) is rebuilt. Every time the logits are
+/// those of the all-resident model.
+#[test]
+fn packed_file_is_reused_until_the_checkpoint_changes_and_rebuilt_when_damaged() {
+    let model_dir = fixture_copy();
+    let packed = tempfile::tempdir().unwrap();
+    let ids: Vec<u32> = (0..16).collect();
+    let expected = logits(&load(model_dir.path(), Some(QuantKind::Q8_0), None), &ids);
+    let (model, file) = load_packed(model_dir.path(), &packed);
+    assert_eq!(logits(&model, &ids), expected);
+    assert_eq!(packed_files(packed.path()), (vec![file.clone()], vec![]));
+    let first = inode(&file);
+    // Unchanged checkpoint: the same file, not rewritten.
+    let (model, again) = load_packed(model_dir.path(), &packed);
+    assert_eq!((again.clone(), inode(&again)), (file.clone(), first));
+    assert_eq!(logits(&model, &ids), expected);
+    // A newer modification time: rebuilt under the same name.
+    let weights = model_dir.path().join("model.safetensors");
+    let later = std::fs::metadata(&weights).unwrap().modified().unwrap()
+        + std::time::Duration::from_secs(10);
+    std::fs::File::options()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let (model, rebuilt) = load_packed(model_dir.path(), &packed);
+    assert_eq!(rebuilt, file);
+    assert_ne!(inode(&rebuilt), first, "not rebuilt after the checkpoint changed");
+    assert_eq!(logits(&model, &ids), expected);
+    // Damage: a header byte, a byte of the first expert's quants, the length.
+    let len = std::fs::metadata(&file).unwrap().len();
+    let damages: [(&str, Box<dyn Fn(&mut Vec<u8>)>); 3] = [
+        ("header", Box::new(|b: &mut Vec<u8>| b[40] ^= 0x20)),
+        ("expert", Box::new(|b: &mut Vec<u8>| b[4096 + 100] ^= 0x01)),
+        ("length", Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 4096))),
+    ];
+    for (what, damage) in damages {
+        let before = inode(&file);
+        let mut bytes = std::fs::read(&file).unwrap();
+        damage(&mut bytes);
+        std::fs::write(&file, &bytes).unwrap();
+        let (model, rebuilt) = load_packed(model_dir.path(), &packed);
+        assert_eq!(rebuilt, file);
+        assert_ne!(inode(&rebuilt), before, "{what}: the damaged file was used");
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), len, "{what}");
+        assert_eq!(logits(&model, &ids), expected, "{what}");
+    }
+    assert_eq!(packed_files(packed.path()), (vec![file], vec![]));
+}
+
+/// A packed file truncated while a model reads it fails the run with an
+/// error naming the file and the expert.
+#[test]
+fn packed_file_truncated_after_load_fails_the_run_naming_file_and_expert() {
+    let packed = tempfile::tempdir().unwrap();
+    let (model, file) = load_packed(&fixture("qwen3_moe"), &packed);
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let ids: Vec<u32> = (0..16).collect();
+    let err = model.score(&ids, &mut NoObserver).unwrap_err().to_string();
+    assert!(err.contains(".experts"), "{err}");
+    assert!(err.contains("reading expert"), "{err}");
+    assert!(err.contains("truncated"), "{err}");
+}
+
+/// A conversion that fails half-way through writing the packed file (a
+/// checkpoint read error) leaves neither the file nor its temporary behind;
+/// `--expert-file on` where nothing can be written is an error saying so.
+#[test]
+fn a_failed_packed_file_write_leaves_no_file() {
+    let dir = fixture("qwen3_moe");
+    let cfg = load_model_config(&dir).unwrap();
+    let files = SafetensorsFiles::open_dir(&dir).unwrap();
+    let layout = fixture_layout(&cfg, &files);
+    let probes: Vec<_> = (0..cfg.num_layers)
+        .map(|l| {
+            layout.layers[l].as_ref().map(|_| {
+                layout
+                    .load(&files, ExpertId { layer: l as u32, expert: 0 })
+                    .unwrap()
+            })
+        })
+        .collect();
+    let packed = tempfile::tempdir().unwrap();
+    let options = packed_in(ExpertFileMode::On, &packed);
+    let convert = |id: ExpertId| {
+        if id.layer == 2 && id.expert == 3 {
+            return Err(switchyard::Error::InvalidInput("checkpoint read failed".into()));
+        }
+        layout.load(&files, id)
+    };
+    let plan = PackedPlan {
+        files: files.paths(),
+        layout: &layout,
+        quant: None,
+        probes: &probes,
+        options: &options,
+        stats: Default::default(),
+        convert: &convert,
+    };
+    let err = PackedExperts::prepare(&plan).unwrap_err().to_string();
+    assert!(err.contains("checkpoint read failed"), "{err}");
+    assert_eq!(packed_files(packed.path()), (vec![], vec![]));
+    // A directory that cannot be made (under a file).
+    let blocked = packed.path().join("file");
+    std::fs::write(&blocked, b"").unwrap();
+    let options = ExpertFile {
+        mode: ExpertFileMode::On,
+        dir: Some(blocked.join("sub")),
+    };
+    let plan = PackedPlan {
+        options: &options,
+        convert: &|id| layout.load(&files, id),
+        ..plan
+    };
+    let err = PackedExperts::prepare(&plan).unwrap_err().to_string();
+    assert!(err.contains("cannot write the packed expert file"), "{err}");
+    // Under auto the same falls back to checkpoint reads.
+    let auto = ExpertFile {
+        mode: ExpertFileMode::Auto,
+        ..options.clone()
+    };
+    let plan = PackedPlan {
+        options: &auto,
+        ..plan
+    };
+    assert!(PackedExperts::prepare(&plan).unwrap().is_none());
 }
 
 /// An expert cache over the `qwen3_moe` fixture with room for `capacity` experts.
@@ -197,23 +401,7 @@ fn fixture_cache_with(
     let dir = fixture("qwen3_moe");
     let cfg = load_model_config(&dir).unwrap();
     let files = SafetensorsFiles::open_dir(&dir).unwrap();
-    let layers = (0..cfg.num_layers)
-        .map(|l| {
-            (cfg.moe.sparse_layers[l]).then(|| {
-                LayerExperts::locate(&cfg.family.names, cfg.family.experts, &files, l).unwrap()
-            })
-        })
-        .collect();
-    let layout = ExpertLayout {
-        layers,
-        dims: ExpertDims {
-            hidden: cfg.hidden_size,
-            ffn: cfg.moe.expert_ffn,
-            num_experts: cfg.moe.num_experts,
-        },
-        dtype: candle_core::DType::F32,
-        activation: cfg.moe.expert_activation,
-    };
+    let layout = fixture_layout(&cfg, &files);
     assert_eq!(
         3 * cfg.hidden_size * cfg.moe.expert_ffn * 4,
         FIXTURE_EXPERT_BYTES
@@ -229,9 +417,31 @@ fn fixture_cache_with(
         prefetch: Prefetch::Off,
         miss_precision,
         record_routing,
+        expert_file: ExpertFile::default(),
     };
     let reopened = TensorSource::reopen_for_reads(&files).unwrap().unwrap();
     ExpertCache::open(reopened, reads, memory).unwrap()
+}
+
+/// Where the fixture's experts are, in f32.
+fn fixture_layout(cfg: &switchyard::config::ModelConfig, files: &SafetensorsFiles) -> ExpertLayout {
+    let layers = (0..cfg.num_layers)
+        .map(|l| {
+            (cfg.moe.sparse_layers[l]).then(|| {
+                LayerExperts::locate(&cfg.family.names, cfg.family.experts, files, l).unwrap()
+            })
+        })
+        .collect();
+    ExpertLayout {
+        layers,
+        dims: ExpertDims {
+            hidden: cfg.hidden_size,
+            ffn: cfg.moe.expert_ffn,
+            num_experts: cfg.moe.num_experts,
+        },
+        dtype: candle_core::DType::F32,
+        activation: cfg.moe.expert_activation,
+    }
 }
 
 fn random_calls() -> impl proptest::strategy::Strategy<Value = Vec<LayerCall>> {
@@ -548,6 +758,7 @@ fn next_layer_prefetch_keeps_logits_and_raises_the_hit_rate() {
             prefetch,
             miss_precision: MissPrecision::Off,
             record_routing: true,
+            expert_file: ExpertFile::default(),
         };
         let cached = load(&dir, None, Some(memory));
         assert!(decode(&cached) == expected, "{prefetch}: logits differ");
@@ -570,7 +781,14 @@ fn next_layer_prefetch_keeps_logits_and_raises_the_hit_rate() {
 /// its expert bytes and next-layer prefetch; `weights` picks dtype or quant.
 fn short_bench_under_half_budget(name: &str, weights: &[&str]) -> (bool, String, String) {
     let dir = fixture(name);
-    let mut args = vec!["bench", "--model", dir.to_str().unwrap()];
+    let packed_dir = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "--expert-dir",
+        packed_dir.path().to_str().unwrap(),
+    ];
     args.extend_from_slice(weights);
     args.extend_from_slice(&[
         "--prompt-tokens",
@@ -623,6 +841,7 @@ fn deepseek_v3_under_a_budget_with_prefetch_keeps_the_logits() {
             })
             .collect::<Vec<_>>()
     };
+    let packed_dir = tempfile::tempdir().unwrap();
     for quant in [None, Some(QuantKind::Q8_0)] {
         let expected = decode(&load(&dir, quant, None));
         let memory = ExpertMemory {
@@ -631,6 +850,7 @@ fn deepseek_v3_under_a_budget_with_prefetch_keeps_the_logits() {
             prefetch: Prefetch::NextLayer,
             miss_precision: MissPrecision::Off,
             record_routing: true,
+            expert_file: packed_in(ExpertFileMode::Auto, &packed_dir),
         };
         let cached = load(&dir, quant, Some(memory));
         assert!(decode(&cached) == expected, "{quant:?}: logits differ");

@@ -3,7 +3,9 @@
 
 use clap::Args;
 use switchyard::config::ByteSize;
-use switchyard::experts::{ExpertMemory, ExpertProvider, MissPrecision, PolicyKind, Prefetch};
+use switchyard::experts::{
+    ExpertFile, ExpertFileMode, ExpertMemory, ExpertProvider, MissPrecision, PolicyKind, Prefetch,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct ExpertMemoryArgs {
@@ -24,6 +26,16 @@ pub struct ExpertMemoryArgs {
     /// in the background (results then differ slightly); off waits for the read.
     #[arg(long, value_parser = parse_miss_precision, default_value = "off")]
     miss_precision: MissPrecision,
+    /// Under --expert-memory: auto writes every expert once, already in the
+    /// kernels' layout, to a packed expert file when reading the checkpoint
+    /// would convert each expert (GGUF blocks, --quant), and reads misses from
+    /// it; on does so for any checkpoint; off reads the checkpoint.
+    #[arg(long, value_parser = parse_expert_file, default_value = "auto")]
+    expert_file: ExpertFileMode,
+    /// Directory of packed expert files. Default: $XDG_CACHE_HOME/switchyard
+    /// (or ~/.cache/switchyard), else beside the checkpoint.
+    #[arg(long)]
+    expert_dir: Option<std::path::PathBuf>,
 }
 
 impl ExpertMemoryArgs {
@@ -36,6 +48,10 @@ impl ExpertMemoryArgs {
             prefetch: self.prefetch,
             miss_precision: self.miss_precision,
             record_routing: true,
+            expert_file: ExpertFile {
+                mode: self.expert_file,
+                dir: self.expert_dir.clone(),
+            },
         })
     }
 
@@ -54,6 +70,10 @@ fn parse_size(s: &str) -> Result<ByteSize, String> {
 }
 
 fn parse_prefetch(s: &str) -> Result<Prefetch, String> {
+    s.parse().map_err(|e: switchyard::Error| e.to_string())
+}
+
+fn parse_expert_file(s: &str) -> Result<ExpertFileMode, String> {
     s.parse().map_err(|e: switchyard::Error| e.to_string())
 }
 

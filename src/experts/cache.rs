@@ -1,7 +1,9 @@
 //! The expert cache: routed experts read from the checkpoint on demand into a
 //! resident set bounded by a byte budget (`--expert-memory`), ranked by a
 //! [`CachePolicy`](super::CachePolicy). Cost per miss: one expert's stored
-//! bytes read with positioned reads, then converted to the kernels' layout.
+//! bytes read with positioned reads, then converted to the kernels' layout;
+//! or, from a packed expert file ([`super::packed`]), one read straight into
+//! the kernels' buffers.
 //!
 //! Counting is [`super::resident`]'s, with one global pool whose capacity in
 //! experts is the budget over the largest layer's expert bytes, so that the
@@ -28,9 +30,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::Instant;
 
 use super::memory::{ExpertMemory, MissPrecision, Prefetch};
+use super::packed::{PackedExperts, PackedPlan};
 use super::policy::{Admission, PolicyKind};
 use super::replay::{CacheCounts, RoutingHistory};
-use super::report::{CacheReport, CacheSnapshot, PrefetchCounts, StandInCounts};
+use super::report::{
+    CacheReport, CacheSnapshot, ExpertFileReport, PrefetchCounts, StandInCounts,
+};
 use super::resident::{Admit, Capacity, Lookup, ResidentSet};
 use super::{CacheOutcome, CallExperts, ExpertId, ExpertLayout, ExpertProvider};
 use crate::config::format_bytes;
@@ -84,6 +89,8 @@ struct IoThread {
 /// What the caller and the I/O thread both reach.
 struct Shared {
     source: Box<dyn TensorSource + Send + Sync>,
+    /// Where misses are read from instead of `source`, when there is one.
+    packed: Option<PackedExperts>,
     read_stats: Arc<ReadStats>,
     reads: ExpertReads,
     /// `[layer]`: one expert's bytes in the kernels' layout; 0 for dense layers.
@@ -165,6 +172,7 @@ impl ExpertCache {
         let Reopened {
             source,
             stats: read_stats,
+            files,
         } = reopened;
         let layout = &reads.layout;
         let standing_in = memory.miss_precision == MissPrecision::Q4;
@@ -172,9 +180,12 @@ impl ExpertCache {
         let mut layer_stand_in_bytes = Vec::with_capacity(layout.layers.len());
         let mut total_expert_bytes = 0u64;
         let mut total_stand_in_bytes = 0u64;
+        // Expert 0 of each layer, converted: its size, and what a packed file must hold.
+        let mut probes = Vec::with_capacity(layout.layers.len());
         for l in 0..layout.layers.len() {
             let n = layout.num_experts(l);
             let (bytes, stand_in) = if n == 0 {
+                probes.push(None);
                 (0, 0)
             } else {
                 let id = ExpertId {
@@ -182,7 +193,9 @@ impl ExpertCache {
                     expert: 0,
                 };
                 let (ffn, stand_in) = read_expert(source.as_ref(), &reads, id, standing_in)?;
-                (ffn.weight_bytes(), stand_in.map_or(0, |s| s.weight_bytes()))
+                let sizes = (ffn.weight_bytes(), stand_in.map_or(0, |s| s.weight_bytes()));
+                probes.push(Some(ffn));
+                sizes
             };
             total_expert_bytes += (bytes * n) as u64;
             total_stand_in_bytes += (stand_in * n) as u64;
@@ -218,6 +231,16 @@ impl ExpertCache {
                 )
             })
             .transpose()?;
+        let packed = PackedExperts::prepare(&PackedPlan {
+            files: &files,
+            layout: &reads.layout,
+            quant: reads.quant,
+            probes: &probes,
+            options: &memory.expert_file,
+            stats: read_stats.clone(),
+            convert: &|id| read_expert(source.as_ref(), &reads, id, false).map(|(ffn, _)| ffn),
+        })?;
+        drop(probes);
         let full_budget = budget_bytes - stand_ins.as_ref().map_or(0, |s| s.budget_bytes);
         let capacity = (full_budget / largest as u64) as usize;
         let reads_at_reset = read_stats.totals();
@@ -244,6 +267,7 @@ impl ExpertCache {
         };
         let shared = Arc::new(Shared {
             source,
+            packed,
             read_stats,
             reads,
             layer_expert_bytes,
@@ -313,6 +337,10 @@ impl ExpertCache {
             peak_resident_bytes: st.peak_resident_bytes,
             prefetch,
             stand_ins: st.stand_ins.as_ref().map(|s| s.counts),
+            expert_file: sh.packed.as_ref().map(|p| ExpertFileReport {
+                path: p.path().to_path_buf(),
+                direct: p.direct(),
+            }),
         };
         CacheSnapshot {
             report,
@@ -426,7 +454,22 @@ impl Shared {
     }
 
     fn read(&self, id: ExpertId, stand_in: bool) -> Result<(Ffn, Option<Ffn>)> {
-        read_expert(self.source.as_ref(), &self.reads, id, stand_in)
+        let Some(packed) = &self.packed else {
+            return read_expert(self.source.as_ref(), &self.reads, id, stand_in);
+        };
+        let wrap = |e: Error| Error::ExpertRead {
+            layer: id.layer,
+            expert: id.expert,
+            reason: e.to_string(),
+        };
+        let ffn = packed.read(id).map_err(wrap)?;
+        // From the copy as the kernels hold it (after `--quant`, where the
+        // checkpoint path quantizes the stored values).
+        let stand_in = stand_in
+            .then(|| ffn.quantize(STAND_IN_QUANT))
+            .transpose()
+            .map_err(wrap)?;
+        Ok((ffn, stand_in))
     }
 
     /// The I/O thread's work: read an expert whose slot was reserved (its
@@ -834,6 +877,9 @@ impl ExpertProvider for ExpertCache {
     }
 
     fn drop_cached_pages(&self) -> Result<()> {
+        if let Some(p) = &self.shared.packed {
+            p.drop_cached_pages()?;
+        }
         self.shared.source.drop_cached_pages()
     }
 

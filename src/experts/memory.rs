@@ -1,12 +1,13 @@
 //! What `--expert-memory`, `--expert-cache`, `--prefetch` and
 //! `--miss-precision` ask of an expert cache.
 
+use super::packed::ExpertFile;
 use super::policy::PolicyKind;
 use crate::config::ByteSize;
 use crate::error::{Error, Result};
 
 /// An expert cache's configuration.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExpertMemory {
     /// Of all routed experts' bytes in the kernels' layout, for a percentage.
     pub budget: ByteSize,
@@ -18,6 +19,9 @@ pub struct ExpertMemory {
     /// not (its history would grow by one entry per layer call for as long as
     /// it runs), and its reports carry no optimal hit rate.
     pub record_routing: bool,
+    /// `--expert-file` and `--expert-dir`: whether misses read a packed
+    /// expert file, and where it is kept.
+    pub expert_file: ExpertFile,
 }
 
 /// `--prefetch`: what an expert cache reads ahead of use.

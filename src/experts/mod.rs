@@ -8,6 +8,7 @@ mod cache;
 mod memory;
 mod naming;
 mod outcome;
+mod packed;
 mod policy;
 mod provider;
 mod replay;
@@ -19,13 +20,14 @@ pub use cache::{ExpertCache, ExpertReads};
 pub use memory::{ExpertMemory, MissPrecision, Prefetch};
 pub use naming::{ExpertDims, ExpertLayout, ExpertStorage, LayerExperts, moe_prefix};
 pub use outcome::CacheOutcome;
+pub use packed::{ExpertFile, ExpertFileMode, PackedExperts, PackedPlan, default_dir};
 pub use policy::{Admission, CachePolicy, Lfu, Lru, PolicyKind};
 pub use provider::{CallExperts, ExpertProvider};
 pub use replay::{
     CacheCounts, Calls, LayerCall, RoutingHistory, replay, replay_call, replay_optimal,
     replay_optimal_history,
 };
-pub use report::{CacheReport, CacheSnapshot, PrefetchCounts, StandInCounts};
+pub use report::{CacheReport, CacheSnapshot, ExpertFileReport, PrefetchCounts, StandInCounts};
 pub use resident::{Admit, Capacity, Lookup, ResidentSet};
 pub use store::ExpertStore;
 

@@ -85,6 +85,16 @@ pub struct CacheReport {
     pub prefetch: Option<PrefetchCounts>,
     /// `None` without `--miss-precision`.
     pub stand_ins: Option<StandInCounts>,
+    /// The packed expert file misses read, when they read one.
+    pub expert_file: Option<ExpertFileReport>,
+}
+
+/// The packed expert file an expert cache reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertFileReport {
+    pub path: std::path::PathBuf,
+    /// Read with `O_DIRECT` (else buffered, where the file system refused it).
+    pub direct: bool,
 }
 
 impl CacheReport {
@@ -135,6 +145,11 @@ impl CacheReport {
             self.policy,
             self.repack_over_read(),
         );
+        line += match &self.expert_file {
+            Some(f) if f.direct => " | packed expert file, O_DIRECT",
+            Some(_) => " | packed expert file, buffered",
+            None => " | checkpoint reads",
+        };
         line
     }
 
@@ -180,6 +195,10 @@ impl CacheReport {
             "peak_resident_bytes": self.peak_resident_bytes,
             "prefetch": prefetch,
             "stand_ins": stand_ins,
+            "expert_file": self.expert_file.as_ref().map(|f| serde_json::json!({
+                "path": f.path.display().to_string(),
+                "direct": f.direct,
+            })),
         })
     }
 }

@@ -87,7 +87,7 @@ pub(super) fn build(
     };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     let layout = loader.expert_layout()?;
-    let experts: Arc<dyn ExpertProvider> = match opts.expert_memory {
+    let experts: Arc<dyn ExpertProvider> = match &opts.expert_memory {
         None => {
             let mut experts = Vec::with_capacity(cfg.num_layers);
             for l in 0..cfg.num_layers {
@@ -106,7 +106,7 @@ pub(super) fn build(
                 quant: opts.quant,
                 top_k: cfg.moe.top_k,
             };
-            Arc::new(ExpertCache::open(reopened, reads, memory)?)
+            Arc::new(ExpertCache::open(reopened, reads, memory.clone())?)
         }
     };
     for l in 0..cfg.num_layers {
@@ -116,6 +116,7 @@ pub(super) fn build(
     bar.finish_and_clear();
     if opts
         .expert_memory
+        .as_ref()
         .is_some_and(|m| m.prefetch == Prefetch::NextLayer)
     {
         wire_next_routers(&mut layers);

@@ -70,6 +70,11 @@ impl Linear {
         }
     }
 
+    /// Any weight kind with its bias (a packed expert file's reader builds them).
+    pub fn from_weight(weight: LinearWeight, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
     /// An MXFP4 weight (see [`Mxfp4Matrix`]) applied to f32 activations; the
     /// bias stays f32.
     pub fn from_mxfp4(weight: Mxfp4Matrix, bias: Option<Tensor>) -> Self {

@@ -3,6 +3,7 @@
 //! Each op picks a fused no-autograd kernel for inference and a composed,
 //! differentiable form when an input is part of an autograd graph (training).
 
+pub mod aligned;
 mod attention;
 pub mod bandwidth;
 mod ffn;

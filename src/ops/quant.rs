@@ -15,6 +15,8 @@
 
 use half::f16;
 
+use super::aligned::AlignedVec;
+
 use crate::error::{Error, Result};
 
 /// Element count of one quantization block.
@@ -138,11 +140,11 @@ pub struct PackedMatrix {
     format: PackedFormat,
     rows: usize,
     cols: usize,
-    quants: Vec<u8>,     // [tiles, blocks, TILE * block_bytes]
-    scales: Vec<f16>,    // [tiles, blocks, TILE]; Q4K: [tiles, super-blocks, TILE]
-    mins: Vec<f16>,      // as scales for Q4_1 and Q4K, else empty
-    scales_hi: Vec<f16>, // as scales for Q6 (the blocks' last 16 values), else empty
-    sub: Vec<u8>,        // Q4K: [tiles, super-blocks, 3 * 64] 6-bit scales and mins, else empty
+    quants: AlignedVec<u8>,     // [tiles, blocks, TILE * block_bytes]
+    scales: AlignedVec<f16>,    // [tiles, blocks, TILE]; Q4K: [tiles, super-blocks, TILE]
+    mins: AlignedVec<f16>,      // as scales for Q4_1 and Q4K, else empty
+    scales_hi: AlignedVec<f16>, // as scales for Q6 (the blocks' last 16 values), else empty
+    sub: AlignedVec<u8>, // Q4K: [tiles, super-blocks, 3 * 64] 6-bit scales and mins, else empty
 }
 
 /// Bytes of a tile's 6-bit scales and mins per super-block (12 per row).
@@ -225,30 +227,70 @@ impl std::fmt::Debug for PackedMatrix {
 }
 
 impl PackedMatrix {
+    /// A `[rows, cols]` matrix of zero quants and scales, for
+    /// [`PackedMatrix::buffers_mut`] to fill; an error unless `cols` is whole
+    /// blocks (whole super-blocks for Q4K).
+    pub fn empty(format: PackedFormat, rows: usize, cols: usize) -> Result<Self> {
+        let block = if format.has_super_blocks() {
+            K_SUPER
+        } else {
+            BLOCK
+        };
+        if cols == 0 || !cols.is_multiple_of(block) {
+            return Err(Error::InvalidInput(format!(
+                "a {format:?} matrix needs a width that is a positive multiple of {block}, got [{rows}, {cols}]"
+            )));
+        }
+        Ok(Self::zeroed(format, rows, cols))
+    }
+
     fn zeroed(format: PackedFormat, rows: usize, cols: usize) -> Self {
         let tiles = rows.div_ceil(TILE);
         let nb = cols / BLOCK;
         let nsb = cols / K_SUPER;
         let per_scale = if format.has_super_blocks() { nsb } else { nb };
-        let per_block =
-            |present: bool| vec![f16::ZERO; if present { tiles * per_scale * TILE } else { 0 }];
+        let per_block = |present: bool| {
+            AlignedVec::zeroed(if present { tiles * per_scale * TILE } else { 0 })
+        };
         Self {
             format,
             rows,
             cols,
-            quants: vec![0u8; tiles * nb * TILE * format.block_bytes()],
+            quants: AlignedVec::zeroed(tiles * nb * TILE * format.block_bytes()),
             scales: per_block(true),
             mins: per_block(format.has_min() || format.has_super_blocks()),
             scales_hi: per_block(format.has_half_scales()),
-            sub: vec![
-                0u8;
-                if format.has_super_blocks() {
-                    tiles * nsb * SUB_BYTES
-                } else {
-                    0
-                }
-            ],
+            sub: AlignedVec::zeroed(if format.has_super_blocks() {
+                tiles * nsb * SUB_BYTES
+            } else {
+                0
+            }),
         }
+    }
+
+    /// Every buffer as its aligned, zero-padded bytes, in a fixed order (quants,
+    /// scales, mins, high scales, sub-block scales; empty ones included): what a
+    /// packed expert file stores, and [`PackedMatrix::buffers_mut`] reads back
+    /// into a [`PackedMatrix::empty`] one of the same format and shape.
+    pub fn buffers(&self) -> [&[u8]; 5] {
+        [
+            self.quants.padded_bytes(),
+            self.scales.padded_bytes(),
+            self.mins.padded_bytes(),
+            self.scales_hi.padded_bytes(),
+            self.sub.padded_bytes(),
+        ]
+    }
+
+    /// The same, writable, for a read straight into the kernels' buffers.
+    pub fn buffers_mut(&mut self) -> [&mut [u8]; 5] {
+        [
+            self.quants.padded_bytes_mut(),
+            self.scales.padded_bytes_mut(),
+            self.mins.padded_bytes_mut(),
+            self.scales_hi.padded_bytes_mut(),
+            self.sub.padded_bytes_mut(),
+        ]
     }
 
     /// Quantizes row-major f32 weights `[rows, cols]` with GGML's rounding:

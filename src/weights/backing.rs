@@ -36,6 +36,13 @@ pub struct ReadTotals {
 }
 
 impl ReadStats {
+    /// Counts one read made elsewhere (a packed expert file's) beside these.
+    pub fn record(&self, bytes: u64, nanos: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.reads.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn totals(&self) -> ReadTotals {
         ReadTotals {
             bytes: self.bytes.load(Ordering::Relaxed),

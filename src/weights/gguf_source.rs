@@ -322,6 +322,7 @@ impl TensorSource for GgufSource {
     fn reopen_for_reads(&self) -> Result<Option<Reopened>> {
         let (file, stats) = self.file.with_positioned_reads()?;
         Ok(Some(Reopened {
+            files: vec![file.path().to_path_buf()],
             source: Box::new(GgufSource::new(file, self.names, self.permuted_qk)),
             stats,
         }))

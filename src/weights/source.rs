@@ -62,6 +62,9 @@ pub struct Reopened {
     pub source: Box<dyn TensorSource + Send + Sync>,
     /// Bytes and time its reads have taken.
     pub stats: Arc<ReadStats>,
+    /// The checkpoint's files, whose sizes and modification times identify
+    /// it (a packed expert file made from them is reused while they hold).
+    pub files: Vec<std::path::PathBuf>,
 }
 
 /// Anything the model can be built from: a checkpoint on disk, or freshly
@@ -223,6 +226,7 @@ impl TensorSource for super::SafetensorsFiles {
     fn reopen_for_reads(&self) -> Result<Option<Reopened>> {
         let (files, stats) = self.with_positioned_reads()?;
         Ok(Some(Reopened {
+            files: files.paths().to_vec(),
             source: Box::new(files),
             stats,
         }))

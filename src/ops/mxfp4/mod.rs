@@ -18,6 +18,7 @@ mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx512;
 
+use super::aligned::AlignedVec;
 use super::kernels::{Isa, MAX_TOKENS};
 use super::quant::{BLOCK, QuantizedActs, TILE};
 use crate::error::{Error, Result};
@@ -58,8 +59,8 @@ pub fn e8m0_to_f32(e: u8) -> f32 {
 pub struct Mxfp4Matrix {
     rows: usize,
     cols: usize,
-    quants: Vec<u8>, // [tiles, blocks, TILE * 16]
-    exps: Vec<u8>,   // [tiles, blocks, TILE]
+    quants: AlignedVec<u8>, // [tiles, blocks, TILE * 16]
+    exps: AlignedVec<u8>,   // [tiles, blocks, TILE]
 }
 
 impl std::fmt::Debug for Mxfp4Matrix {
@@ -78,6 +79,23 @@ pub struct Mxfp4Tile<'a> {
 }
 
 impl Mxfp4Matrix {
+    /// A `[rows, cols]` matrix of zero codes, for [`Mxfp4Matrix::buffers_mut`]
+    /// to fill.
+    pub fn empty(rows: usize, cols: usize) -> Result<Self> {
+        Self::zeroed(rows, cols)
+    }
+
+    /// Codes and exponents as their aligned, zero-padded bytes: what a packed
+    /// expert file stores (see [`crate::ops::quant::PackedMatrix::buffers`]).
+    pub fn buffers(&self) -> [&[u8]; 2] {
+        [self.quants.padded_bytes(), self.exps.padded_bytes()]
+    }
+
+    /// The same, writable, for a read straight into the kernels' buffers.
+    pub fn buffers_mut(&mut self) -> [&mut [u8]; 2] {
+        [self.quants.padded_bytes_mut(), self.exps.padded_bytes_mut()]
+    }
+
     fn zeroed(rows: usize, cols: usize) -> Result<Self> {
         if cols == 0 || !cols.is_multiple_of(BLOCK) {
             return Err(Error::InvalidInput(format!(
@@ -88,8 +106,8 @@ impl Mxfp4Matrix {
         Ok(Self {
             rows,
             cols,
-            quants: vec![0; blocks * TILE * BLOCK_BYTES],
-            exps: vec![0; blocks * TILE],
+            quants: AlignedVec::zeroed(blocks * TILE * BLOCK_BYTES),
+            exps: AlignedVec::zeroed(blocks * TILE),
         })
     }
 
