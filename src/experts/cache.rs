@@ -128,6 +128,9 @@ struct CacheState {
     /// Admitted (their bytes already counted) and being read, by the I/O
     /// thread or by a caller outside the lock.
     pending: HashSet<ExpertId>,
+    /// Of `pending`, the background reads not started yet: a call that needs
+    /// one reads it itself instead of waiting behind the queue.
+    queued: HashMap<ExpertId, Job>,
     /// Arrived by prefetch and not asked for yet.
     unused_prefetch: HashSet<ExpertId>,
     /// The last call's experts, which its caller may still be computing with.
@@ -248,6 +251,7 @@ impl ExpertCache {
             resident: ResidentSet::new(Capacity::Global(capacity), memory.policy),
             ffns: HashMap::new(),
             pending: HashSet::new(),
+            queued: HashMap::new(),
             unused_prefetch: HashSet::new(),
             in_use: (0, Vec::new()),
             resident_bytes: 0,
@@ -476,7 +480,14 @@ impl Shared {
     /// bytes counted) when it was queued, and publish it.
     fn read_in_background(&self, job: Job) {
         let id = job.id();
-        let stand_in = self.wants_stand_in(&self.state(), id);
+        let stand_in = {
+            let mut st = self.state();
+            // Taken over by the call that needed it.
+            if st.queued.remove(&id).is_none() {
+                return;
+            }
+            self.wants_stand_in(&st, id)
+        };
         let t = Instant::now();
         let result = self.read(id, stand_in);
         let mut st = self.state();
@@ -510,6 +521,7 @@ impl Shared {
     /// A reserved slot whose read failed or was never made: give it back.
     fn release(&self, st: &mut CacheState, id: ExpertId) {
         st.pending.remove(&id);
+        st.queued.remove(&id);
         if st.resident.remove(id) {
             st.resident_bytes -= self.bytes_of(id);
         }
@@ -686,11 +698,28 @@ impl ExpertProvider for ExpertCache {
             .map(|&expert| ExpertId { layer, expert })
             .collect();
         let mut st = sh.state();
-        // This call's experts that another read is still bringing in: wait for them.
-        if ids.iter().any(|id| st.pending.contains(id)) {
+        // This call's experts whose prefetch is queued and not started: read
+        // here, now, rather than after whatever is queued before them (a wrong
+        // prediction, say). Those another read is bringing in (a full copy
+        // replacing a stand-in, too): wait for them.
+        let stolen: HashMap<ExpertId, Job> = ids
+            .iter()
+            .filter_map(|id| match st.queued.get(id) {
+                Some(&job @ Job::Prefetch(_)) => Some((*id, job)),
+                _ => None,
+            })
+            .collect();
+        for id in stolen.keys() {
+            st.queued.remove(id);
+        }
+        let in_flight = |st: &CacheState| {
+            ids.iter()
+                .any(|id| st.pending.contains(id) && !stolen.contains_key(id))
+        };
+        if in_flight(&st) {
             st = sh
                 .arrived
-                .wait_while(st, |st| ids.iter().any(|id| st.pending.contains(id)))
+                .wait_while(st, |st| in_flight(st))
                 .unwrap_or_else(|p| p.into_inner());
         }
         st.in_use = (layer, experts.to_vec());
@@ -705,12 +734,29 @@ impl ExpertProvider for ExpertCache {
         let mut ffns: Vec<Option<Arc<Ffn>>> = Vec::with_capacity(experts.len());
         let mut outcomes = Vec::with_capacity(experts.len());
         let mut missed = Vec::new();
+        let mut taken_over = Vec::new();
         for &id in &ids {
             st.counts.lookups += 1;
             let found = match st.resident.lookup(id) {
                 Lookup::Hit => st.ffns.get(&id).cloned(),
                 Lookup::Miss => None,
             };
+            if let Some(&job) = stolen.get(&id) {
+                // Admitted when it was queued (a hit, as if it had arrived);
+                // read below like a miss.
+                st.counts.hits += 1;
+                let outcome = match job {
+                    Job::Prefetch(_) => {
+                        st.prefetch.hits += 1;
+                        CacheOutcome::Prefetched
+                    }
+                    Job::Replace(_) => CacheOutcome::Hit,
+                };
+                taken_over.push(ffns.len());
+                ffns.push(None);
+                outcomes.push((id.expert, outcome));
+                continue;
+            }
             if let Some(ffn) = found {
                 st.counts.hits += 1;
                 let outcome = if st.unused_prefetch.remove(&id) {
@@ -744,7 +790,14 @@ impl ExpertProvider for ExpertCache {
         }
         // Every miss takes its slot now, in call order (as the replay admits
         // them): its bytes count while it is read.
-        let mut demand = Vec::new();
+        let mut demand: Vec<DemandRead> = taken_over
+            .into_iter()
+            .map(|rank| DemandRead {
+                rank,
+                id: ids[rank],
+                kept: true,
+            })
+            .collect();
         for rank in missed {
             let id = ids[rank];
             let kept;
@@ -753,6 +806,7 @@ impl ExpertProvider for ExpertCache {
                 demand.push(DemandRead { rank, id, kept });
             } else if kept {
                 // Stood in for: the full copy is read in the background.
+                st.queued.insert(id, Job::Replace(id));
                 let sent = self.io.as_ref().is_some_and(|io| io.send(Job::Replace(id)));
                 if !sent {
                     sh.release(&mut st, id);
@@ -862,6 +916,7 @@ impl ExpertProvider for ExpertCache {
                     sh.evicted(st, evicted);
                     sh.admitted(st, id);
                     st.pending.insert(id);
+                    st.queued.insert(id, Job::Prefetch(id));
                     if !io.send(Job::Prefetch(id)) {
                         sh.release(st, id);
                     }
@@ -891,6 +946,7 @@ impl ExpertProvider for ExpertCache {
         let policy = st.resident.policy();
         st.resident = ResidentSet::new(Capacity::Global(sh.capacity), policy);
         st.ffns.clear();
+        st.queued.clear();
         st.unused_prefetch.clear();
         st.in_use = (0, Vec::new());
         st.resident_bytes = 0;
