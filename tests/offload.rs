@@ -270,14 +270,19 @@ fn packed_file_is_reused_until_the_checkpoint_changes_and_rebuilt_when_damaged()
         .unwrap();
     let (model, rebuilt) = load_packed(model_dir.path(), &packed);
     assert_eq!(rebuilt, file);
-    assert_ne!(inode(&rebuilt), first, "not rebuilt after the checkpoint changed");
+    assert_ne!(
+        inode(&rebuilt),
+        first,
+        "not rebuilt after the checkpoint changed"
+    );
     assert_eq!(logits(&model, &ids), expected);
     // Damage: a header byte, a byte of the first expert's quants, the length.
     let len = std::fs::metadata(&file).unwrap().len();
-    let damages: [(&str, Box<dyn Fn(&mut Vec<u8>)>); 3] = [
-        ("header", Box::new(|b: &mut Vec<u8>| b[40] ^= 0x20)),
-        ("expert", Box::new(|b: &mut Vec<u8>| b[4096 + 100] ^= 0x01)),
-        ("length", Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 4096))),
+    type Damage = fn(&mut Vec<u8>);
+    let damages: [(&str, Damage); 3] = [
+        ("header", |b| b[40] ^= 0x20),
+        ("expert", |b| b[4096 + 100] ^= 0x01),
+        ("length", |b| b.truncate(b.len() - 4096)),
     ];
     for (what, damage) in damages {
         let before = inode(&file);
@@ -326,7 +331,13 @@ fn a_failed_packed_file_write_leaves_no_file() {
         .map(|l| {
             layout.layers[l].as_ref().map(|_| {
                 layout
-                    .load(&files, ExpertId { layer: l as u32, expert: 0 })
+                    .load(
+                        &files,
+                        ExpertId {
+                            layer: l as u32,
+                            expert: 0,
+                        },
+                    )
                     .unwrap()
             })
         })
@@ -335,7 +346,9 @@ fn a_failed_packed_file_write_leaves_no_file() {
     let options = packed_in(ExpertFileMode::On, &packed);
     let convert = |id: ExpertId| {
         if id.layer == 2 && id.expert == 3 {
-            return Err(switchyard::Error::InvalidInput("checkpoint read failed".into()));
+            return Err(switchyard::Error::InvalidInput(
+                "checkpoint read failed".into(),
+            ));
         }
         layout.load(&files, id)
     };

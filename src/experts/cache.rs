@@ -33,9 +33,7 @@ use super::memory::{ExpertMemory, MissPrecision, Prefetch};
 use super::packed::{PackedExperts, PackedPlan};
 use super::policy::{Admission, PolicyKind};
 use super::replay::{CacheCounts, RoutingHistory};
-use super::report::{
-    CacheReport, CacheSnapshot, ExpertFileReport, PrefetchCounts, StandInCounts,
-};
+use super::report::{CacheReport, CacheSnapshot, ExpertFileReport, PrefetchCounts, StandInCounts};
 use super::resident::{Admit, Capacity, Lookup, ResidentSet};
 use super::{CacheOutcome, CallExperts, ExpertId, ExpertLayout, ExpertProvider};
 use crate::config::format_bytes;

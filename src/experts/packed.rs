@@ -231,7 +231,9 @@ impl Landing {
                 q8_activations,
                 ..
             } => LandingWeight::Mxfp4(Mxfp4Matrix::empty(*rows, *cols)?, *q8_activations),
-            MatrixRecord::Dense { dtype, rows, cols, .. } => {
+            MatrixRecord::Dense {
+                dtype, rows, cols, ..
+            } => {
                 let dtype = parse_dtype(dtype)?;
                 LandingWeight::Dense {
                     dtype,
@@ -322,9 +324,10 @@ fn push_padded(out: &mut Vec<u8>, bytes: &[u8]) {
 fn push_linear(out: &mut Vec<u8>, linear: &Linear) -> Result<()> {
     match linear.weight() {
         LinearWeight::Packed(p) => p.buffers().iter().for_each(|b| out.extend_from_slice(b)),
-        LinearWeight::Mxfp4 { matrix, .. } => {
-            matrix.buffers().iter().for_each(|b| out.extend_from_slice(b))
-        }
+        LinearWeight::Mxfp4 { matrix, .. } => matrix
+            .buffers()
+            .iter()
+            .for_each(|b| out.extend_from_slice(b)),
         LinearWeight::Dense(w) => push_padded(out, &tensor_bytes(w)?),
         LinearWeight::Ggml { .. } => {
             return Err(Error::InvalidInput(
@@ -507,8 +510,10 @@ pub fn plan_layers(
             layers.push(None);
             continue;
         };
-        let (Some(g), Some(d)) = (MatrixRecord::of(ffn.gate_up()), MatrixRecord::of(ffn.down()))
-        else {
+        let (Some(g), Some(d)) = (
+            MatrixRecord::of(ffn.gate_up()),
+            MatrixRecord::of(ffn.down()),
+        ) else {
             return Ok(None);
         };
         let stride = expert_bytes(ffn)?.len() as u64;
@@ -746,9 +751,7 @@ impl PackedExperts {
             // Buffered reads of experts in routing order: readahead would
             // only read (and count) bytes no one asked for.
             // SAFETY: the descriptor is open; fadvise touches no memory of ours.
-            unsafe {
-                libc::posix_fadvise(packed.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM)
-            };
+            unsafe { libc::posix_fadvise(packed.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
         }
         Ok(packed)
     }
@@ -766,7 +769,10 @@ impl PackedExperts {
         let data_len: u64 = layers
             .iter()
             .enumerate()
-            .filter_map(|(l, r)| r.as_ref().map(|r| r.stride * plan.layout.num_experts(l) as u64))
+            .filter_map(|(l, r)| {
+                r.as_ref()
+                    .map(|r| r.stride * plan.layout.num_experts(l) as u64)
+            })
             .sum();
         let mut header = Header {
             identity: identity.clone(),
@@ -800,7 +806,9 @@ impl PackedExperts {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let file_name = path.file_name().map_or("experts".into(), |n| n.to_string_lossy());
+        let file_name = path
+            .file_name()
+            .map_or("experts".into(), |n| n.to_string_lossy());
         let tmp_path = dir.join(format!(".{file_name}.{}.{stamp}.tmp", std::process::id()));
         let file = match File::create(&tmp_path).map_err(io(&tmp_path)) {
             Ok(f) => f,
@@ -821,7 +829,10 @@ impl PackedExperts {
                 };
                 let ffn = (plan.convert)(id)?;
                 let bytes = expert_bytes(&ffn)?;
-                let kinds = [MatrixRecord::of(ffn.gate_up()), MatrixRecord::of(ffn.down())];
+                let kinds = [
+                    MatrixRecord::of(ffn.gate_up()),
+                    MatrixRecord::of(ffn.down()),
+                ];
                 if bytes.len() as u64 != record.stride
                     || kinds
                         .iter()
@@ -930,14 +941,10 @@ impl PackedExperts {
     /// Drops the file's cached pages (a buffered fallback's) before a measured run.
     pub fn drop_cached_pages(&self) -> Result<()> {
         // SAFETY: the descriptor is open; fadvise touches no memory of ours.
-        let rc = unsafe {
-            libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
-        };
+        let rc =
+            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         if rc != 0 {
-            return Err(Error::io(
-                &self.path,
-                std::io::Error::from_raw_os_error(rc),
-            ));
+            return Err(Error::io(&self.path, std::io::Error::from_raw_os_error(rc)));
         }
         Ok(())
     }
@@ -1084,7 +1091,11 @@ mod tests {
         let mut version = bytes.clone();
         version[8] = 99;
         assert!(decode(&version).unwrap_err().contains("format version 99"));
-        assert!(decode(&bytes[..PREFIX + 5]).unwrap_err().contains("truncated"));
+        assert!(
+            decode(&bytes[..PREFIX + 5])
+                .unwrap_err()
+                .contains("truncated")
+        );
         assert!(decode(&bytes[..10]).unwrap_err().contains("no header"));
     }
 
@@ -1129,7 +1140,9 @@ mod tests {
             MatrixRecord::of(ffn.gate_up()).unwrap(),
             MatrixRecord::of(ffn.down()).unwrap(),
         ];
-        assert!(matches!(&records[0], MatrixRecord::Packed { format, bias: Some(64), .. } if format == "Q4_0"));
+        assert!(
+            matches!(&records[0], MatrixRecord::Packed { format, bias: Some(64), .. } if format == "Q4_0")
+        );
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&bytes).unwrap();
         let mut g = Landing::new(&records[0]).unwrap();

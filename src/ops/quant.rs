@@ -249,9 +249,8 @@ impl PackedMatrix {
         let nb = cols / BLOCK;
         let nsb = cols / K_SUPER;
         let per_scale = if format.has_super_blocks() { nsb } else { nb };
-        let per_block = |present: bool| {
-            AlignedVec::zeroed(if present { tiles * per_scale * TILE } else { 0 })
-        };
+        let per_block =
+            |present: bool| AlignedVec::zeroed(if present { tiles * per_scale * TILE } else { 0 });
         Self {
             format,
             rows,
