@@ -893,6 +893,15 @@ impl ExpertProvider for ExpertCache {
         }
         st.predictions
             .insert(layer, (experts.to_vec(), BTreeSet::new()));
+        // A prediction covering most of the layer (a prefill's union of every
+        // token's choices) is scored but not read: the call reads nearly all
+        // of those experts itself, and reading them ahead only evicts
+        // experts first. Measured on the bench model's Q4_0 GGUF at 50 %,
+        // prefill with prefetch against without: 0.6-0.8x when such
+        // predictions were read, 0.82-0.93x now.
+        if experts.len() * 2 > self.num_experts(layer as usize) {
+            return;
+        }
         let (busy_layer, busy) = st.in_use.clone();
         for &expert in experts {
             let id = ExpertId { layer, expert };
