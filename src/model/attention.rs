@@ -59,17 +59,64 @@ impl Attention {
     /// `x: [n, hidden] -> [n, hidden]`, the `n` rows being consecutive positions
     /// of one sequence starting at `input.start_position`.
     pub fn forward(&self, x: &Tensor, input: AttentionInput<'_>) -> Result<Tensor> {
-        let cfg = &self.config;
         let n = x.dim(0)?;
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let layer = Some(input.layer);
+        self.forward_batch(x, vec![(0, n, input)])
+    }
+
+    /// Several sequences' rows at once: the q/k/v and o projections run once
+    /// over every row of the batch (each weight read once per step, one
+    /// fork-join each, as for the experts), attention itself per sequence
+    /// against its own cache. Under batch-invariant matmuls (the server's
+    /// mode) every row is computed as it would be alone.
+    ///
+    /// # Shapes
+    /// `x: [rows, hidden] -> [rows, hidden]`; `seqs`: `(first row, rows, input)`
+    /// of each sequence, in row order, covering `x`.
+    pub fn forward_batch(
+        &self,
+        x: &Tensor,
+        seqs: Vec<(usize, usize, AttentionInput<'_>)>,
+    ) -> Result<Tensor> {
+        let layer = seqs.first().map(|(_, _, i)| i.layer);
         let proj = profile::span(Phase::AttentionProjections, layer);
         let qkv = Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?;
         drop(proj);
-        let core = profile::span(Phase::AttentionCore, layer);
-        let [mut q, mut k, mut v]: [Tensor; 3] = qkv
+        let [q, k, v]: [Tensor; 3] = qkv
             .try_into()
-            .map_err(|_| Error::InvalidInput("q/k/v projection count".into()))?; // [n, nh * hd], [n, nkv * hd] x2
+            .map_err(|_| Error::InvalidInput("q/k/v projection count".into()))?; // [rows, nh * hd], [rows, nkv * hd] x2
+        let single = seqs.len() == 1;
+        let mut outs = Vec::with_capacity(seqs.len());
+        for (row, n, input) in seqs {
+            let rows = |t: &Tensor| match single {
+                true => Ok(t.clone()),
+                false => t.narrow(0, row, n),
+            };
+            outs.push(self.attend(rows(&q)?, rows(&k)?, rows(&v)?, input)?);
+        }
+        let out = match outs.len() {
+            1 => outs.pop().unwrap_or_else(|| q.clone()),
+            _ => Tensor::cat(&outs, 0)?,
+        };
+        let _proj = profile::span(Phase::AttentionProjections, layer);
+        self.o_proj.forward(&out)
+    }
+
+    /// One sequence's attention from its projected rows, before `o_proj`.
+    ///
+    /// # Shapes
+    /// `q: [n, nh * hd]`, `k, v: [n, nkv * hd] -> [n, nh * hd]`
+    fn attend(
+        &self,
+        mut q: Tensor,
+        mut k: Tensor,
+        mut v: Tensor,
+        input: AttentionInput<'_>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let n = q.dim(0)?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let layer = Some(input.layer);
+        let _core = profile::span(Phase::AttentionCore, layer);
         if cfg.qk_norm == QkNorm::Full {
             q = norm(&self.q_norm, &q)?;
             k = norm(&self.k_norm, &k)?;
@@ -117,13 +164,11 @@ impl Attention {
                 v.narrow(1, total - seen, seen)?,
             );
             let out = attend_cache(&q, &k, &v, scale as f32, sinks)?; // [nkv, group, hd]
-            drop(core);
-            let _proj = profile::span(Phase::AttentionProjections, layer);
-            return self.o_proj.forward(&out.reshape((1, nh * hd))?);
+            return Ok(out.reshape((1, nh * hd))?);
         }
         let scores = (q.matmul(&k.t()?)? * scale)?; // [nkv, group * n, total]
         let scores = if n > 1 || window.is_some_and(|w| w < total) {
-            let mask = causal_mask(n, total, window, x.device())?; // [n, total]
+            let mask = causal_mask(n, total, window, q.device())?; // [n, total]
             scores
                 .reshape((nkv, group, n, total))?
                 .broadcast_add(&mask.to_dtype(scores.dtype())?)?
@@ -135,7 +180,7 @@ impl Attention {
             None => softmax_last_dim(&scores)?,
             Some(sinks) => {
                 // One more logit per row (its head's sink), dropped after the softmax.
-                let col = Tensor::from_slice(sinks, (nkv, group, 1, 1), x.device())?
+                let col = Tensor::from_slice(sinks, (nkv, group, 1, 1), q.device())?
                     .broadcast_as((nkv, group, n, 1))?
                     .reshape((nkv, group * n, 1))?
                     .to_dtype(scores.dtype())?;
@@ -147,9 +192,7 @@ impl Attention {
             .reshape((nh, n, hd))?
             .transpose(0, 1)?
             .reshape((n, nh * hd))?;
-        drop(core);
-        let _proj = profile::span(Phase::AttentionProjections, layer);
-        self.o_proj.forward(&out)
+        Ok(out)
     }
 }
 

@@ -25,6 +25,31 @@ impl AttentionBlock {
         }
     }
 
+    /// Several sequences' rows at once (see [`Attention::forward_batch`]);
+    /// latent attention runs each sequence by itself.
+    ///
+    /// # Shapes
+    /// `x: [rows, hidden] -> [rows, hidden]`
+    pub fn forward_batch(
+        &self,
+        x: &Tensor,
+        seqs: Vec<(usize, usize, AttentionInput<'_>)>,
+    ) -> Result<Tensor> {
+        match self {
+            AttentionBlock::Grouped(a) => a.forward_batch(x, seqs),
+            AttentionBlock::Latent(a) => {
+                let mut parts = Vec::with_capacity(seqs.len());
+                for (row, n, input) in seqs {
+                    parts.push(a.forward(&x.narrow(0, row, n)?, input)?);
+                }
+                Ok(match parts.len() {
+                    1 => parts.pop().unwrap_or_else(|| x.clone()),
+                    _ => Tensor::cat(&parts, 0)?,
+                })
+            }
+        }
+    }
+
     pub fn grouped(&self) -> Option<&Attention> {
         match self {
             AttentionBlock::Grouped(a) => Some(a),

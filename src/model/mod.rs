@@ -225,25 +225,20 @@ impl Model {
             let norm = profile::span(Phase::Norm, Some(l));
             let h = layer.norms.attention_input(&x)?;
             drop(norm);
-            let mut parts = Vec::with_capacity(seqs.len());
-            for (seq, rows) in seqs.iter_mut().zip(layout.sequences()) {
-                let input = AttentionInput {
-                    layer: l,
-                    start_position: rows.start_position,
-                    rope: &self.rope,
-                    cache: seq.cache.as_deref_mut(),
-                };
-                parts.push(
-                    layer
-                        .attention
-                        .forward(&h.narrow(0, rows.row_start, rows.n_tokens)?, input)?,
-                );
-            }
-            let attn = if parts.len() == 1 {
-                parts.pop().unwrap_or_else(|| h.clone())
-            } else {
-                Tensor::cat(&parts, 0)?
-            };
+            let inputs = seqs
+                .iter_mut()
+                .zip(layout.sequences())
+                .map(|(seq, rows)| {
+                    let input = AttentionInput {
+                        layer: l,
+                        start_position: rows.start_position,
+                        rope: &self.rope,
+                        cache: seq.cache.as_deref_mut(),
+                    };
+                    (rows.row_start, rows.n_tokens, input)
+                })
+                .collect();
+            let attn = layer.attention.forward_batch(&h, inputs)?;
             let norm = profile::span(Phase::Norm, Some(l));
             x = layer.norms.add_attention(&x, &attn)?;
             let h = layer.norms.ffn_input(&x)?;
