@@ -934,6 +934,10 @@ impl ExpertProvider for ExpertCache {
     }
 
     /// The snapshot is taken under the lock; Belady's MIN is replayed after.
+    fn reads_in_background(&self) -> bool {
+        self.io.is_some()
+    }
+
     fn cache_report(&self) -> Option<CacheReport> {
         Some(self.snapshot().into_report())
     }

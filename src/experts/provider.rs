@@ -45,6 +45,13 @@ pub trait ExpertProvider: Send + Sync + fmt::Debug {
     /// ascending): a cache may start reading them in the background.
     fn prefetch(&self, _layer: u32, _experts: &[u32]) {}
 
+    /// Whether a background thread reads experts while the model computes
+    /// (prefetch, stand-ins' full copies): it needs a core of its own now and
+    /// then, so the compute threads must not poll for work between sections.
+    fn reads_in_background(&self) -> bool {
+        false
+    }
+
     /// Hit rate, optimal hit rate and bytes read since the cache was opened
     /// or last reset; `None` when every expert is resident.
     fn cache_report(&self) -> Option<CacheReport> {
