@@ -14,6 +14,8 @@ use candle_core::DType;
 use clap::builder::RangedU64ValueParser;
 use clap::{Args, ValueEnum};
 use switchyard::Engine;
+use switchyard::config::ModelConfig;
+use switchyard::experts::CacheReport;
 use switchyard::generate::{SamplingParams, SchedulerOptions, SequenceRequest, StepEvent};
 use switchyard::model::{LoadOptions, NoObserver, RoutingObserver, SequenceId};
 use switchyard::ops::{QuantKind, bandwidth};
@@ -147,9 +149,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             non_expert_bytes: (active - engine.expert_bytes_per_token() + embed_bytes) as u64,
             budget_bytes: report.budget_bytes,
             kv_bytes: 2 * cfg.num_layers as u64 * cfg.attention.kv_dim() as u64 * positions * 4,
-            read_buffer_bytes: 2
-                * (1 + u64::from(report.prefetch.is_some()))
-                * (report.budget_bytes / report.capacity_experts.max(1) as u64),
+            read_buffer_bytes: read_buffer_bytes(&report, cfg),
         }
         .check(ours.peak_rss_bytes)?;
     }
@@ -379,4 +379,20 @@ fn peak_rss_bytes() -> u64 {
 /// Restarts `VmHWM` from the current resident size, so each engine's peak is its own.
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Memory a run's expert reads hold outside the cache's count: per reading
+/// thread (the caller, and the background reader under prefetch or stand-ins)
+/// an expert's bytes as read beside its converted copy, and with stand-ins the
+/// f32 copy of the expert that quantizing its 4-bit stand-in goes through.
+fn read_buffer_bytes(report: &CacheReport, cfg: &ModelConfig) -> u64 {
+    let background = report.prefetch.is_some() || report.stand_ins.is_some();
+    let threads = 1 + u64::from(background);
+    let expert = report.budget_bytes / report.capacity_experts.max(1) as u64;
+    let f32_expert = report
+        .stand_ins
+        .is_some()
+        .then(|| (3 * cfg.hidden_size * cfg.moe.expert_ffn * 4) as u64)
+        .unwrap_or(0);
+    threads * (2 * expert + f32_expert)
 }
