@@ -657,6 +657,85 @@ fn quantized_gguf_runs_natively_and_matches_its_dequantized_weights() {
     }
 }
 
+/// `src` re-encoded in `dtype`, loaded natively and through [`Dequantized`].
+fn native_and_dequantized(src: &str, dtype: GgmlDType, path: &Path) -> (Model, Model) {
+    requantize(&gguf_fixture(src), dtype, path);
+    let native = Model::load(path, &LoadOptions::default()).unwrap();
+    let (cfg, src) = switchyard::config::open_gguf(path).unwrap();
+    let dense = Model::from_source(&cfg, &Dequantized(src), &LoadOptions::default()).unwrap();
+    (native, dense)
+}
+
+/// A quantized GGUF's token embedding stays in the file in its stored blocks:
+/// no table in memory, and a lookup decodes exactly the rows of the table
+/// dequantized whole (what the model held before), first and last rows
+/// included. A tied file (ERNIE's) gives its lm_head the same stored blocks
+/// on our kernels, within the per-matrix bound of the untied lm_head above.
+#[test]
+fn quantized_gguf_embedding_stays_in_its_blocks() {
+    for (src, dtype) in [
+        ("qwen3_moe-f16.gguf", GgmlDType::Q8_0),
+        ("qwen3_moe-f16.gguf", GgmlDType::Q4_0),
+        ("ernie4_5_moe-f16.gguf", GgmlDType::Q8_0),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (native, dense) = native_and_dequantized(src, dtype, &tmp.path().join("m.gguf"));
+        let embed = native.embedding();
+        assert_eq!(embed.block_dtype(), Some(dtype), "{src} {dtype:?}");
+        assert_eq!(embed.resident_bytes(), 0, "{src} {dtype:?}");
+        let vocab = native.config().vocab_size as u32;
+        let ids = [vocab - 1, 0, 1, vocab / 2, vocab - 1];
+        let ours = embed.lookup(&ids).unwrap().to_vec2::<f32>().unwrap();
+        let theirs = dense.embedding().lookup(&ids).unwrap();
+        assert_eq!(ours, theirs.to_vec2::<f32>().unwrap(), "{src} {dtype:?}");
+        if native.config().tie_word_embeddings {
+            assert!(
+                !matches!(native.lm_head().weight(), LinearWeight::Dense(_)),
+                "{src}: tied lm_head expanded to a dense tensor"
+            );
+            let x = candle_core::Tensor::randn(0f32, 1.0, (5, embed.cols()), &Device::Cpu).unwrap();
+            let (yq, yd) = (native.lm_head().forward(&x), dense.lm_head().forward(&x));
+            let (yq, yd) = (
+                yq.unwrap().to_vec2().unwrap(),
+                yd.unwrap().to_vec2().unwrap(),
+            );
+            let rel = diff(&yq, &yd).rel_rms;
+            assert!(
+                rel < 0.01,
+                "{src} {dtype:?}: tied lm_head relative RMS {rel}"
+            );
+        }
+    }
+}
+
+/// The embedding's rows are read from the file at every lookup, so a file cut
+/// short after load fails the forward with an error naming it, not SIGBUS.
+#[test]
+fn gguf_embedding_truncated_after_load_fails_the_run_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("model.gguf");
+    let (model, _) = native_and_dequantized("qwen3_moe-f16.gguf", GgmlDType::Q8_0, &path);
+    let offset = GgufFile::open(&path)
+        .unwrap()
+        .tensor_info("token_embd.weight")
+        .unwrap()
+        .file_offset();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(offset as u64)
+        .unwrap();
+    let err = model
+        .score(&[1, 2, 3], &mut switchyard::model::NoObserver)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.gguf") && err.contains("token_embd.weight"),
+        "{err}"
+    );
+}
+
 /// A gross-error check of the 4- and 5-bit paths end to end (their exact decoding
 /// is `every_quantized_type_decodes_like_gguf_py`): on this tiny random model,
 /// embeddings included, 4-bit weights move the logits by 30-45% relative RMS and

@@ -142,8 +142,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             process_read_bytes().saturating_sub(runner.process_read_at_warmup)
         );
         let cfg = engine.config();
-        let embed = engine.model().embedding();
-        let embed_bytes = embed.elem_count() * embed.dtype().size_in_bytes();
+        let embed_bytes = engine.model().embedding().resident_bytes();
         let positions = (args.prompt_tokens + args.gen_tokens) as u64;
         MemoryBound {
             non_expert_bytes: (active - engine.expert_bytes_per_token() + embed_bytes) as u64,

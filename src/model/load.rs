@@ -20,7 +20,7 @@ use crate::experts::{
     ExpertCache, ExpertDims, ExpertLayout, ExpertMemory, ExpertProvider, ExpertReads, ExpertStore,
     LayerExperts, Prefetch, moe_prefix,
 };
-use crate::ops::{Ffn, Linear, QuantKind, RmsNorm, RopeTable};
+use crate::ops::{Embedding, Ffn, Linear, QuantKind, RmsNorm, RopeTable};
 use crate::weights::{MoeNames, TensorSource};
 
 #[derive(Debug, Clone)]
@@ -76,12 +76,19 @@ pub(super) fn build(
     };
     let bar = progress_bar(opts.progress, cfg.num_layers);
     let h = cfg.hidden_size;
-    let embed = loader.finite(
-        "model.embed_tokens.weight",
-        loader.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?,
-    )?;
+    let embed = loader.embedding()?;
     let lm_head = if cfg.tie_word_embeddings {
-        loader.quantized_output(Linear::new(embed.clone(), None))?
+        match embed.dense_table() {
+            Some(table) => loader.quantized_output(Linear::new(table.clone(), None))?,
+            // Stored quantized: the output projection reads the same blocks on
+            // our kernels, as an untied quantized `output.weight` does.
+            None => loader.quantized_output(loader.linear(
+                "model.embed_tokens",
+                cfg.vocab_size,
+                h,
+                false,
+            )?)?,
+        }
     } else {
         loader.quantized_output(loader.linear("lm_head", cfg.vocab_size, h, false)?)?
     };
@@ -140,6 +147,7 @@ pub(super) fn build(
     };
     Ok(Model {
         config: cfg.clone(),
+        dtype: opts.dtype,
         embed,
         layers,
         norm,
@@ -184,10 +192,6 @@ fn progress_bar(enabled: bool, len: usize) -> ProgressBar {
 }
 
 impl Loader<'_> {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.src.load(name, shape, self.dtype)
-    }
-
     /// `linear` converted to `--quant`'s format, if one is set.
     fn quantized(&self, linear: Linear) -> Result<Linear> {
         match self.quant {
@@ -212,6 +216,19 @@ impl Loader<'_> {
             Some(kind) => ffns.par_iter().map(|f| f.quantize(kind)).collect(),
             None => Ok(ffns),
         }
+    }
+
+    /// The token embedding, checked to be finite.
+    fn embedding(&self) -> Result<Embedding> {
+        let name = "model.embed_tokens.weight";
+        let shape = [self.cfg.vocab_size, self.cfg.hidden_size];
+        let embed = self.src.load_embedding(name, shape, self.dtype)?;
+        if embed.all_finite()? == Some(false) {
+            return Err(Error::InvalidInput(format!(
+                "tensor {name:?} holds non-finite values (NaN or Inf)"
+            )));
+        }
+        Ok(embed)
     }
 
     fn norm(&self, name: &str, dim: usize) -> Result<RmsNorm> {

@@ -31,7 +31,7 @@ pub use profile::Phase;
 use crate::config::{ModelConfig, load_model_config, open_gguf};
 use crate::error::{Error, Result};
 use crate::experts::ExpertProvider;
-use crate::ops::{Linear, RmsNorm, RopeTable};
+use crate::ops::{Embedding, Linear, RmsNorm, RopeTable};
 use crate::weights::{GgufFile, SafetensorsFiles, TensorSource};
 
 /// Forwards of at most this many tokens keep the pool's threads polling
@@ -41,7 +41,9 @@ const SPIN_MAX_TOKENS: usize = 64;
 #[derive(Debug)]
 pub struct Model {
     config: ModelConfig,
-    embed: Tensor, // [vocab, hidden]
+    /// Element type weights were converted to at load.
+    dtype: DType,
+    embed: Embedding, // [vocab, hidden]
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -118,7 +120,7 @@ impl Model {
         &self.experts
     }
 
-    pub fn embedding(&self) -> &Tensor {
+    pub fn embedding(&self) -> &Embedding {
         &self.embed
     }
 
@@ -131,7 +133,7 @@ impl Model {
     }
 
     pub fn dtype(&self) -> DType {
-        self.embed.dtype()
+        self.dtype
     }
 
     pub fn device(&self) -> &Device {
@@ -217,10 +219,9 @@ impl Model {
             layout.push(seq.id, seq.tokens.len(), start);
             ids.extend_from_slice(seq.tokens);
         }
-        let ids_t = Tensor::new(ids.as_slice(), self.device())?;
         // Activations are f32 whatever the weights' type, as in llama.cpp: the
         // kernels widen bf16/f16 weights in registers and quantize activations per block.
-        let mut x = self.embed.index_select(&ids_t, 0)?.to_dtype(DType::F32)?; // [n_tokens, hidden]
+        let mut x = self.embed.lookup(&ids)?; // [n_tokens, hidden]
         let mut router_logits = Vec::new();
 
         for (l, layer) in self.layers.iter().enumerate() {

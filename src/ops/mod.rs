@@ -6,6 +6,7 @@
 pub mod aligned;
 mod attention;
 pub mod bandwidth;
+mod embedding;
 mod ffn;
 pub mod kernels;
 mod linear;
@@ -16,6 +17,7 @@ pub mod quant;
 mod rope;
 
 pub use attention::attend_cache;
+pub use embedding::{BlockRows, Embedding};
 pub use ffn::{Ffn, FfnInput, FfnScratch, GluActivation};
 pub use linear::{Linear, LinearWeight, with_thread_scratch};
 pub use matmul::{

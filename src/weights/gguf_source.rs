@@ -6,6 +6,10 @@
 //! halves it splits multi-head latent attention's `kv_b_proj` into.
 
 use std::borrow::Cow;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
@@ -15,8 +19,8 @@ use super::gguf::{GgufDType, GgufFile, GgufTensorInfo, decode, to_qtensor};
 use super::names::{GgufLocation, MoeNames};
 use super::source::{Reopened, load_stacked};
 use crate::error::{Error, Result};
-use crate::ops::Linear;
 use crate::ops::mxfp4::Mxfp4Matrix;
+use crate::ops::{BlockRows, Embedding, Linear};
 
 /// Query/key head counts, for undoing the converter's rotary permutation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,6 +313,25 @@ impl TensorSource for GgufSource {
         t
     }
 
+    /// A table in a quantized GGML type stays in the file: each lookup reads its
+    /// tokens' rows ([`FileRows`]). Float tables are loaded in `dtype`.
+    fn load_embedding(&self, name: &str, shape: [usize; 2], dtype: DType) -> Result<Embedding> {
+        let p = self.piece(name, &shape)?;
+        match p.info.dtype.ggml() {
+            Some(GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) | None => {
+                let table = decode(&p.bytes, p.info.dtype, &p.shape, dtype);
+                self.file.release(&p.bytes);
+                Embedding::dense(table?)
+            }
+            // The map lent `p.bytes` untouched; nothing was faulted in to release.
+            Some(d) => {
+                let gguf_name = self.resolve(self.locate(name)?).name;
+                let rows = FileRows::open(self.file.path(), &gguf_name, p.info)?;
+                Embedding::blocks(d, shape[0], shape[1], Box::new(rows))
+            }
+        }
+    }
+
     fn contains(&self, name: &str) -> bool {
         (self.names.gguf_location(name))
             .is_some_and(|loc| self.file.contains(&self.resolve(loc).name))
@@ -349,5 +372,67 @@ impl TensorSource for GgufSource {
             Some(Stacked::Mxfp4(m)) => Ok(Linear::from_mxfp4(m, bias)),
             None => Ok(Linear::new(load_stacked(self, parts, cols, dtype)?, bias)),
         }
+    }
+}
+
+/// A tensor's bytes read from its GGUF file on demand (the token embedding):
+/// a lookup reads only its tokens' rows, one positioned read each, so the
+/// table costs the process no memory, as llama.cpp's map, which faults in only
+/// the rows it touches. Unlike a map, a file truncated after load fails the
+/// lookup with an error naming it instead of SIGBUS.
+#[derive(Debug)]
+pub struct FileRows {
+    file: File,
+    path: PathBuf,
+    /// The tensor's GGUF name, for errors.
+    name: String,
+    start: u64,
+    len: usize,
+}
+
+impl FileRows {
+    fn open(path: &Path, name: &str, info: &GgufTensorInfo) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // Lookups jump around the table: readahead would only fill the page
+        // cache with rows no one asked for. Advice only, so a refusal is not an error.
+        // SAFETY: the descriptor is open; fadvise touches no memory of ours.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            start: info.file_offset() as u64,
+            len: info.size_in_bytes(),
+        })
+    }
+}
+
+impl BlockRows for FileRows {
+    fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        let end = offset + out.len();
+        if end > self.len {
+            return Err(Error::InvalidInput(format!(
+                "{}: bytes {offset}..{end} are outside tensor `{}` of {} bytes",
+                self.path.display(),
+                self.name,
+                self.len
+            )));
+        }
+        self.file
+            .read_exact_at(out, self.start + offset as u64)
+            .map_err(|e| {
+                let e = std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "reading tensor `{}` bytes {offset}..{end}: {e} (truncated after load?)",
+                        self.name
+                    ),
+                );
+                Error::io(&self.path, e)
+            })
+    }
+
+    fn resident_bytes(&self) -> usize {
+        0
     }
 }

@@ -4,8 +4,8 @@ use candle_core::{DType, Tensor};
 
 use super::backing::ReadStats;
 use crate::error::{Error, Result};
-use crate::ops::Linear;
 use crate::ops::mxfp4::Mxfp4Matrix;
+use crate::ops::{Embedding, Linear};
 
 /// How one slice of a stored 3-D tensor maps to a [`Linear`]'s `[out, in]`
 /// weight.
@@ -74,6 +74,12 @@ pub trait TensorSource {
     fn load(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor>;
     /// Whether the source has (or will provide) a tensor of that name.
     fn contains(&self, name: &str) -> bool;
+
+    /// The `[vocab, hidden]` token embedding `name`: by default loaded in
+    /// `dtype`; a source holding it quantized (GGUF) keeps it in its blocks.
+    fn load_embedding(&self, name: &str, shape: [usize; 2], dtype: DType) -> Result<Embedding> {
+        Embedding::dense(self.load(name, &shape, dtype)?)
+    }
 
     /// Slice `index` along the first dimension of the tensor `name` of `shape`
     /// (one expert of a fused expert tensor). File sources read only the slice.
