@@ -4,7 +4,6 @@
 //! so its f32 form (4x a Q8_0 table, 7x a Q4_0 one) never exists.
 
 use candle_core::quantized::GgmlDType;
-use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -100,19 +99,18 @@ impl Embedding {
                 row_bytes,
                 rows,
             } => {
-                let mut buf = BlockBuffer::new(ids.len() * row_bytes);
-                for (i, &id) in ids.iter().enumerate() {
-                    let out = &mut buf.bytes()[i * row_bytes..][..*row_bytes];
+                let mut buf = vec![0u8; ids.len() * row_bytes];
+                for (out, &id) in buf.chunks_exact_mut(*row_bytes).zip(ids) {
                     rows.read(id as usize * row_bytes, out)?;
                 }
-                self.decode(*dtype, buf.bytes(), ids.len())
+                self.decode(*dtype, &buf, ids.len())
             }
         }
     }
 
     /// `n` rows of `dtype` blocks as f32 `[n, cols]`.
     fn decode(&self, dtype: GgmlDType, bytes: &[u8], n: usize) -> Result<Tensor> {
-        let q = qtensor_from_ggml(dtype, bytes, vec![n, self.cols], &Device::Cpu)?;
+        let q = super::ggml_qtensor(bytes, dtype, &[n, self.cols])?;
         Ok(q.dequantize(&self.device)?)
     }
 
@@ -127,10 +125,10 @@ impl Embedding {
         else {
             return Ok(self.dense_table().and_then(super::all_finite));
         };
-        let mut buf = BlockBuffer::new(CHECK_ROWS * row_bytes);
+        let mut buf = vec![0u8; CHECK_ROWS * row_bytes];
         for first in (0..self.rows).step_by(CHECK_ROWS) {
             let n = CHECK_ROWS.min(self.rows - first);
-            let bytes = &mut buf.bytes()[..n * row_bytes];
+            let bytes = &mut buf[..n * row_bytes];
             rows.read(first * row_bytes, bytes)?;
             if super::all_finite(&self.decode(*dtype, bytes, n)?) == Some(false) {
                 return Ok(Some(false));
@@ -173,26 +171,6 @@ impl Embedding {
 
     pub fn device(&self) -> &Device {
         &self.device
-    }
-}
-
-/// Bytes aligned for candle, which reinterprets them as blocks (alignment at most 4).
-struct BlockBuffer {
-    words: Vec<u64>,
-    len: usize,
-}
-
-impl BlockBuffer {
-    fn new(len: usize) -> Self {
-        Self {
-            words: vec![0; len.div_ceil(8)],
-            len,
-        }
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: `words` owns at least `len` initialised bytes, and u8 has no alignment.
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
     }
 }
 

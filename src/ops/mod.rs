@@ -46,6 +46,28 @@ pub fn all_finite(t: &Tensor) -> Option<bool> {
     }
 }
 
+/// GGML-encoded `bytes` holding exactly `shape` elements of `dtype` as a candle
+/// `QTensor` (the bytes are copied). candle reinterprets them as blocks
+/// (alignment at most 4), so unaligned bytes, e.g. one expert's slice of a
+/// merged tensor, are first copied to an aligned buffer.
+pub fn ggml_qtensor(
+    bytes: &[u8],
+    dtype: candle_core::quantized::GgmlDType,
+    shape: &[usize],
+) -> Result<candle_core::quantized::QTensor> {
+    use candle_core::quantized::ggml_file::qtensor_from_ggml;
+    let device = &candle_core::Device::Cpu;
+    if (bytes.as_ptr() as usize).is_multiple_of(8) {
+        return qtensor_from_ggml(dtype, bytes, shape.to_vec(), device);
+    }
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: `words` owns at least `bytes.len()` initialised bytes, and u8 has no alignment.
+    let aligned =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len()) };
+    aligned.copy_from_slice(bytes);
+    qtensor_from_ggml(dtype, aligned, shape.to_vec(), device)
+}
+
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     if xs.track_op() {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use super::backing::{Backing, ReadStats};
 use crate::error::{Error, Result};
 use crate::ops::mxfp4::Mxfp4Matrix;
-use candle_core::quantized::{GgmlDType, QTensor, ggml_file::qtensor_from_ggml};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 pub use write::GgufTensorOut;
 
@@ -422,15 +422,5 @@ pub(crate) fn to_qtensor(
             bytes.len()
         );
     }
-    // candle reinterprets the bytes as blocks (alignment at most 4): copy
-    // unaligned data, e.g. one expert's slice of a merged tensor, first.
-    if (bytes.as_ptr() as usize).is_multiple_of(8) {
-        return qtensor_from_ggml(dtype, bytes, shape.to_vec(), &Device::Cpu);
-    }
-    let mut words = vec![0u64; bytes.len().div_ceil(8)];
-    // SAFETY: `words` owns at least `bytes.len()` initialised bytes, and u8 has no alignment.
-    let aligned =
-        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len()) };
-    aligned.copy_from_slice(bytes);
-    qtensor_from_ggml(dtype, aligned, shape.to_vec(), &Device::Cpu)
+    crate::ops::ggml_qtensor(bytes, dtype, shape)
 }
