@@ -388,10 +388,10 @@ fn read_buffer_bytes(report: &CacheReport, cfg: &ModelConfig) -> u64 {
     let background = report.prefetch.is_some() || report.stand_ins.is_some();
     let threads = 1 + u64::from(background);
     let expert = report.budget_bytes / report.capacity_experts.max(1) as u64;
-    let f32_expert = report
-        .stand_ins
-        .is_some()
-        .then(|| (3 * cfg.hidden_size * cfg.moe.expert_ffn * 4) as u64)
-        .unwrap_or(0);
+    let f32_expert = if report.stand_ins.is_some() {
+        (3 * cfg.hidden_size * cfg.moe.expert_ffn * 4) as u64
+    } else {
+        0
+    };
     threads * (2 * expert + f32_expert)
 }
