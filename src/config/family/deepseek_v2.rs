@@ -67,14 +67,9 @@ pub(super) const DEEPSEEK_HF: HfKeys = HfKeys {
 /// adjacent pairs (`LLAMA_ROPE_TYPE_NORM`) without permuting rows, and splits
 /// `kv_b_proj` into `attn_k_b` / `attn_v_b` (joined again at load).
 pub(super) const DEEPSEEK_GGUF: GgufKeys = GgufKeys {
-    arch: "deepseek2",
-    expert_ffn: &["expert_feed_forward_length"],
-    dense_ffn: Some("feed_forward_length"),
     norm_topk_prob: false,
-    permuted_qk: false,
-    variant: None,
     yarn_log_mul_tenth: true,
-    yarn_truncate: true,
+    ..GgufKeys::standard("deepseek2")
 };
 
 /// DeepSeek's MoE tensors; the GGUF side is llama.cpp's `deepseek2` naming.

@@ -47,17 +47,8 @@ pub static ERNIE4_5_MOE: Family = Family {
         unsupported_switches: &["use_bias"],
         export: None,
     },
-    gguf: Some(GgufKeys {
-        arch: "ernie4_5-moe",
-        expert_ffn: &["expert_feed_forward_length"],
-        dense_ffn: Some("feed_forward_length"),
-        norm_topk_prob: true,
-        // llama.cpp rotates ERNIE's adjacent pairs as stored.
-        permuted_qk: false,
-        variant: None,
-        yarn_log_mul_tenth: false,
-        yarn_truncate: true,
-    }),
+    // q/k rows not permuted: llama.cpp rotates ERNIE's adjacent pairs as stored.
+    gguf: Some(GgufKeys::standard("ernie4_5-moe")),
     names: MoeNames {
         selection_bias: Some(("moe_statics.e_score_correction_bias", "exp_probs_b.bias")),
         selection_bias_is_parameter: true,

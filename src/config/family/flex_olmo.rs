@@ -4,34 +4,19 @@
 //! Qwen-style expert names.
 //! Upstream: transformers `configuration_flex_olmo.py` / `modeling_flex_olmo.py`.
 
+use super::olmoe::OLMOE_HF;
 use super::qwen3_moe::QWEN_NAMES;
-use super::{
-    AttentionKind, ExpertKind, Family, Flag, HfKeys, NUM_EXPERTS, NormPlacement, RouterKeys,
-    SparseLayers, TOP_K,
-};
+use super::{AttentionKind, ExpertKind, Family, HfKeys, NormPlacement};
 use crate::config::{QkNorm, RouterSpec};
 
 pub static FLEX_OLMO: Family = Family {
     model_types: &["flex_olmo"],
+    // transformers' `attribute_map` sends `num_local_experts` to `num_experts`,
+    // as OLMoE's does.
     hf: HfKeys {
         class: "FlexOlmoForCausalLM",
-        // transformers' `attribute_map` sends `num_local_experts` to `num_experts`.
-        num_experts: NUM_EXPERTS,
-        top_k: TOP_K,
-        expert_ffn: &["intermediate_size"],
-        dense_ffn: &[],
-        shared_expert_ffn: &[],
-        shared_experts: &[],
-        router: RouterKeys::NONE,
-        qkv_bias: Flag {
-            keys: &["attention_bias"],
-            default: false,
-        },
-        norm_topk_prob: &["norm_topk_prob"],
-        sparse_layers: SparseLayers::All,
         sliding_window_switch: None,
-        unsupported_switches: &[],
-        export: None,
+        ..OLMOE_HF
     },
     // llama.cpp has no FlexOlmo architecture.
     gguf: None,

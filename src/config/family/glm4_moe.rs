@@ -33,17 +33,8 @@ pub static GLM4_MOE: Family = Family {
     // llama.cpp's `glm4moe`: rotary in halves (`LLAMA_ROPE_TYPE_NEOX`) with
     // q/k rows as transformers has them; the file's q/k norms stand for
     // `use_qk_norm`, its `nextn_predict_layers` are left out of the layers run.
-    gguf: Some(GgufKeys {
-        arch: "glm4moe",
-        expert_ffn: &["expert_feed_forward_length"],
-        dense_ffn: Some("feed_forward_length"),
-        norm_topk_prob: true,
-        permuted_qk: false,
-        variant: None,
-        yarn_log_mul_tenth: false,
-        // transformers' default where `rope_parameters` has no `truncate`.
-        yarn_truncate: true,
-    }),
+    // YaRN truncates: transformers' default where `rope_parameters` has no `truncate`.
+    gguf: Some(GgufKeys::standard("glm4moe")),
     names: MoeNames {
         selection_bias: Some(("gate.e_score_correction_bias", "exp_probs_b.bias")),
         post_attention_norm: "post_attention_norm",

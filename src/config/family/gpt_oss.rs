@@ -39,14 +39,10 @@ pub static GPT_OSS: Family = Family {
     // llama.cpp's `gpt-oss`: MXFP4 experts split into gate and up, the
     // post-attention norm named `post_attention_norm`, even layers sliding.
     gguf: Some(GgufKeys {
-        arch: "gpt-oss",
-        expert_ffn: &["expert_feed_forward_length"],
         dense_ffn: None,
         norm_topk_prob: false,
-        permuted_qk: false,
-        variant: None,
-        yarn_log_mul_tenth: false,
         yarn_truncate: false,
+        ..GgufKeys::standard("gpt-oss")
     }),
     names: MoeNames {
         router: ("router", "ffn_gate_inp"),

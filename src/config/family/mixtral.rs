@@ -33,15 +33,11 @@ pub static MIXTRAL: Family = Family {
         export: None,
     },
     gguf: Some(GgufKeys {
-        arch: "llama",
         // `feed_forward_length` is the expert width: every layer is sparse.
         expert_ffn: &["expert_feed_forward_length", "feed_forward_length"],
         dense_ffn: None,
-        norm_topk_prob: true,
         permuted_qk: true,
-        variant: None,
-        yarn_log_mul_tenth: false,
-        yarn_truncate: true,
+        ..GgufKeys::standard("llama")
     }),
     names: MoeNames {
         modules: &["block_sparse_moe", "mlp"],

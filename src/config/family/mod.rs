@@ -256,6 +256,25 @@ pub struct GgufKeys {
     pub yarn_log_mul_tenth: bool,
 }
 
+impl GgufKeys {
+    /// What llama.cpp's converter writes for most MoE architectures under
+    /// `arch`: the expert width in `expert_feed_forward_length`, a dense width
+    /// in `feed_forward_length`, normalised top-k weights, q/k rows as
+    /// transformers has them, truncating YaRN. A family overrides what differs.
+    pub const fn standard(arch: &'static str) -> Self {
+        GgufKeys {
+            arch,
+            expert_ffn: &["expert_feed_forward_length"],
+            dense_ffn: Some("feed_forward_length"),
+            norm_topk_prob: true,
+            permuted_qk: false,
+            yarn_truncate: true,
+            variant: None,
+            yarn_log_mul_tenth: false,
+        }
+    }
+}
+
 /// One of the families sharing a GGUF architecture (llama.cpp's `deepseek2`
 /// holds DeepSeek-V2 and V3), told apart by the file's router, as the
 /// metadata names neither.

@@ -11,39 +11,38 @@ use crate::config::{QkNorm, RouterSpec};
 
 pub static OLMOE: Family = Family {
     model_types: &["olmoe"],
-    hf: HfKeys {
-        class: "OlmoeForCausalLM",
-        num_experts: NUM_EXPERTS,
-        top_k: TOP_K,
-        expert_ffn: &["intermediate_size"],
-        dense_ffn: &[],
-        shared_expert_ffn: &[],
-        shared_experts: &[],
-        router: RouterKeys::NONE,
-        qkv_bias: Flag {
-            keys: &["attention_bias"],
-            default: false,
-        },
-        norm_topk_prob: &["norm_topk_prob"],
-        sparse_layers: SparseLayers::All,
-        sliding_window_switch: Some("use_sliding_window"),
-        unsupported_switches: &[],
-        export: None,
-    },
+    hf: OLMOE_HF,
+
     gguf: Some(GgufKeys {
-        arch: "olmoe",
-        expert_ffn: &["expert_feed_forward_length"],
         // `feed_forward_length` is the expert width: every layer is sparse.
         dense_ffn: None,
         norm_topk_prob: false,
-        permuted_qk: false,
-        variant: None,
-        yarn_log_mul_tenth: false,
-        yarn_truncate: true,
+        ..GgufKeys::standard("olmoe")
     }),
     names: QWEN_NAMES,
     attention: AttentionKind::grouped(QkNorm::Full),
     experts: ExpertKind::SWIGLU,
     router: RouterSpec::SOFTMAX,
     norm: NormPlacement::Pre,
+};
+
+/// OLMoE's config keys; FlexOlmo, built on OLMoE, reads the same ones.
+pub(super) const OLMOE_HF: HfKeys = HfKeys {
+    class: "OlmoeForCausalLM",
+    num_experts: NUM_EXPERTS,
+    top_k: TOP_K,
+    expert_ffn: &["intermediate_size"],
+    dense_ffn: &[],
+    shared_expert_ffn: &[],
+    shared_experts: &[],
+    router: RouterKeys::NONE,
+    qkv_bias: Flag {
+        keys: &["attention_bias"],
+        default: false,
+    },
+    norm_topk_prob: &["norm_topk_prob"],
+    sparse_layers: SparseLayers::All,
+    sliding_window_switch: Some("use_sliding_window"),
+    unsupported_switches: &[],
+    export: None,
 };

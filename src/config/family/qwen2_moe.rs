@@ -37,14 +37,8 @@ pub static QWEN2_MOE: Family = Family {
         export: Some(export),
     },
     gguf: Some(GgufKeys {
-        arch: "qwen2moe",
-        expert_ffn: &["expert_feed_forward_length"],
-        dense_ffn: Some("feed_forward_length"),
         norm_topk_prob: false,
-        permuted_qk: false,
-        variant: None,
-        yarn_log_mul_tenth: false,
-        yarn_truncate: true,
+        ..GgufKeys::standard("qwen2moe")
     }),
     names: MoeNames {
         shared_expert: Some(SharedExpertNames {
