@@ -84,19 +84,14 @@ impl Attention {
         let [q, k, v]: [Tensor; 3] = qkv
             .try_into()
             .map_err(|_| Error::InvalidInput("q/k/v projection count".into()))?; // [rows, nh * hd], [rows, nkv * hd] x2
-        let single = seqs.len() == 1;
         let mut outs = Vec::with_capacity(seqs.len());
         for (row, n, input) in seqs {
-            let rows = |t: &Tensor| match single {
-                true => Ok(t.clone()),
-                false => t.narrow(0, row, n),
-            };
+            // A narrow over all rows (one sequence) is the tensor itself.
+            let rows = |t: &Tensor| t.narrow(0, row, n);
             outs.push(self.attend(rows(&q)?, rows(&k)?, rows(&v)?, input)?);
         }
-        let out = match outs.len() {
-            1 => outs.pop().unwrap_or_else(|| q.clone()),
-            _ => Tensor::cat(&outs, 0)?,
-        };
+        // One part (one sequence) is returned as it is.
+        let out = Tensor::cat(&outs, 0)?;
         let _proj = profile::span(Phase::AttentionProjections, layer);
         self.o_proj.forward(&out)
     }

@@ -42,10 +42,7 @@ impl AttentionBlock {
                 for (row, n, input) in seqs {
                     parts.push(a.forward(&x.narrow(0, row, n)?, input)?);
                 }
-                Ok(match parts.len() {
-                    1 => parts.pop().unwrap_or_else(|| x.clone()),
-                    _ => Tensor::cat(&parts, 0)?,
-                })
+                Ok(Tensor::cat(&parts, 0)?)
             }
         }
     }
